@@ -1,0 +1,317 @@
+"""The broker's copy of the metadata log: fetch committed records, replay them, publish the image.
+
+Theory of operation. One daemon thread keeps a FetchMetadata stream open to
+one controller (any controller serves committed records) asking for the
+offset after the last one applied. Each response's entries are replayed in
+order with ``quorum.replay.replay``; the result is handed to ``on_change``
+and then published as one ``(image, offset)`` tuple, so a reader never sees an
+image and an offset that disagree.
+
+Offsets are applied exactly once and never skipped: an entry at or below the
+applied offset is a duplicate and is dropped, an entry beyond the next offset
+is a gap, after which the stream is dropped and re-opened from the next offset
+(on another controller, since this one misbehaved). When the controller
+answers SNAPSHOT_REQUIRED (the wanted offset is older than its retained tail),
+the follower loads the snapshot image and continues from its end offset + 1;
+a snapshot that is not ahead of the applied offset is refused, so the image
+never goes back in time.
+
+A stream lives at most ``stream_timeout_s``; a controller that is paused or
+cut off therefore costs at most that long before another address is tried.
+A stream that ends after delivering something is re-opened at once on the
+same controller; a stream that fails or delivers nothing moves to the next
+address after a short backoff. ``stop()`` cancels the call in flight, so the
+thread ends within a bounded time.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+from raftka.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from raftka.v1 import metadata_pb2 as pb
+
+from quorum.image import EMPTY_IMAGE, MetadataImage
+from quorum.replay import replay
+from quorum.snapshot import SnapshotError, decode_image
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[MetadataImage, MetadataImage], None]
+
+_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+
+class _Outcome(enum.Enum):
+    RENEW = "renew"  # the stream ended in order; open the next one on the same controller
+    SWITCH = "switch"  # the controller failed or misbehaved; back off and try the next one
+    STOPPED = "stopped"
+
+
+class MetadataFollower:
+    """Follows the metadata log from a set of controller addresses on one daemon thread."""
+
+    def __init__(
+        self,
+        controller_addresses: Sequence[str],
+        broker_id: int,
+        on_change: OnChange | None = None,
+        *,
+        max_records: int = 2000,
+        max_wait_ms: int = 500,
+        stream_timeout_s: float = 5.0,
+        snapshot_timeout_s: float = 30.0,
+    ):
+        if not controller_addresses:
+            raise ValueError("no controller address given")
+        self.addresses = list(controller_addresses)
+        self.broker_id = broker_id
+        self.on_change = on_change
+        self.max_records = max_records
+        self.max_wait_ms = max_wait_ms
+        self.stream_timeout_s = stream_timeout_s
+        self.snapshot_timeout_s = snapshot_timeout_s
+        # The last applied offset and the image at it, always assigned together.
+        self._published: tuple[MetadataImage, int] = (EMPTY_IMAGE, EMPTY_IMAGE.offset)
+        # The committed end of the log as last reported by a controller (next offset to write).
+        self.high_watermark = 0
+        self.snapshots_loaded = 0
+        self._published_cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._call: grpc.Future | None = None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._address_index = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"metadata-follower-{broker_id}", daemon=True
+        )
+
+    # -- what readers see ---------------------------------------------------
+
+    @property
+    def image(self) -> MetadataImage:
+        return self._published[0]
+
+    @property
+    def offset(self) -> int:
+        """The offset of the last applied record; -1 before the first."""
+        return self._published[1]
+
+    def published(self) -> tuple[MetadataImage, int]:
+        """The image and its offset, read together."""
+        return self._published
+
+    @property
+    def current_address(self) -> str:
+        return self.addresses[self._address_index]
+
+    def wait_for_offset(self, offset: int, timeout_s: float) -> bool:
+        """Wait until ``offset`` has been applied; False if ``timeout_s`` passed first."""
+        with self._published_cond:
+            return self._published_cond.wait_for(lambda: self.offset >= offset, timeout_s)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the thread; True if it ended within ``timeout_s``."""
+        self._stopping.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        stopped = not self._thread.is_alive()
+        if stopped:
+            with self._lock:
+                for channel in self._channels.values():
+                    channel.close()
+                self._channels.clear()
+        return stopped
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            address = self.current_address
+            try:
+                outcome = self._follow(address)
+            except Exception:  # the follower must outlive any one bad answer
+                log.exception("metadata follower: unexpected error with controller %s", address)
+                outcome = _Outcome.SWITCH
+            if outcome is _Outcome.STOPPED:
+                break
+            if outcome is _Outcome.RENEW:
+                failures = 0
+                continue
+            self._address_index = (self._address_index + 1) % len(self.addresses)
+            self._stopping.wait(_BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)])
+            failures += 1
+        log.debug(
+            "metadata follower of broker %d stopped at offset %d", self.broker_id, self.offset
+        )
+
+    def _stub(self, address: str) -> controller_pb2_grpc.ControllerStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                self._channels[address] = channel
+        return controller_pb2_grpc.ControllerStub(channel)
+
+    def _track(self, call: grpc.Future | None) -> bool:
+        """Remember the call in flight so stop() can cancel it; False when stopping."""
+        with self._lock:
+            if call is not None and self._stopping.is_set():
+                call.cancel()
+                return False
+            self._call = call
+            return True
+
+    def _follow(self, address: str) -> _Outcome:
+        """One FetchMetadata stream, from the next offset until it ends or fails."""
+        request = controller_pb2.FetchMetadataRequest(
+            offset=self.offset + 1,
+            max_records=self.max_records,
+            max_wait_ms=self.max_wait_ms,
+            replica_id=self.broker_id,
+        )
+        call = self._stub(address).FetchMetadata(request, timeout=self.stream_timeout_s)
+        if not self._track(call):
+            return _Outcome.STOPPED
+        received = False
+        try:
+            for response in call:
+                received = True
+                outcome = self._handle(address, response)
+                if outcome is not None:
+                    return outcome
+        except grpc.RpcError as exc:
+            if self._stopping.is_set():
+                return _Outcome.STOPPED
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and received:
+                return _Outcome.RENEW
+            log.info("metadata fetch from %s failed: %s", address, exc.code())
+            return _Outcome.SWITCH
+        finally:
+            self._track(None)
+            call.cancel()
+        return _Outcome.RENEW if received else _Outcome.SWITCH
+
+    def _handle(
+        self, address: str, response: controller_pb2.FetchMetadataResponse
+    ) -> _Outcome | None:
+        """Apply one response; an outcome ends the stream, None reads on."""
+        code = response.error.code
+        if code == common_pb2.SNAPSHOT_REQUIRED:
+            return self._load_snapshot(address)
+        if code != common_pb2.NONE:
+            log.info(
+                "metadata fetch from %s at offset %d: %s %s",
+                address,
+                self.offset + 1,
+                common_pb2.ErrorCode.Name(code),
+                response.error.message,
+            )
+            return _Outcome.SWITCH
+        self.high_watermark = max(self.high_watermark, response.high_watermark)
+        if not self._apply(response.entries):
+            return _Outcome.SWITCH
+        return None
+
+    def _apply(self, entries: Sequence[pb.MetadataLogEntry]) -> bool:
+        """Replay entries in offset order; False when they skip an offset."""
+        old_image, applied = self._published
+        image = old_image
+        contiguous = True
+        for entry in entries:
+            if entry.offset <= applied:
+                log.warning("dropping metadata entry %d: already applied", entry.offset)
+                continue
+            if entry.offset != applied + 1:
+                log.warning(
+                    "metadata entries skip from %d to %d; fetching again", applied, entry.offset
+                )
+                contiguous = False
+                break
+            image, reason = replay(image, entry.record, entry.offset)
+            if reason is not None:
+                log.debug("metadata record at %d is a no-op: %s", entry.offset, reason)
+            applied = entry.offset
+        if image is not old_image:
+            assert image.offset == applied, (image.offset, applied)
+            self._publish(old_image, image, applied)
+        return contiguous
+
+    def _load_snapshot(self, address: str) -> _Outcome:
+        future = self._stub(address).FetchSnapshot.future(
+            controller_pb2.FetchSnapshotRequest(replica_id=self.broker_id),
+            timeout=self.snapshot_timeout_s,
+        )
+        if not self._track(future):
+            return _Outcome.STOPPED
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            if self._stopping.is_set():
+                return _Outcome.STOPPED
+            log.info("metadata snapshot from %s failed: %s", address, exc.code())
+            return _Outcome.SWITCH
+        except grpc.FutureCancelledError:
+            return _Outcome.STOPPED
+        finally:
+            self._track(None)
+        if response.error.code != common_pb2.NONE:
+            log.info("metadata snapshot from %s: %s", address, response.error.message)
+            return _Outcome.SWITCH
+        old_image, applied = self._published
+        end_offset = response.snapshot.end_offset
+        if end_offset <= applied:
+            # Loading it would take the image back in time; ask someone else.
+            log.warning("snapshot from %s ends at %d, not past %d", address, end_offset, applied)
+            return _Outcome.SWITCH
+        started = time.monotonic()
+        try:
+            image = decode_image(response.snapshot)
+        except SnapshotError as exc:
+            log.error("snapshot from %s does not load: %s", address, exc)
+            return _Outcome.SWITCH
+        log.info(
+            "loaded metadata snapshot at offset %d from %s (%d records, %.0f ms)",
+            end_offset,
+            address,
+            len(response.snapshot.records),
+            (time.monotonic() - started) * 1000,
+        )
+        self.snapshots_loaded += 1
+        self._publish(old_image, image, end_offset)
+        return _Outcome.RENEW
+
+    def _publish(self, old_image: MetadataImage, image: MetadataImage, offset: int) -> None:
+        # on_change runs before the offset is published, so an offset that the
+        # broker reports (heartbeats, wait_for_offset) has been acted on too.
+        if self.on_change is not None:
+            try:
+                self.on_change(old_image, image)
+            except Exception:
+                log.exception("metadata change handler failed at offset %d", offset)
+        with self._published_cond:
+            self._published = (image, offset)
+            self._published_cond.notify_all()

@@ -1,0 +1,212 @@
+"""The broker process: metadata follower, lifecycle and the Broker gRPC service, wired together.
+
+The control plane ends in ``on_local_changes``: every metadata change that
+concerns this broker arrives there as a ``LocalChanges`` (deletes first, then
+leaders and followers), on the follower's thread, before the follower
+publishes the offset. The data plane (partition logs, replication) extends
+that hook; today it keeps the ``partitions`` map that DescribeBroker shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from raftka.v1 import broker_pb2, broker_pb2_grpc
+
+from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
+from broker.local_changes import LocalChanges, TopicPartition, local_changes
+from broker.metadata_follower import MetadataFollower
+from client._controller import ControllerClient
+from quorum.config import NodeConfig
+from quorum.image import MetadataImage, PartitionRegistration
+
+log = logging.getLogger(__name__)
+
+LEADER = "leader"
+FOLLOWER = "follower"
+
+
+@dataclass(frozen=True, slots=True)
+class HostedPartition:
+    """A partition replica this broker hosts, and its role as of the latest metadata."""
+
+    topic: str
+    partition: int
+    topic_id: str
+    role: str
+    registration: PartitionRegistration
+
+
+class BrokerNode:
+    """One broker process. ``start()``, then ``stop()`` or ``wait()``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        controlled_shutdown_timeout_s: float = 30.0,
+        server_workers: int = 16,
+    ):
+        if "broker" not in config.roles:
+            raise ValueError(f"node {config.node_id} does not have the broker role")
+        self.config = config
+        self.broker_id = config.node_id
+        self.controlled_shutdown_timeout_s = controlled_shutdown_timeout_s
+        self.controller_addresses = [v.rpc_address for v in config.voters]
+        # Replaced whole on every change, so readers on other threads need no lock.
+        self.partitions: Mapping[TopicPartition, HostedPartition] = {}
+        self.client = ControllerClient(self.controller_addresses)
+        self.follower = MetadataFollower(
+            self.controller_addresses, self.broker_id, on_change=self._on_metadata_change
+        )
+        self.lifecycle: BrokerLifecycle | None = None
+        self._server_workers = server_workers
+        self._server: grpc.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self.port = 0
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        return STARTING if self.lifecycle is None else self.lifecycle.state
+
+    def start(self) -> None:
+        host, port = self.config.listener
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=self._server_workers, thread_name_prefix=f"broker-{self.broker_id}-rpc"
+        )
+        server = grpc.server(
+            self._executor,
+            # Without this, gRPC on Linux lets a second process bind the same port.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        broker_pb2_grpc.add_BrokerServicer_to_server(_BrokerService(self), server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise OSError(f"broker {self.broker_id} cannot listen on {host}:{port}: {exc}") from exc
+        if bound == 0:
+            raise OSError(f"broker {self.broker_id} cannot listen on {host}:{port}")
+        self.port = bound
+        server.start()
+        self._server = server
+        log.info("broker %d listening on %s:%d", self.broker_id, host, bound)
+        self.lifecycle = BrokerLifecycle(
+            self.config, self.follower, self.client, listener=(host, bound)
+        )
+        self.follower.start()
+        self.lifecycle.start()
+
+    def stop(self, controlled: bool = True) -> None:
+        """Stop the broker; with ``controlled``, hand leaderships over first."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            if self.lifecycle is not None:
+                if controlled:
+                    self.lifecycle.shutdown(self.controlled_shutdown_timeout_s)
+                else:
+                    self.lifecycle.stop()
+            # The follower outlives the lifecycle so that a controlled shutdown
+            # sees its leaderships move away.
+            self.follower.stop()
+            if self._server is not None:
+                self._server.stop(grace=1.0).wait(5.0)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+            self.client.close()
+            self._stopped.set()
+            log.info("broker %d stopped", self.broker_id)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the broker has stopped; False if ``timeout_s`` passed first."""
+        return self._stopped.wait(timeout_s)
+
+    # -- metadata -----------------------------------------------------------
+
+    def _on_metadata_change(self, old: MetadataImage, new: MetadataImage) -> None:
+        changes = local_changes(old, new, self.broker_id)
+        if changes:
+            self.on_local_changes(changes)
+
+    def on_local_changes(self, changes: LocalChanges) -> None:
+        """Act on partition changes for this broker; runs on the follower thread."""
+        partitions = dict(self.partitions)
+        for key in sorted(changes.deletes):
+            if partitions.pop(key, None) is not None:
+                log.info("broker %d: no longer hosts %s-%d", self.broker_id, *key)
+        for role, changed in ((LEADER, changes.leaders), (FOLLOWER, changes.followers)):
+            for key, registration in sorted(changed.items()):
+                hosted = HostedPartition(
+                    key[0], key[1], changes.topic_ids.get(key[0], ""), role, registration
+                )
+                self._log_role_change(partitions.get(key), hosted)
+                partitions[key] = hosted
+        self.partitions = partitions
+
+    def _log_role_change(self, before: HostedPartition | None, after: HostedPartition) -> None:
+        reg = after.registration
+        if (
+            before is not None
+            and before.role == after.role
+            and before.registration.leader == reg.leader
+            and before.registration.leader_epoch == reg.leader_epoch
+        ):
+            return
+        if after.role == LEADER:
+            log.info(
+                "broker %d: leader of %s-%d at leader epoch %d (isr %s)",
+                self.broker_id,
+                after.topic,
+                after.partition,
+                reg.leader_epoch,
+                list(reg.isr),
+            )
+        else:
+            log.info(
+                "broker %d: follower of %s-%d, leader %d at leader epoch %d",
+                self.broker_id,
+                after.topic,
+                after.partition,
+                reg.leader,
+                reg.leader_epoch,
+            )
+
+    def describe(self) -> broker_pb2.DescribeBrokerResponse:
+        image, offset = self.follower.published()
+        lifecycle = self.lifecycle
+        partitions = self.partitions
+        return broker_pb2.DescribeBrokerResponse(
+            broker_id=self.broker_id,
+            broker_epoch=-1 if lifecycle is None else lifecycle.broker_epoch,
+            state=STOPPED if self._stopped.is_set() else self.state,
+            metadata_offset=offset,
+            controller_epoch=image.controller_epoch,
+            partitions=[
+                broker_pb2.LocalPartition(
+                    topic=p.topic,
+                    partition=p.partition,
+                    role=p.role,
+                    leader=p.registration.leader,
+                    leader_epoch=p.registration.leader_epoch,
+                )
+                for _, p in sorted(partitions.items())
+            ],
+            registrations=0 if lifecycle is None else lifecycle.registrations,
+        )
+
+
+class _BrokerService(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, node: BrokerNode):
+        self._node = node
+
+    def DescribeBroker(  # noqa: N802 (gRPC method name)
+        self, request: broker_pb2.DescribeBrokerRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.DescribeBrokerResponse:
+        return self._node.describe()

@@ -1,0 +1,554 @@
+"""The ``raftka`` command line: thin commands that parse, call ``client``/``LocalCluster``
+and print what ``cli.render`` formats.
+
+Every command that talks to a cluster takes ``--bootstrap host:port,...``
+(or ``RAFTKA_BOOTSTRAP``); without it, it reads the local cluster's manifest
+from ``--dir`` (default ``$RAFTKA_HOME``, else ``./.raftka/local-cluster``).
+Every command has ``--json`` for scripts. Errors print one red line to
+stderr and exit 1.
+
+Tests inject fakes through the click context object: ``CliRunner().invoke(app,
+args, obj=Deps(admin=...))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cli import render
+from cli.localcluster import LocalCluster, LocalClusterError
+from client.admin import Admin
+from client.errors import RaftkaError
+from quorum.config import ConfigError, NodeConfig
+
+DEFAULT_CLUSTER_DIR = Path(".raftka") / "local-cluster"
+DEMO_TOPIC = "demo"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Deps:
+    """What commands reach outside the process through; tests replace these."""
+
+    admin: Callable[[str], Any] = field(default=lambda bootstrap: Admin(bootstrap))
+    local_cluster: Callable[[Path], Any] = field(default=LocalCluster)
+    now_ms: Callable[[], int] = field(default=_now_ms)
+
+
+def _deps(ctx: typer.Context) -> Deps:
+    if not isinstance(ctx.obj, Deps):
+        ctx.obj = Deps()
+    return ctx.obj
+
+
+app = typer.Typer(
+    name="raftka",
+    help="Operate a raftka cluster: Kafka's model with a Raft metadata quorum.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cluster_app = typer.Typer(help="A local cluster of real processes.", no_args_is_help=True)
+controller_app = typer.Typer(help="Controller nodes (the metadata quorum).", no_args_is_help=True)
+broker_app = typer.Typer(help="Broker nodes.", no_args_is_help=True)
+quorum_app = typer.Typer(help="The metadata quorum.", no_args_is_help=True)
+topic_app = typer.Typer(help="Topics.", no_args_is_help=True)
+metadata_app = typer.Typer(help="The metadata log.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(controller_app, name="controller")
+app.add_typer(broker_app, name="broker")
+app.add_typer(quorum_app, name="quorum")
+app.add_typer(topic_app, name="topic")
+app.add_typer(metadata_app, name="metadata")
+
+DirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        help="Local cluster directory (default: $RAFTKA_HOME, else ./.raftka/local-cluster).",
+        show_default=False,
+    ),
+]
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        "-b",
+        envvar="RAFTKA_BOOTSTRAP",
+        help="Controller addresses, host:port,... (default: the local cluster's).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+# -- plumbing ---------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Known errors become one red line and a non-zero exit, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RaftkaError, LocalClusterError, ConfigError, OSError) as exc:
+            raise _fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+
+    return wrapper
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _out() -> Console:
+    # Piped output is not cut to 80 columns: tables stay one row per line.
+    width = None if sys.stdout.isatty() else 160
+    return Console(highlight=False, width=width)
+
+
+def _cluster_dir(directory: Path | None) -> Path:
+    if directory is not None:
+        return directory
+    home = os.environ.get("RAFTKA_HOME")
+    return Path(home) if home else DEFAULT_CLUSTER_DIR
+
+
+def _local_cluster(ctx: typer.Context, directory: Path | None) -> Any:
+    return _deps(ctx).local_cluster(_cluster_dir(directory))
+
+
+@contextmanager
+def _admin(ctx: typer.Context, bootstrap: str | None, directory: Path | None) -> Iterator[Any]:
+    if not bootstrap:
+        cluster = _local_cluster(ctx, directory)
+        if not cluster.exists():
+            raise LocalClusterError(
+                f"no local cluster in {cluster.directory}: run 'raftka cluster up' "
+                "or pass --bootstrap host:port"
+            )
+        bootstrap = cluster.bootstrap
+    with _deps(ctx).admin(bootstrap) as admin:
+        yield admin
+
+
+def _parse_configs(items: list[str]) -> dict[str, str]:
+    configs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"{item!r} is not name=value", param_hint="--config")
+        configs[name.strip()] = value.strip()
+    return configs
+
+
+# -- cluster ----------------------------------------------------------------
+
+
+@cluster_app.command("up")
+@_handles_errors
+def cluster_up(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    controllers: Annotated[int | None, typer.Option(help="Controllers (default 3).")] = None,
+    brokers: Annotated[int | None, typer.Option(help="Brokers (default 3).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait until ready.")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a local cluster, or start the nodes of an existing one that are down;
+    return once it is ready."""
+    cluster = _local_cluster(ctx, directory)
+    err = Console(stderr=True, highlight=False)
+    if not cluster.exists():
+        cluster.create(controllers=controllers or 3, brokers=brokers or 3)
+        if not as_json:
+            err.print(f"created cluster {cluster.cluster_id} in {cluster.directory}")
+    elif controllers is not None or brokers is not None:
+        err.print("[yellow]note:[/] the cluster exists; --controllers/--brokers are ignored")
+    launched = cluster.start()
+    if not as_json and launched:
+        err.print(f"started nodes {', '.join(map(str, launched))}")
+    with err.status("waiting for the cluster to be ready") as spinner:
+        cluster.wait_ready(timeout, on_progress=lambda reason: spinner.update(reason))
+    _print_nodes(cluster.status(), as_json)
+
+
+@cluster_app.command("down")
+@_handles_errors
+def cluster_down(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before SIGKILL.")] = 15.0,
+    kill: Annotated[bool, typer.Option("--kill", help="SIGKILL at once.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop every node of the local cluster (brokers first); data stays."""
+    cluster = _local_cluster(ctx, directory)
+    stopped = cluster.stop(timeout_s=timeout, kill=kill)
+    if as_json:
+        _print_json({"stopped": stopped})
+    else:
+        _out().print(f"stopped {len(stopped)} node(s) in {cluster.directory}")
+
+
+@cluster_app.command("status")
+@_handles_errors
+def cluster_status(ctx: typer.Context, directory: DirOpt = None, as_json: JsonOpt = False) -> None:
+    """The local cluster's nodes and their processes."""
+    _print_nodes(_local_cluster(ctx, directory).status(), as_json)
+
+
+def _print_nodes(nodes: list[Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(render.nodes_json(nodes))
+    else:
+        _out().print(render.format_nodes(nodes))
+
+
+@cluster_app.command("demo")
+@_handles_errors
+def cluster_demo(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    topic: Annotated[str, typer.Option(help="Topic to create.")] = DEMO_TOPIC,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the cluster working: create a topic (3 partitions, 3 replicas) if absent,
+    then describe it and the quorum."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        created = False
+        if topic not in admin.list_topics():
+            brokers = [b for b in admin.describe_cluster().brokers if not b.fenced]
+            admin.create_topic(topic, 3, max(1, min(3, len(brokers))))
+            created = True
+        described = admin.describe_topics([topic])
+        quorum = admin.describe_quorum()
+    if as_json:
+        _print_json(
+            {
+                "created": created,
+                "topic": render.topics_json(described)[0],
+                "quorum": render.quorum_json(quorum),
+            }
+        )
+        return
+    out = _out()
+    out.print(f"{'created' if created else 'found'} topic [bold]{escape(topic)}[/]")
+    out.print(render.format_topics(described))
+    out.print(render.format_quorum(quorum, _deps(ctx).now_ms()))
+
+
+# -- nodes ------------------------------------------------------------------
+
+NodeConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="The node's TOML config.")]
+NodeIdOpt = Annotated[int | None, typer.Option("--node-id", help="Override node.id.")]
+OverrideOpt = Annotated[
+    list[str] | None,
+    typer.Option("--override", "-o", help="Override a config: name=value (repeatable)."),
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING...")]
+
+
+def _load_node_config(
+    role: str, path: Path, node_id: int | None, overrides: list[str] | None
+) -> NodeConfig:
+    values: dict[str, Any] = _parse_configs(overrides or [])
+    if node_id is not None:
+        values["node.id"] = node_id
+    config = NodeConfig.load(path, overrides=values)
+    if config.roles != {role}:
+        raise ConfigError(
+            f"{path}: process.roles is {','.join(sorted(config.roles))}; "
+            f"'raftka {role} start' runs a {role} only"
+        )
+    return config
+
+
+def _setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+    )
+
+
+@controller_app.command("start")
+@_handles_errors
+def controller_start(
+    config: NodeConfigOpt,
+    node_id: NodeIdOpt = None,
+    override: OverrideOpt = None,
+    log_level: LogLevelOpt = "INFO",
+) -> None:
+    """Run a controller in the foreground until SIGTERM/SIGINT."""
+    node_config = _load_node_config("controller", config, node_id, override)
+    from cli._foreground import run_until_signalled
+    from quorum.node import ControllerNode
+
+    name = f"controller-{node_config.node_id}"
+    _setup_logging(log_level, name)
+    node = ControllerNode(node_config)
+    run_until_signalled(node, node.stop, name=name)
+
+
+@broker_app.command("start")
+@_handles_errors
+def broker_start(
+    config: NodeConfigOpt,
+    node_id: NodeIdOpt = None,
+    override: OverrideOpt = None,
+    log_level: LogLevelOpt = "INFO",
+) -> None:
+    """Run a broker in the foreground until SIGTERM/SIGINT, then shut down in a
+    controlled way (leaderships move away first)."""
+    node_config = _load_node_config("broker", config, node_id, override)
+    from broker.node import BrokerNode
+    from cli._foreground import run_until_signalled
+
+    name = f"broker-{node_config.node_id}"
+    _setup_logging(log_level, name)
+    node = BrokerNode(node_config)
+    run_until_signalled(node, lambda: node.stop(controlled=True), name=name)
+
+
+@broker_app.command("list")
+@_handles_errors
+def broker_list(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Registered brokers and whether they are fenced."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        cluster = admin.describe_cluster()
+    if as_json:
+        _print_json(render.cluster_json(cluster))
+    else:
+        _out().print(render.format_brokers(cluster))
+
+
+# -- quorum -----------------------------------------------------------------
+
+
+@quorum_app.command("status")
+@_handles_errors
+def quorum_status(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Leader, epoch, high watermark and each voter's and observer's lag."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        quorum = admin.describe_quorum()
+    if as_json:
+        _print_json(render.quorum_json(quorum))
+    else:
+        _out().print(render.format_quorum(quorum, _deps(ctx).now_ms()))
+
+
+# -- topics -----------------------------------------------------------------
+
+
+@topic_app.command("create")
+@_handles_errors
+def topic_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Topic name.")],
+    partitions: Annotated[
+        int, typer.Option("--partitions", "-p", help="-1: the cluster default.")
+    ] = -1,
+    replication_factor: Annotated[
+        int, typer.Option("--replication-factor", "-r", help="-1: the cluster default.")
+    ] = -1,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="Topic config name=value (repeatable)."),
+    ] = None,
+    validate_only: Annotated[bool, typer.Option("--validate-only")] = False,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a topic."""
+    configs = _parse_configs(config or [])
+    with _admin(ctx, bootstrap, directory) as admin:
+        created = admin.create_topic(
+            name, partitions, replication_factor, configs, validate_only=validate_only
+        )
+    if as_json:
+        _print_json(
+            {
+                "name": created.name,
+                "topic_id": created.topic_id,
+                "num_partitions": created.num_partitions,
+                "replication_factor": created.replication_factor,
+                "validate_only": validate_only,
+            }
+        )
+        return
+    verb = "would create" if validate_only else "created"
+    _out().print(
+        f"{verb} topic [bold]{escape(created.name)}[/] "
+        f"({_count(created.num_partitions, 'partition')}, "
+        f"replication factor {created.replication_factor})"
+    )
+
+
+@topic_app.command("list")
+@_handles_errors
+def topic_list(
+    ctx: typer.Context,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Topics with their partition counts and health."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        topics = admin.describe_topics()
+    if as_json:
+        _print_json(render.topic_list_json(topics))
+    else:
+        _out().print(render.format_topic_list(topics))
+
+
+@topic_app.command("describe")
+@_handles_errors
+def topic_describe(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Topic (default: all).")] = None,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Partitions of a topic (or all): leader, epochs, replicas, ISR."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        topics = admin.describe_topics([name] if name else None)
+    if as_json:
+        _print_json(render.topics_json(topics))
+    else:
+        _out().print(render.format_topics(topics))
+
+
+@topic_app.command("delete")
+@_handles_errors
+def topic_delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Topic name.")],
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a topic."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        admin.delete_topic(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        _out().print(f"deleted topic [bold]{escape(name)}[/]")
+
+
+@topic_app.command("alter")
+@_handles_errors
+def topic_alter(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Topic name.")],
+    partitions: Annotated[int, typer.Option("--partitions", "-p", help="New total count.")],
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Raise a topic's partition count."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        admin.increase_partitions(name, partitions)
+    if as_json:
+        _print_json({"name": name, "partitions": partitions})
+    else:
+        _out().print(f"topic [bold]{escape(name)}[/] now has {_count(partitions, 'partition')}")
+
+
+@topic_app.command("elect-leaders")
+@_handles_errors
+def topic_elect_leaders(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Topic (default: every partition).")] = None,
+    partition: Annotated[
+        list[int] | None, typer.Option("--partition", "-p", help="Partition (repeatable).")
+    ] = None,
+    unclean: Annotated[bool, typer.Option("--unclean", help="Allow out-of-sync leaders.")] = False,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move leadership back to the preferred replicas (or elect unclean leaders)."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        targets = None
+        if name:
+            wanted = partition or [p.partition for p in admin.describe_topic(name).partitions]
+            targets = [(name, p) for p in wanted]
+        results = admin.elect_leaders(targets, "unclean" if unclean else "preferred")
+    if as_json:
+        _print_json(render.results_json(results))
+    else:
+        _out().print(render.format_results(results, "leader elections"))
+
+
+# -- metadata log -----------------------------------------------------------
+
+
+@metadata_app.command("log")
+@_handles_errors
+def metadata_log(
+    ctx: typer.Context,
+    offset: Annotated[int, typer.Option(help="First offset.")] = 0,
+    max_records: Annotated[int, typer.Option(help="Records at most.")] = 100,
+    directory: DirOpt = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Committed records of the metadata log."""
+    with _admin(ctx, bootstrap, directory) as admin:
+        entries = admin.read_metadata_log(offset, max_records)
+    if as_json:
+        _print_json(render.metadata_log_json(entries))
+    else:
+        _out().print(render.format_metadata_log(entries))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Calls to the active controller, from any set of controller addresses.
+
+Every controller serves the Controller service; only the active one changes
+metadata, and the others answer NOT_CONTROLLER with a hint naming it. This
+module follows hints, tries the other addresses when a node is down, and
+retries until a deadline, so callers (the broker, Admin, the CLI) see one
+call that either has an answer or a clear error.
+
+Retries are made on NOT_CONTROLLER and QUORUM_UNAVAILABLE (nothing was
+applied) and when a node cannot be reached. A node that dies mid-call may
+have committed the request, so every controller request is designed to be
+safe to repeat: registration is idempotent per incarnation, AlterPartition is
+conditional on the partition epoch, a repeated CreateTopics answers
+TOPIC_ALREADY_EXISTS. UNKNOWN_OUTCOME and a deadline hit mid-call are
+surfaced to the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from raftka.v1 import common_pb2, controller_pb2_grpc
+
+from client.errors import RaftkaError, error_for
+
+RETRIABLE = {
+    common_pb2.NOT_CONTROLLER,
+    common_pb2.QUORUM_UNAVAILABLE,
+}
+# Transport failures after which another node is tried.
+_NOT_DELIVERED = {grpc.StatusCode.UNAVAILABLE}
+_BACKOFF_S = (0.02, 0.05, 0.1, 0.2)
+
+
+def parse_addresses(bootstrap: str | Sequence[str]) -> list[str]:
+    if isinstance(bootstrap, str):
+        items = bootstrap.split(",")
+    else:
+        items = list(bootstrap)
+    addresses = [a.strip() for a in items if a and a.strip()]
+    if not addresses:
+        raise ValueError("no controller address given")
+    return addresses
+
+
+class ControllerClient:
+    """Thread-safe; one gRPC channel per controller address, opened lazily."""
+
+    def __init__(self, bootstrap: str | Sequence[str], *, timeout_s: float = 10.0):
+        self.addresses = parse_addresses(bootstrap)
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, controller_pb2_grpc.ControllerStub] = {}
+        self._preferred: str | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stub(self, address: str) -> controller_pb2_grpc.ControllerStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(
+                    address,
+                    options=[
+                        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                        ("grpc.initial_reconnect_backoff_ms", 50),
+                        ("grpc.max_reconnect_backoff_ms", 500),
+                    ],
+                )
+                self._channels[address] = channel
+                stub = self._stubs[address] = controller_pb2_grpc.ControllerStub(channel)
+            return stub
+
+    def _order(self) -> list[str]:
+        preferred = self._preferred
+        rest = [a for a in self.addresses if a != preferred]
+        return ([preferred] if preferred else []) + rest
+
+    def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
+        """Send ``request`` to the active controller and return its response.
+
+        Raises a ``RaftkaError`` subclass for an error the caller must handle.
+        """
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        last: RaftkaError | None = None
+        while True:
+            for address in self._order():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                response, last = self._try(address, method, request, remaining)
+                if response is not None:
+                    return response
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+            attempt += 1
+        if last is None:
+            last = error_for(common_pb2.REQUEST_TIMED_OUT, f"{method}: no controller answered")
+        raise last
+
+    def _try(
+        self, address: str, method: str, request: Any, remaining: float
+    ) -> tuple[Any, RaftkaError | None]:
+        try:
+            response = getattr(self.stub(address), method)(request, timeout=remaining)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code in _NOT_DELIVERED:
+                return None, error_for(
+                    common_pb2.REQUEST_TIMED_OUT, f"controller {address} unreachable"
+                )
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise error_for(
+                    common_pb2.UNKNOWN_OUTCOME, f"{method} timed out at {address}"
+                ) from exc
+            raise error_for(
+                common_pb2.UNKNOWN_SERVER_ERROR, f"{method} at {address}: {exc}"
+            ) from exc
+        error = getattr(response, "error", None)
+        code = error.code if error is not None else common_pb2.NONE
+        if code in RETRIABLE:
+            self._follow_hint(response)
+            return None, error_for(code, error.message if error is not None else "")
+        self._preferred = address
+        return response, None
+
+    def _follow_hint(self, response: Any) -> None:
+        hint = getattr(response, "hint", None)
+        if hint is None or not hint.leader_host or hint.leader_port <= 0:
+            return
+        address = f"{hint.leader_host}:{hint.leader_port}"
+        if address not in self.addresses:
+            self.addresses.append(address)
+        self._preferred = address

@@ -1,0 +1,247 @@
+"""Node configuration: one TOML file per node, overridable by flags and environment.
+
+Names are Kafka's where the meaning is the same. TOML dotted keys
+(``node.id = 1``) read as the flat Kafka property names. Precedence, lowest
+first: defaults, the file, ``RAFTKA_<NAME>`` environment variables (dots and
+dashes become underscores, e.g. ``RAFTKA_BROKER_SESSION_TIMEOUT_MS``), flags.
+
+Every default is in ``DEFAULTS`` below with the reason for its value.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid."""
+
+
+# name -> (default, meaning)
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "node.id": (None, "this node's id, unique across controllers and brokers"),
+    "process.roles": ("broker", "'controller', 'broker' or 'broker,controller'"),
+    "cluster.id": ("", "cluster id; brokers of another cluster are refused"),
+    "controller.quorum.voters": (
+        "",
+        "the voters, 'id@host:raft_port:rpc_port,...' (3 or 5 for a quorum that survives failures)",
+    ),
+    "controller.quorum.password": (
+        "",
+        "shared secret of the Raft port: every Raft message is encrypted and authenticated",
+    ),
+    "metadata.log.dir": ("", "a controller's directory for its Raft journal and snapshot"),
+    "log.dirs": ("", "where a broker keeps partition data (comma-separated)"),
+    "listeners": ("", "the broker's gRPC listener, 'host:port'"),
+    "broker.rack": ("", "rack of the broker, used to spread replicas"),
+    "broker.session.timeout.ms": (
+        9000,
+        "a broker that has not heartbeated for this long is fenced (Kafka's default)",
+    ),
+    "broker.heartbeat.interval.ms": (2000, "how often a broker heartbeats (Kafka's default)"),
+    "controller.election.timeout.min.ms": (
+        300,
+        "Raft election timeout, lower bound; low enough for sub-second failover",
+    ),
+    "controller.election.timeout.max.ms": (
+        600,
+        "Raft election timeout, upper bound; the spread avoids split votes",
+    ),
+    "controller.heartbeat.interval.ms": (
+        50,
+        "Raft leader heartbeat; must stay under a third of the minimum election timeout",
+    ),
+    "controller.leader.fallback.ms": (
+        250,
+        "a Raft leader that hears from no majority for this long steps down (pysyncobj's 30 s "
+        "default would let an isolated controller believe it leads for half a minute)",
+    ),
+    "controller.request.timeout.ms": (5000, "how long a metadata write may wait for commit"),
+    "controller.batch.max.records": (2000, "records per Raft entry at most"),
+    "controller.batch.linger.ms": (1, "how long the controller gathers requests into one entry"),
+    "metadata.log.tail.records": (
+        50000,
+        "committed records kept for followers; one further behind gets a snapshot first",
+    ),
+    "metadata.log.snapshot.min.entries": (
+        20000,
+        "Raft entries between snapshots of the controller state",
+    ),
+    "metadata.log.fsync": (
+        True,
+        "flush the Raft journal to disk before a write is acknowledged (see README: durability)",
+    ),
+    "num.partitions": (1, "partitions of a topic created without a count"),
+    "default.replication.factor": (1, "replication factor of a topic created without one"),
+    "min.insync.replicas": (1, "cluster default for topics"),
+    "producer.id.block.size": (1000, "producer ids handed to a broker at a time"),
+}
+
+_INT_KEYS = {k for k, (v, _) in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)}
+_BOOL_KEYS = {k for k, (v, _) in DEFAULTS.items() if isinstance(v, bool)}
+_INT_KEYS.add("node.id")
+
+
+@dataclass(frozen=True, slots=True)
+class Voter:
+    node_id: int
+    host: str
+    raft_port: int
+    rpc_port: int
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+    @property
+    def rpc_address(self) -> str:
+        return f"{self.host}:{self.rpc_port}"
+
+    def __str__(self) -> str:
+        return f"{self.node_id}@{self.host}:{self.raft_port}:{self.rpc_port}"
+
+
+def parse_voters(text: str) -> tuple[Voter, ...]:
+    """Parse ``'1@127.0.0.1:19091:19191,2@...'``."""
+    voters = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            node, address = item.split("@", 1)
+            host, raft_port, rpc_port = address.rsplit(":", 2)
+            voters.append(Voter(int(node), host, int(raft_port), int(rpc_port)))
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid voter {item!r}: expected 'id@host:raft_port:rpc_port'"
+            ) from exc
+    ids = [v.node_id for v in voters]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"duplicate voter ids in {text!r}")
+    return tuple(voters)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "process.roles" and isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    try:
+        if name in _BOOL_KEYS and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if name in _INT_KEYS and value is not None:
+            return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {value!r} is not a valid value") from exc
+    return value
+
+
+class NodeConfig:
+    """The resolved configuration of one node."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        unknown = sorted(set(values) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown config names: {', '.join(unknown)}")
+        merged = {k: d for k, (d, _) in DEFAULTS.items()}
+        merged.update({k: _coerce(k, v) for k, v in values.items()})
+        self.values = merged
+        self._validate()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> NodeConfig:
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    values.update(_flatten(tomllib.load(fh)))
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"invalid TOML in {path}: {exc}") from exc
+        env = os.environ if environ is None else environ
+        for name in DEFAULTS:
+            key = "RAFTKA_" + name.upper().replace(".", "_").replace("-", "_")
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def _validate(self) -> None:
+        if self.values["node.id"] is None or self.node_id < 0:
+            raise ConfigError("node.id is required and must be >= 0")
+        roles = self.roles
+        if not roles or not roles <= {"broker", "controller"}:
+            raise ConfigError(f"process.roles must be broker and/or controller, not {roles}")
+        voters = self.voters
+        if not voters:
+            raise ConfigError("controller.quorum.voters is required")
+        if "controller" in roles and self.node_id not in {v.node_id for v in voters}:
+            raise ConfigError(f"controller {self.node_id} is not in controller.quorum.voters")
+        low = self["controller.election.timeout.min.ms"]
+        high = self["controller.election.timeout.max.ms"]
+        beat = self["controller.heartbeat.interval.ms"]
+        if not 0 < 3 * beat < low <= high:
+            raise ConfigError(
+                "need 3 * controller.heartbeat.interval.ms < election timeout min <= max"
+            )
+        if "broker" in roles and not self["listeners"]:
+            raise ConfigError("a broker needs listeners = 'host:port'")
+        if self["broker.heartbeat.interval.ms"] >= self["broker.session.timeout.ms"]:
+            raise ConfigError("broker.heartbeat.interval.ms must be below the session timeout")
+
+    @property
+    def node_id(self) -> int:
+        return int(self.values["node.id"])
+
+    @property
+    def roles(self) -> set[str]:
+        return {r.strip() for r in str(self.values["process.roles"]).split(",") if r.strip()}
+
+    @property
+    def voters(self) -> tuple[Voter, ...]:
+        return parse_voters(str(self.values["controller.quorum.voters"]))
+
+    @property
+    def self_voter(self) -> Voter | None:
+        return next((v for v in self.voters if v.node_id == self.node_id), None)
+
+    @property
+    def cluster_id(self) -> str:
+        return str(self.values["cluster.id"])
+
+    def path(self, name: str) -> Path:
+        value = self.values[name]
+        if not value:
+            raise ConfigError(f"{name} is required")
+        return Path(str(value).split(",")[0])
+
+    @property
+    def listener(self) -> tuple[str, int]:
+        host, port = str(self.values["listeners"]).rsplit(":", 1)
+        host = host.split("://")[-1]
+        return host, int(port)

@@ -1,0 +1,178 @@
+"""Broker lifecycle decisions: registration, heartbeats, fencing, controlled shutdown.
+
+A broker's states, as Kafka's BrokerHeartbeatManager has them:
+
+- registered: a new registration starts fenced; its broker epoch is the
+  offset of the registration record.
+- unfenced: once it has caught up with the metadata log past its own
+  registration (metadata offset >= broker epoch), a heartbeat unfences it
+  and it takes back leaderless partitions whose ISR it is in.
+- controlled shutdown: it asked to stop; it leaves every ISR and leadership
+  at once, and may exit when it leads nothing. Its next heartbeat fences it.
+- fenced: its session expired (or it asked to be fenced); it leaves every
+  ISR and leadership, except that the last ISR member stays in the ISR.
+
+Every transition is one list of records, committed as one batch, so no
+broker ever sees a fenced broker still leading.
+"""
+
+from __future__ import annotations
+
+from raftka.v1 import common_pb2
+from raftka.v1 import controller_pb2 as cpb
+from raftka.v1 import metadata_pb2 as pb
+
+from quorum import records as r
+from quorum.controller._common import ErrorCode, apply_records, error, ok
+from quorum.controller.heartbeats import BrokerHeartbeatManager
+from quorum.controller.leadership import elect_leaderless, leave_isrs
+from quorum.controller.result import ControllerContext, ControllerResult
+from quorum.image import BrokerRegistration, MetadataImage
+
+
+def register_broker(
+    image: MetadataImage, req: cpb.RegisterBrokerRequest, ctx: ControllerContext
+) -> ControllerResult[cpb.RegisterBrokerResponse]:
+    refusal = _registration_refusal(req, ctx)
+    if refusal is not None:
+        return ControllerResult([], cpb.RegisterBrokerResponse(error=refusal, broker_epoch=-1))
+    existing = image.brokers.get(req.broker_id)
+    if existing is not None and existing.incarnation_id == req.incarnation_id:
+        # A retry of a registration that already committed: answer it again.
+        response = cpb.RegisterBrokerResponse(error=ok(), broker_epoch=existing.broker_epoch)
+        return ControllerResult([], response)
+    register = r.register_broker(
+        req.broker_id,
+        req.incarnation_id,
+        r.endpoints_from_pb(req.listeners),
+        req.rack,
+        fenced=True,
+    )
+    records = [register]
+    if existing is not None:
+        # The previous incarnation is gone, whatever its session says: it
+        # must not keep leading or count towards any ISR.
+        records += leave_isrs(image, req.broker_id)
+    epoch = ctx.next_offset + records.index(register)
+    return ControllerResult(records, cpb.RegisterBrokerResponse(error=ok(), broker_epoch=epoch))
+
+
+def _registration_refusal(
+    req: cpb.RegisterBrokerRequest, ctx: ControllerContext
+) -> common_pb2.Error | None:
+    if ctx.cluster_id and req.cluster_id and ctx.cluster_id != req.cluster_id:
+        return error(
+            ErrorCode.INCONSISTENT_CLUSTER_ID,
+            f"cluster id {req.cluster_id!r} does not match this cluster's {ctx.cluster_id!r}",
+        )
+    if req.broker_id < 0:
+        return error(ErrorCode.INVALID_REQUEST, f"invalid broker id {req.broker_id}")
+    if not req.incarnation_id:
+        # Without it a retry cannot be told from a restart.
+        return error(ErrorCode.INVALID_REQUEST, "a registration needs an incarnation id")
+    return None
+
+
+def fence_broker(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
+    """Fence the broker and remove it from every ISR and leadership."""
+    broker = image.brokers.get(broker_id)
+    if broker is None:
+        return []
+    return [r.fence_broker(broker_id, broker.broker_epoch), *leave_isrs(image, broker_id)]
+
+
+def unfence_broker(
+    image: MetadataImage, broker_id: int, broker_epoch: int
+) -> list[pb.MetadataRecord]:
+    """Unfence the broker and let it lead the leaderless partitions whose ISR it is in."""
+    return [r.unfence_broker(broker_id, broker_epoch), *elect_leaderless(image, broker_id)]
+
+
+def controlled_shutdown(
+    image: MetadataImage, broker_id: int, broker_epoch: int
+) -> list[pb.MetadataRecord]:
+    """Mark the broker as shutting down and move its ISR memberships and leaderships away."""
+    return [r.broker_shutdown(broker_id, broker_epoch), *leave_isrs(image, broker_id)]
+
+
+def heartbeat(
+    image: MetadataImage,
+    req: cpb.BrokerHeartbeatRequest,
+    ctx: ControllerContext,
+    manager: BrokerHeartbeatManager,
+) -> ControllerResult[cpb.BrokerHeartbeatResponse]:
+    broker = image.brokers.get(req.broker_id)
+    if broker is None:
+        refusal = error(ErrorCode.BROKER_ID_NOT_REGISTERED, f"broker {req.broker_id} is unknown")
+        return ControllerResult([], cpb.BrokerHeartbeatResponse(error=refusal, is_fenced=True))
+    if broker.broker_epoch != req.broker_epoch:
+        refusal = error(
+            ErrorCode.STALE_BROKER_EPOCH,
+            f"broker {req.broker_id} has epoch {broker.broker_epoch}, not {req.broker_epoch}",
+        )
+        return ControllerResult([], cpb.BrokerHeartbeatResponse(error=refusal, is_fenced=True))
+    manager.touch(req.broker_id, req.broker_epoch, ctx.now_ms, req.metadata_offset)
+    caught_up = req.metadata_offset >= broker.broker_epoch
+    records = _heartbeat_records(image, broker, req, caught_up)
+    # The answer describes the state once the records have committed.
+    after_image = apply_records(image, records, ctx.next_offset)
+    after = after_image.brokers[req.broker_id]
+    leaving = after.fenced or after.in_controlled_shutdown
+    response = cpb.BrokerHeartbeatResponse(
+        error=ok(),
+        is_caught_up=caught_up,
+        is_fenced=after.fenced,
+        should_shut_down=req.want_shutdown and leaving and not _leads(after_image, after.broker_id),
+        # Zero when the context does not say, so the serving layer fills in
+        # its own configured interval.
+        heartbeat_interval_ms=ctx.defaults.get("broker.heartbeat.interval.ms", 0),
+    )
+    return ControllerResult(records, response)
+
+
+def _heartbeat_records(
+    image: MetadataImage,
+    broker: BrokerRegistration,
+    req: cpb.BrokerHeartbeatRequest,
+    caught_up: bool,
+) -> list[pb.MetadataRecord]:
+    broker_id, epoch = broker.broker_id, broker.broker_epoch
+    if req.want_shutdown:
+        if broker.fenced:
+            return []  # A fenced broker leads nothing and may exit now.
+        if not broker.in_controlled_shutdown:
+            return controlled_shutdown(image, broker_id, epoch)
+        # Kafka's SHUTDOWN_NOW: it has handed everything over; fence it so
+        # that it stops counting as a live broker before its session ends.
+        return [] if _leads(image, broker_id) else fence_broker(image, broker_id)
+    if req.want_fence:
+        return [] if broker.fenced else fence_broker(image, broker_id)
+    if broker.fenced and caught_up and not broker.in_controlled_shutdown:
+        return unfence_broker(image, broker_id, epoch)
+    return []
+
+
+def _leads(image: MetadataImage, broker_id: int) -> bool:
+    return any(part.leader == broker_id for _, _, part in image.iter_partitions())
+
+
+def expire_sessions(
+    image: MetadataImage, manager: BrokerHeartbeatManager, now_ms: int
+) -> list[pb.MetadataRecord]:
+    """Fence every unfenced broker whose session expired, in one list of records.
+
+    A session recorded under an older broker epoch belongs to an incarnation
+    that has re-registered since; it fences nothing.
+    """
+    records: list[pb.MetadataRecord] = []
+    scratch = image
+    for broker_id, broker_epoch in manager.expired(now_ms):
+        broker = scratch.brokers.get(broker_id)
+        if broker is None or broker.broker_epoch != broker_epoch or broker.fenced:
+            continue
+        fencing = fence_broker(scratch, broker_id)
+        # Later fencings must see earlier ones, so that no leadership moves to
+        # a broker fenced in the same batch.
+        scratch = apply_records(scratch, fencing)
+        records += fencing
+    return records

@@ -1,0 +1,89 @@
+"""Leader election and ISR removal: the partition-change rules every decision shares.
+
+Kafka keeps these rules in one PartitionChangeBuilder so that fencing,
+controlled shutdown, unfencing and re-registration cannot disagree; this
+module plays that part. A leader is always elected in replica order (the
+first replica is the preferred leader), from ISR members that are active:
+registered, unfenced and not in controlled shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from raftka.v1 import metadata_pb2 as pb
+
+from quorum import records as r
+from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
+
+
+def active_ids(image: MetadataImage) -> frozenset[int]:
+    return frozenset(b.broker_id for b in image.active_brokers())
+
+
+def elect_leader(replicas: Iterable[int], isr: Collection[int], active: Collection[int]) -> int:
+    """The first replica (in replica order) that is in the ISR and active, else -1."""
+    for replica in replicas:
+        if replica in isr and replica in active:
+            return replica
+    return NO_LEADER
+
+
+def leave_isrs(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
+    """Remove ``broker_id`` from every ISR and move its leaderships away.
+
+    The broker is treated as inactive whatever the image says, since the
+    callers (fencing, controlled shutdown, re-registration) are about to make
+    it so. When it is the last ISR member, the ISR is kept and the partition
+    goes leaderless, as Kafka does: the last replica known to hold every
+    committed record must stay recorded, so a clean election stays possible.
+    """
+    active = active_ids(image) - {broker_id}
+    out = []
+    for topic, index, part in sorted(image.iter_partitions(), key=_partition_order):
+        if broker_id in part.isr:
+            change = _without(topic.topic_id, index, part, broker_id, active)
+            if change is not None:
+                out.append(change)
+    return out
+
+
+def _without(
+    topic_id: str,
+    index: int,
+    part: PartitionRegistration,
+    broker_id: int,
+    active: Collection[int],
+) -> pb.MetadataRecord | None:
+    isr = tuple(b for b in part.isr if b != broker_id)
+    if not isr:
+        if part.leader == NO_LEADER:
+            return None
+        return r.partition_change(topic_id, index, leader=NO_LEADER)
+    if part.leader == broker_id or part.leader == NO_LEADER:
+        leader = elect_leader(part.replicas, isr, active)
+        if leader != part.leader:
+            return r.partition_change(topic_id, index, leader=leader, isr=isr)
+    return r.partition_change(topic_id, index, isr=isr)
+
+
+def elect_leaderless(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
+    """Give a leader to every leaderless partition with ``broker_id`` in its ISR.
+
+    Used when the broker becomes active again; it counts as active here
+    whatever the image says, since its unfence record comes first in the batch.
+    """
+    active = active_ids(image) | {broker_id}
+    out = []
+    for topic, index, part in sorted(image.iter_partitions(), key=_partition_order):
+        if part.leader == NO_LEADER and broker_id in part.isr:
+            leader = elect_leader(part.replicas, part.isr, active)
+            if leader != NO_LEADER:
+                out.append(r.partition_change(topic.topic_id, index, leader=leader))
+    return out
+
+
+def _partition_order(item: tuple) -> tuple[str, int]:
+    # Sorted so that the records, and so the log, do not depend on map order.
+    topic, index, _ = item
+    return topic.name, index

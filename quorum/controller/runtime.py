@@ -1,0 +1,362 @@
+"""The active controller: requests in, decisions, batches through Raft, answers out.
+
+Theory of operation. Everything here runs on the metadata log's one thread
+(``MetadataLog.call_soon`` and the ``LogListener`` callbacks), like Kafka's
+single-threaded QuorumController, so there is no locking. gRPC threads call
+``submit`` and wait on a ``Future``.
+
+- **Activation.** When this node becomes Raft leader in term T it proposes an
+  epoch claim (a batch holding ``ControllerEpochRecord(T, me)``) and serves
+  nothing until that claim has been applied locally: that proves every entry
+  of earlier terms is applied, and from then on any batch of an older epoch
+  is refused at replay.
+- **Decisions** are pure functions ``(image, request, ctx) -> (records,
+  response)`` over a *speculative* image: the committed image plus every
+  batch proposed but not yet committed. Records of all requests handled in
+  one pass of the loop go into one Raft entry (batching what is queued).
+- **Answers** go out only after the batch has committed (accepted) on this
+  node. Each batch names the offset it expects to start at, so a batch decided
+  on speculation that did not hold is refused whole instead of misapplied.
+- **Anything unexpected** (a refusal, an unknown outcome, a timeout, a batch we
+  did not propose) makes the controller *resync*: it stops taking requests,
+  waits for its in-flight batches, and rebuilds the speculative image from
+  the committed one. Requests meanwhile get NOT_CONTROLLER, which clients
+  retry. Outcomes that may still commit are answered UNKNOWN_OUTCOME, never as
+  failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from raftka.v1 import common_pb2
+from raftka.v1 import controller_pb2 as cpb
+from raftka.v1 import metadata_pb2 as pb
+
+from quorum import records as r
+from quorum.controller import brokers, partitions, producer_ids, topics
+from quorum.controller.heartbeats import BrokerHeartbeatManager
+from quorum.controller.result import ControllerContext, ControllerResult
+from quorum.image import MetadataImage
+from quorum.log import MetadataLog, ProposeOutcome
+from quorum.replay import replay
+from quorum.state import BatchResult, MetadataState
+
+log = logging.getLogger(__name__)
+
+Decision = Callable[[MetadataImage, Any, ControllerContext], ControllerResult[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    node_id: int
+    cluster_id: str = ""
+    session_timeout_ms: int = 9000
+    heartbeat_interval_ms: int = 2000
+    request_timeout_s: float = 5.0
+    batch_max_records: int = 2000
+    session_check_interval_s: float = 0.1
+    defaults: dict[str, int] = field(
+        default_factory=lambda: {
+            "num.partitions": 1,
+            "default.replication.factor": 1,
+            "producer.id.block.size": 1000,
+        }
+    )
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: Future[Any]
+    response: Any
+
+
+@dataclass(slots=True)
+class _Inflight:
+    base_offset: int
+    waiters: list[_Waiter]
+    deadline: float
+
+
+def error_response(response_type: type, code: int, message: str) -> Any:
+    return response_type(error=common_pb2.Error(code=code, message=message))
+
+
+class ControllerRuntime:
+    """Implements ``LogListener``; drive it with a ``MetadataLog``."""
+
+    def __init__(
+        self,
+        metadata_log: MetadataLog,
+        settings: RuntimeSettings,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        new_topic_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ):
+        self.log = metadata_log
+        self.settings = settings
+        self._monotonic = monotonic
+        self._wall_ms = wall_ms
+        self._new_topic_id = new_topic_id
+        self.sessions = BrokerHeartbeatManager(settings.session_timeout_ms)
+        self.active = False
+        self.epoch = 0
+        self._claimed_term = 0
+        self._claim_retry_at = 0.0
+        self._resyncing = False
+        self._spec_image: MetadataImage = metadata_log.state.image
+        self._spec_next = metadata_log.state.next_offset
+        self._batch: list[pb.MetadataRecord] = []
+        self._batch_waiters: list[_Waiter] = []
+        self._batch_base = 0
+        self._inflight: dict[int, _Inflight] = {}
+        self._next_session_check = 0.0
+        self._handlers: dict[str, tuple[Decision, type]] = {
+            "register_broker": (brokers.register_broker, cpb.RegisterBrokerResponse),
+            "heartbeat": (self._heartbeat_decision, cpb.BrokerHeartbeatResponse),
+            "create_topics": (topics.create_topics, cpb.CreateTopicsResponse),
+            "delete_topics": (topics.delete_topics, cpb.DeleteTopicsResponse),
+            "create_partitions": (topics.create_partitions, cpb.CreatePartitionsResponse),
+            "alter_partition": (partitions.alter_partition, cpb.AlterPartitionResponse),
+            "elect_leaders": (partitions.elect_leaders, cpb.ElectLeadersResponse),
+            "allocate_producer_ids": (producer_ids.allocate, cpb.AllocateProducerIdsResponse),
+        }
+
+    # -- from any thread ---------------------------------------------------------
+
+    def submit(self, kind: str, request: Any) -> Future[Any]:
+        """Queue a request for the controller thread; the future holds the response."""
+        if kind not in self._handlers:
+            raise ValueError(f"unknown controller request {kind!r}")
+        future: Future[Any] = Future()
+        self.log.call_soon(lambda: self._handle(kind, request, future))
+        return future
+
+    def response_type(self, kind: str) -> type:
+        return self._handlers[kind][1]
+
+    # -- request handling, on the log thread --------------------------------------
+
+    def _handle(self, kind: str, request: Any, future: Future[Any]) -> None:
+        decide, response_type = self._handlers[kind]
+        if not self.active or self._resyncing:
+            why = "resynchronising" if self.active else "not the active controller"
+            future.set_result(error_response(response_type, common_pb2.NOT_CONTROLLER, why))
+            return
+        ctx = self._context()
+        try:
+            result = decide(self._spec_image, request, ctx)
+        except Exception as exc:  # a bug in a decision must not take the loop down
+            log.exception("controller decision %s failed", kind)
+            future.set_result(
+                error_response(response_type, common_pb2.UNKNOWN_SERVER_ERROR, repr(exc))
+            )
+            return
+        if kind == "register_broker" and not result.response.error.code:
+            self.sessions.touch(request.broker_id, result.response.broker_epoch, ctx.now_ms, -1)
+        if not result.records:
+            future.set_result(result.response)
+            return
+        self._add(result.records, _Waiter(future, result.response))
+
+    def _heartbeat_decision(
+        self, image: MetadataImage, request: Any, ctx: ControllerContext
+    ) -> ControllerResult[Any]:
+        result = brokers.heartbeat(image, request, ctx, self.sessions)
+        if not result.response.heartbeat_interval_ms:
+            result.response.heartbeat_interval_ms = self.settings.heartbeat_interval_ms
+        return result
+
+    def _context(self) -> ControllerContext:
+        return ControllerContext(
+            next_offset=self._spec_next,
+            now_ms=int(self._monotonic() * 1000),
+            cluster_id=self.settings.cluster_id,
+            new_topic_id=self._new_topic_id,
+            defaults=dict(self.settings.defaults),
+        )
+
+    def _add(self, records: list[pb.MetadataRecord], waiter: _Waiter | None) -> None:
+        if len(self._batch) + len(records) > self.settings.batch_max_records and self._batch:
+            self._flush()
+        if not self._batch:
+            self._batch_base = self._spec_next
+        image = self._spec_image
+        for i, record in enumerate(records):
+            image, _ = replay(image, record, self._spec_next + i)
+        self._spec_image = image
+        self._spec_next += len(records)
+        self._batch.extend(records)
+        if waiter is not None:
+            self._batch_waiters.append(waiter)
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        base = self._batch_base
+        payload = r.encode_batch(
+            self._batch,
+            controller_epoch=self.epoch,
+            proposer_id=self.settings.node_id,
+            expected_base_offset=base,
+            append_time_ms=self._wall_ms(),
+        )
+        deadline = self._monotonic() + self.settings.request_timeout_s
+        self._inflight[base] = _Inflight(base, self._batch_waiters, deadline)
+        self._batch = []
+        self._batch_waiters = []
+        self.log.propose(payload, lambda result, outcome: self._on_proposed(base, result, outcome))
+
+    def _on_proposed(
+        self, base: int, result: BatchResult | None, outcome: ProposeOutcome | None
+    ) -> None:
+        inflight = self._inflight.pop(base, None)
+        waiters = inflight.waiters if inflight is not None else []
+        if result is not None and result.accepted:
+            for w in waiters:
+                _settle(w.future, w.response)
+            return
+        if result is not None or outcome is ProposeOutcome.NOT_APPLIED:
+            reason = result.reason if result is not None else "not appended"
+            log.warning("batch at %d not applied: %s; resynchronising", base, reason)
+            self._fail(waiters, common_pb2.NOT_CONTROLLER, f"not applied ({reason}); retry")
+        else:
+            log.warning("batch at %d has an unknown outcome; resynchronising", base)
+            self._fail(waiters, common_pb2.UNKNOWN_OUTCOME, "leadership changed mid-commit")
+        self._start_resync()
+
+    def _fail(self, waiters: list[_Waiter], code: int, message: str) -> None:
+        for w in waiters:
+            _settle(w.future, error_response(type(w.response), code, message))
+
+    # -- LogListener ------------------------------------------------------------
+
+    def on_commit(self, result: BatchResult, state: MetadataState) -> None:
+        if self._claimed_term and not self.active:
+            self._maybe_activate(state)
+        elif self.active and result.accepted and result.base_offset not in self._inflight:
+            # Someone else's batch committed while we lead: our speculation is off.
+            if result.base_offset >= 0 and not self._resyncing:
+                log.warning("foreign batch at %d committed; resynchronising", result.base_offset)
+                self._start_resync()
+
+    def on_snapshot_loaded(self, state: MetadataState) -> None:
+        if self.active:
+            self._start_resync()
+
+    def on_leadership_change(self, is_leader: bool, term: int) -> None:
+        self._deactivate("leadership moved")
+        if is_leader:
+            self._claimed_term = term
+            self._claim_retry_at = 0.0
+            self._claim()
+
+    def on_tick(self, now: float) -> None:
+        if self._claimed_term and not self.active and now >= self._claim_retry_at:
+            self._claim()
+        if not self.active:
+            return
+        self._expire_inflight(now)
+        if self._resyncing:
+            self._finish_resync()
+        elif now >= self._next_session_check:
+            self._next_session_check = now + self.settings.session_check_interval_s
+            fenced = brokers.expire_sessions(self._spec_image, self.sessions, int(now * 1000))
+            if fenced:
+                log.info("fencing brokers whose sessions expired: %s", _fenced_ids(fenced))
+                self._add(fenced, None)
+        self._flush()
+
+    # -- activation and resync ---------------------------------------------------
+
+    def _claim(self) -> None:
+        term = self._claimed_term
+        if not self.log.is_leader() or self.log.term() != term:
+            return
+        self._claim_retry_at = self._monotonic() + 0.2
+        state = self.log.state
+        if (
+            state.image.controller_epoch == term
+            and state.image.controller_id == self.settings.node_id
+        ):
+            self._maybe_activate(state)
+            return
+        payload = r.encode_batch(
+            [r.controller_epoch(term, self.settings.node_id)],
+            controller_epoch=term,
+            proposer_id=self.settings.node_id,
+            expected_base_offset=-1,
+            append_time_ms=self._wall_ms(),
+        )
+        self.log.propose(payload, lambda result, outcome: None)
+
+    def _maybe_activate(self, state: MetadataState) -> None:
+        image = state.image
+        term = self._claimed_term
+        if image.controller_epoch != term or image.controller_id != self.settings.node_id:
+            return
+        if not self.log.is_leader() or self.log.term() != term:
+            return
+        self.active = True
+        self.epoch = term
+        self._spec_image = image
+        self._spec_next = state.next_offset
+        self.sessions.reset_all(image, int(self._monotonic() * 1000))
+        log.info("node %d is the active controller in epoch %d", self.settings.node_id, term)
+
+    def _deactivate(self, why: str) -> None:
+        if self.active:
+            log.info("node %d is no longer the active controller: %s", self.settings.node_id, why)
+        self.active = False
+        self._resyncing = False
+        self._claimed_term = 0
+        self._fail(self._batch_waiters, common_pb2.NOT_CONTROLLER, why)
+        self._batch, self._batch_waiters = [], []
+        for inflight in self._inflight.values():
+            self._fail(inflight.waiters, common_pb2.UNKNOWN_OUTCOME, why)
+        self._inflight.clear()
+
+    def _start_resync(self) -> None:
+        self._resyncing = True
+        self._fail(self._batch_waiters, common_pb2.NOT_CONTROLLER, "resynchronising; retry")
+        self._batch, self._batch_waiters = [], []
+
+    def _finish_resync(self) -> None:
+        if self._inflight:
+            return
+        state = self.log.state
+        if not self.log.is_leader() or state.image.controller_epoch != self.epoch:
+            self._deactivate("epoch ended during resync")
+            return
+        self._spec_image = state.image
+        self._spec_next = state.next_offset
+        self._resyncing = False
+        log.info("controller resynchronised at offset %d", state.next_offset)
+
+    def _expire_inflight(self, now: float) -> None:
+        expired = [b for b, f in self._inflight.items() if f.deadline <= now]
+        for base in expired:
+            inflight = self._inflight.pop(base)
+            self._fail(
+                inflight.waiters,
+                common_pb2.UNKNOWN_OUTCOME,
+                "not committed within the request timeout (no quorum?); it may still apply",
+            )
+        if expired:
+            self._start_resync()
+
+
+def _settle(future: Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fenced_ids(records: list[pb.MetadataRecord]) -> list[int]:
+    return [rec.fence_broker.broker_id for rec in records if rec.HasField("fence_broker")]

@@ -1,0 +1,343 @@
+"""The metadata log over pysyncobj. The only module that imports pysyncobj.
+
+One thread per node ("the raft thread") drives pysyncobj with ``doTick`` and
+runs everything else that touches state: applies, propose callbacks,
+leadership changes, functions posted with ``call_soon`` and the listener's
+``on_tick``. Other threads only post work and read published views.
+
+How pysyncobj's known weaknesses are handled here:
+
+- One replicated method, ``apply_batch(payload: bytes)``, whose payload is a
+  protobuf ``MetadataBatch``; no pickled domain object is ever proposed.
+- ``apply_batch`` cannot raise: ``MetadataState.apply_payload`` decodes and
+  replays defensively and turns every failure into a refusal or a no-op, so
+  the state machine can never stall on an entry.
+- Snapshots: the consumer's state is pickled only as a wrapper whose reduce
+  encodes it as protobuf (``quorum.snapshot.encode_state``) inside pysyncobj's
+  forked child, so the raft thread never serializes a large image.
+- Durability: pysyncobj never syncs its journal. We flush (msync) the
+  journal after every append and fsync the term/vote file after every
+  change, so an entry a voter acknowledged survives a power loss.
+- Fail reasons are mapped to ``ProposeOutcome``: only QUEUE_FULL,
+  MISSING_LEADER, DISCARDED and REQUEST_DENIED mean "not applied".
+- ``commandsWaitLeader=False``, a low ``leaderFallbackTimeout``, a bound Raft
+  address and a password (Fernet-encrypted, authenticated messages).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.pipe_notifier import PipeNotifier
+
+from quorum.config import Voter
+from quorum.log import LogListener, ProposeCallback, ProposeOutcome
+from quorum.snapshot import decode_state, encode_state
+from quorum.state import BatchResult, MetadataState
+
+log = logging.getLogger(__name__)
+
+_NOT_APPLIED = {
+    FAIL_REASON.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.DISCARDED,
+    FAIL_REASON.REQUEST_DENIED,
+}
+_RAFT_STATE_LEADER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RaftTimeouts:
+    election_min_s: float = 0.3
+    election_max_s: float = 0.6
+    heartbeat_s: float = 0.05
+    leader_fallback_s: float = 0.25
+
+
+def _restore_state(payload: bytes) -> MetadataState:
+    return decode_state(payload)
+
+
+class _StateSnapshot:
+    """Pickles as protobuf bytes; encoding runs in pysyncobj's forked child."""
+
+    def __init__(self, state: MetadataState):
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return (_restore_state, (encode_state(self.state),))
+
+
+class _MetadataConsumer(SyncObjConsumer):  # type: ignore[misc]
+    def __init__(self, owner: RaftMetadataLog, tail_max_records: int):
+        self._owner = owner
+        self._tail_max = tail_max_records
+        self.state = MetadataState(tail_max_records=tail_max_records)
+        super().__init__()
+
+    @replicated  # type: ignore[misc]
+    def apply_batch(self, payload: bytes) -> BatchResult:
+        result = self.state.apply_payload(payload)
+        self._owner._on_apply(result)
+        return result
+
+    def _serialize(self) -> _StateSnapshot:
+        return _StateSnapshot(self.state)
+
+    def _deserialize(self, data: Any) -> None:
+        if not isinstance(data, MetadataState):
+            log.error("ignoring snapshot of unexpected type %s", type(data).__name__)
+            return
+        data.tail_max_records = self._tail_max
+        self.state = data
+        self._owner._on_snapshot_loaded()
+
+
+class _SyncedJournal:
+    """Wraps pysyncobj's FileJournal so appends and votes reach the disk."""
+
+    def __init__(self, journal: Any, meta_path: str):
+        self._journal = journal
+        self._meta_path = meta_path
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        self._journal.add(command, idx, term)
+        self._journal.flush()
+
+    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802 (pysyncobj's name)
+        self._journal.setCurrentTerm(term, voted_for)
+        _fsync_path(self._meta_path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._journal, name)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._journal[item]
+
+    def __len__(self) -> int:
+        return len(self._journal)
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class RaftMetadataLog:
+    """``MetadataLog`` over a pysyncobj voter; owns the raft thread."""
+
+    def __init__(
+        self,
+        node_id: int,
+        voters: tuple[Voter, ...],
+        data_dir: Path,
+        *,
+        password: str = "",
+        timeouts: RaftTimeouts = RaftTimeouts(),
+        tail_max_records: int = 50_000,
+        snapshot_min_entries: int = 20_000,
+        fsync: bool = True,
+        listener: LogListener | None = None,
+        tick_interval_s: float = 0.01,
+    ):
+        self.node_id = node_id
+        self.listener = listener
+        self._voters = {v.node_id: v for v in voters}
+        me = self._voters[node_id]
+        self._address_to_id = {v.raft_address: v.node_id for v in voters}
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = SyncObjConf(
+            autoTick=False,
+            journalFile=str(data_dir / "raft.journal"),
+            fullDumpFile=str(data_dir / "raft.snapshot"),
+            appendEntriesUseBatch=False,
+            raftMinTimeout=timeouts.election_min_s,
+            raftMaxTimeout=timeouts.election_max_s,
+            appendEntriesPeriod=timeouts.heartbeat_s,
+            leaderFallbackTimeout=timeouts.leader_fallback_s,
+            connectionTimeout=max(timeouts.election_max_s, 1.0),
+            connectionRetryTime=0.3,
+            commandsWaitLeader=False,
+            commandsQueueSize=10_000,
+            logCompactionMinEntries=snapshot_min_entries,
+            logCompactionMinTime=3600,
+            logCompactionSplit=False,
+            dynamicMembershipChange=False,
+            password=password or None,
+            bindAddress=me.raft_address,
+            onStateChanged=self._on_state_changed,
+        )
+        self._consumer = _MetadataConsumer(self, tail_max_records)
+        others = [v.raft_address for v in voters if v.node_id != node_id]
+        self._so = SyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
+        if fsync:
+            journal = self._so._SyncObj__raftLog
+            self._so._SyncObj__raftLog = _SyncedJournal(journal, conf.journalFile + ".meta")
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = PipeNotifier(self._so._poller)
+        self._tick_interval_s = tick_interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"raft-{node_id}", daemon=True)
+        self._was_leader = False
+        self._term = 0
+        # (raft index, next metadata offset after it), for mapping voters'
+        # Raft positions to metadata offsets in quorum status.
+        self._index_offsets: list[tuple[int, int]] = []
+        self.commit_condition = threading.Condition()
+
+    # -- MetadataLog ---------------------------------------------------------
+
+    @property
+    def state(self) -> MetadataState:
+        return self._consumer.state
+
+    def propose(self, payload: bytes, callback: ProposeCallback) -> None:
+        def done(result: Any, error: int) -> None:
+            if error == FAIL_REASON.SUCCESS:
+                callback(result, None)
+            elif error in _NOT_APPLIED:
+                callback(None, ProposeOutcome.NOT_APPLIED)
+            else:
+                callback(None, ProposeOutcome.UNKNOWN)
+
+        self._consumer.apply_batch(payload, callback=done)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        try:
+            self._wakeup.notify()
+        except OSError:  # the pipe is full: the raft thread is awake anyway
+            pass
+
+    def term(self) -> int:
+        return int(self._so.raftCurrentTerm)
+
+    def is_leader(self) -> bool:
+        return bool(self._so._isLeader())
+
+    def leader_id(self) -> int | None:
+        leader = self._so._getLeader()
+        if leader is None:
+            return None
+        return self._address_to_id.get(
+            str(leader.address) if hasattr(leader, "address") else str(leader)
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self.call_soon(lambda: None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+        self._so.destroy()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._so.doTick(self._tick_interval_s)
+                self._drain_inbox()
+                self._check_leadership()
+                if self.listener is not None:
+                    self.listener.on_tick(time.monotonic())
+            except Exception:  # keep ticking: a bug here must not stop Raft
+                log.exception("raft loop iteration failed")
+                time.sleep(self._tick_interval_s)
+
+    def _drain_inbox(self) -> None:
+        for _ in range(10_000):
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    # -- callbacks from pysyncobj, on the raft thread -----------------------
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        # pysyncobj calls this before it has finished becoming leader; the
+        # loop checks leadership after each tick instead (_check_leadership).
+        return None
+
+    def _check_leadership(self) -> None:
+        leader = self.is_leader()
+        term = self.term()
+        if leader != self._was_leader or (leader and term != self._term):
+            self._was_leader = leader
+            self._term = term
+            log.info("node %d %s in term %d", self.node_id, "leads" if leader else "follows", term)
+            if self.listener is not None:
+                self.listener.on_leadership_change(leader, term)
+
+    def _on_apply(self, result: BatchResult) -> None:
+        raft_index = int(self._so.raftLastApplied) + 1
+        self._index_offsets.append((raft_index, self.state.next_offset))
+        if len(self._index_offsets) > 20_000:
+            del self._index_offsets[:10_000]
+        if self.listener is not None:
+            self.listener.on_commit(result, self.state)
+        with self.commit_condition:
+            self.commit_condition.notify_all()
+
+    def _on_snapshot_loaded(self) -> None:
+        self._index_offsets.clear()
+        if self.listener is not None:
+            self.listener.on_snapshot_loaded(self.state)
+        with self.commit_condition:
+            self.commit_condition.notify_all()
+
+    # -- status ----------------------------------------------------------------
+
+    def offset_at_raft_index(self, raft_index: int) -> int:
+        """The metadata log end offset once ``raft_index`` is applied (best known)."""
+        pairs = self._index_offsets
+        if not pairs:
+            return self.state.next_offset
+        pos = bisect.bisect_right(pairs, (raft_index, 1 << 62)) - 1
+        if pos < 0:
+            return pairs[0][1]
+        return pairs[pos][1]
+
+    def voter_status(self) -> dict[int, dict[str, Any]]:
+        """Per voter: Raft match index and last response time (leader only)."""
+        status = self._so.getStatus()
+        out: dict[int, dict[str, Any]] = {}
+        response_times = getattr(self._so, "_SyncObj__lastResponseTime", {})
+        for node in self._so.otherNodes:
+            node_id = self._address_to_id.get(node.address)
+            if node_id is None:
+                continue
+            match = status.get(f"match_idx_server_{node.id}", 0)
+            out[node_id] = {
+                "match_index": int(match or 0),
+                "last_response_monotonic": response_times.get(node),
+                "connected": status.get(f"partner_node_status_server_{node.id}") == 2,
+            }
+        return out
+
+    def raft_status(self) -> dict[str, Any]:
+        return dict(self._so.getStatus())

@@ -1,0 +1,344 @@
+"""The Controller gRPC service of a controller node.
+
+Writes go to the controller runtime (on the raft thread) and are answered
+after commit. Reads are served from the committed state without a lock: the
+image is immutable, and log entries carry their offsets, so a read that
+raced a tail trim is detected and retried. Requests that need the active
+controller (writes, quorum status, following the log) answered by another
+node get NOT_CONTROLLER and a hint naming the leader.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from raftka.v1 import common_pb2, controller_pb2_grpc
+from raftka.v1 import controller_pb2 as cpb
+from raftka.v1 import metadata_pb2 as pb
+
+from quorum.config import Voter
+from quorum.controller.runtime import ControllerRuntime, error_response
+from quorum.image import MetadataImage
+from quorum.raft import RaftMetadataLog
+from quorum.records import CONFIG_TOPIC, endpoints_to_pb
+from quorum.snapshot import encode_image
+
+log = logging.getLogger(__name__)
+
+MAX_FETCH_RECORDS = 5000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class _Observer:
+    log_end_offset: int = 0
+    last_fetch_ms: int = -1
+    last_caught_up_ms: int = -1
+
+
+class ControllerService(controller_pb2_grpc.ControllerServicer):
+    def __init__(
+        self,
+        node_id: int,
+        voters: tuple[Voter, ...],
+        raft_log: RaftMetadataLog,
+        runtime: ControllerRuntime,
+        *,
+        cluster_id: str,
+        request_timeout_s: float,
+    ):
+        self.node_id = node_id
+        self.voters = {v.node_id: v for v in voters}
+        self.raft_log = raft_log
+        self.runtime = runtime
+        self.cluster_id = cluster_id
+        self.request_timeout_s = request_timeout_s
+        self._observers: dict[int, _Observer] = {}
+        self._voter_caught_up_ms: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.raft_log.commit_condition:
+            self.raft_log.commit_condition.notify_all()
+
+    # -- helpers -----------------------------------------------------------------
+
+    def hint(self) -> cpb.ControllerHint:
+        leader = self.raft_log.leader_id()
+        hint = cpb.ControllerHint(controller_epoch=self.raft_log.state.image.controller_epoch)
+        if leader is not None and leader in self.voters:
+            voter = self.voters[leader]
+            hint.leader_id = leader
+            hint.leader_host = voter.host
+            hint.leader_port = voter.rpc_port
+        else:
+            hint.leader_id = -1
+        return hint
+
+    def _write(self, kind: str, request: Any) -> Any:
+        response_type = self.runtime.response_type(kind)
+        if not self.runtime.active:
+            response = error_response(
+                response_type, common_pb2.NOT_CONTROLLER, f"node {self.node_id} is not active"
+            )
+        else:
+            future = self.runtime.submit(kind, request)
+            try:
+                response = future.result(timeout=self.request_timeout_s + 1.0)
+            except FutureTimeout:
+                response = error_response(
+                    response_type, common_pb2.UNKNOWN_OUTCOME, "no answer within the timeout"
+                )
+        if response.error.code in (common_pb2.NOT_CONTROLLER, common_pb2.UNKNOWN_OUTCOME):
+            if not self.raft_log.is_leader() and self.raft_log.leader_id() is None:
+                if response.error.code == common_pb2.NOT_CONTROLLER:
+                    response.error.code = common_pb2.QUORUM_UNAVAILABLE
+                    response.error.message = "no controller has a majority of the quorum"
+        if hasattr(response, "hint"):
+            response.hint.CopyFrom(self.hint())
+        return response
+
+    def _read_entries(
+        self, offset: int, max_records: int
+    ) -> tuple[list[pb.MetadataLogEntry], int, int, int]:
+        """(entries, high watermark, log start, error code) from the committed log."""
+        for _ in range(5):
+            state = self.raft_log.state
+            high_watermark = state.next_offset
+            tail = state.tail
+            start = state.log_start_offset
+            if offset < start:
+                return [], high_watermark, start, common_pb2.SNAPSHOT_REQUIRED
+            if offset > high_watermark:
+                return [], high_watermark, start, common_pb2.OFFSET_OUT_OF_RANGE
+            count = min(max_records, high_watermark - offset)
+            entries = tail[offset - start : offset - start + count]
+            if not entries or entries[0].offset == offset:
+                return entries, high_watermark, start, common_pb2.NONE
+        return [], high_watermark, start, common_pb2.SNAPSHOT_REQUIRED
+
+    # -- broker lifecycle ----------------------------------------------------------
+
+    def RegisterBroker(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("register_broker", request)
+
+    def BrokerHeartbeat(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("heartbeat", request)
+
+    def AlterPartition(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("alter_partition", request)
+
+    def AllocateProducerIds(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("allocate_producer_ids", request)
+
+    def CreateTopics(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("create_topics", request)
+
+    def DeleteTopics(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("delete_topics", request)
+
+    def CreatePartitions(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("create_partitions", request)
+
+    def ElectLeaders(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return self._write("elect_leaders", request)
+
+    # -- following the log ---------------------------------------------------------
+
+    def FetchMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        offset = request.offset
+        max_records = min(request.max_records or 1000, MAX_FETCH_RECORDS)
+        max_wait_s = (request.max_wait_ms or 500) / 1000.0
+        condition = self.raft_log.commit_condition
+        while context.is_active() and not self._stopping.is_set():
+            if not self.raft_log.is_leader():
+                yield cpb.FetchMetadataResponse(
+                    error=common_pb2.Error(
+                        code=common_pb2.NOT_CONTROLLER, message="fetch from the leader"
+                    ),
+                    hint=self.hint(),
+                )
+                return
+            entries, high_watermark, start, code = self._read_entries(offset, max_records)
+            if not entries and code == common_pb2.NONE:
+                with condition:
+                    if self.raft_log.state.next_offset <= offset:
+                        condition.wait(max_wait_s)
+                entries, high_watermark, start, code = self._read_entries(offset, max_records)
+            if entries:
+                offset = entries[-1].offset + 1
+            self._observe(request.replica_id, offset, high_watermark)
+            response = cpb.FetchMetadataResponse(
+                high_watermark=high_watermark, log_start_offset=start
+            )
+            if code != common_pb2.NONE:
+                response.error.code = code
+                response.error.message = f"offset {offset} outside [{start}, {high_watermark}]"
+                yield response
+                return
+            response.entries.extend(entries)
+            yield response
+
+    def _observe(self, replica_id: int, next_offset: int, high_watermark: int) -> None:
+        if replica_id < 0:
+            return
+        now = _now_ms()
+        with self._lock:
+            obs = self._observers.setdefault(replica_id, _Observer())
+            obs.log_end_offset = next_offset
+            obs.last_fetch_ms = now
+            if next_offset >= high_watermark:
+                obs.last_caught_up_ms = now
+
+    def FetchSnapshot(self, request: Any, context: Any) -> Any:  # noqa: N802
+        image = self.raft_log.state.image
+        return cpb.FetchSnapshotResponse(snapshot=encode_image(image))
+
+    def ReadMetadataLog(self, request: Any, context: Any) -> Any:  # noqa: N802
+        max_records = min(request.max_records or 100, MAX_FETCH_RECORDS)
+        entries, high_watermark, start, code = self._read_entries(
+            max(request.offset, 0), max_records
+        )
+        response = cpb.ReadMetadataLogResponse(
+            high_watermark=high_watermark, log_start_offset=start
+        )
+        if code == common_pb2.SNAPSHOT_REQUIRED:
+            response.error.code = common_pb2.OFFSET_OUT_OF_RANGE
+            response.error.message = f"offset {request.offset} was trimmed; log starts at {start}"
+        elif code != common_pb2.NONE:
+            response.error.code = code
+            response.error.message = f"offset {request.offset} is past the end ({high_watermark})"
+        response.entries.extend(entries)
+        return response
+
+    # -- descriptions ----------------------------------------------------------------
+
+    def DescribeQuorum(self, request: Any, context: Any) -> Any:  # noqa: N802
+        if not self.raft_log.is_leader():
+            return cpb.DescribeQuorumResponse(
+                error=common_pb2.Error(code=common_pb2.NOT_CONTROLLER, message="ask the leader"),
+            )
+        state = self.raft_log.state
+        high_watermark = state.next_offset
+        now_ms = _now_ms()
+        now_mono = time.monotonic()
+        response = cpb.DescribeQuorumResponse(
+            cluster_id=self.cluster_id,
+            leader_id=self.node_id,
+            leader_epoch=self.raft_log.term(),
+            high_watermark=high_watermark,
+            log_start_offset=state.log_start_offset,
+        )
+        me = self.voters[self.node_id]
+        response.voters.append(
+            cpb.ReplicaState(
+                replica_id=self.node_id,
+                log_end_offset=high_watermark,
+                last_fetch_timestamp_ms=now_ms,
+                last_caught_up_timestamp_ms=now_ms,
+                host=me.host,
+                port=me.rpc_port,
+            )
+        )
+        for node_id, info in sorted(self.raft_log.voter_status().items()):
+            voter = self.voters[node_id]
+            end = self.raft_log.offset_at_raft_index(info["match_index"])
+            last = info["last_response_monotonic"]
+            fetch_ms = int(now_ms - (now_mono - last) * 1000) if last else -1
+            if end >= high_watermark and fetch_ms > 0:
+                self._voter_caught_up_ms[node_id] = fetch_ms
+            response.voters.append(
+                cpb.ReplicaState(
+                    replica_id=node_id,
+                    log_end_offset=end,
+                    last_fetch_timestamp_ms=fetch_ms,
+                    last_caught_up_timestamp_ms=self._voter_caught_up_ms.get(node_id, -1),
+                    host=voter.host,
+                    port=voter.rpc_port,
+                )
+            )
+        with self._lock:
+            observers = sorted(self._observers.items())
+        for replica_id, obs in observers:
+            response.observers.append(
+                cpb.ReplicaState(
+                    replica_id=replica_id,
+                    log_end_offset=obs.log_end_offset,
+                    last_fetch_timestamp_ms=obs.last_fetch_ms,
+                    last_caught_up_timestamp_ms=obs.last_caught_up_ms,
+                )
+            )
+        return response
+
+    def DescribeCluster(self, request: Any, context: Any) -> Any:  # noqa: N802
+        image = self.raft_log.state.image
+        response = cpb.DescribeClusterResponse(
+            cluster_id=self.cluster_id,
+            controller_id=image.controller_id,
+            controller_epoch=image.controller_epoch,
+            metadata_offset=image.offset,
+        )
+        for broker_id in sorted(image.brokers.keys()):
+            b = image.brokers[broker_id]
+            response.brokers.append(
+                cpb.BrokerDescription(
+                    broker_id=b.broker_id,
+                    broker_epoch=b.broker_epoch,
+                    incarnation_id=b.incarnation_id,
+                    listeners=endpoints_to_pb(b.listeners),
+                    rack=b.rack,
+                    fenced=b.fenced,
+                    in_controlled_shutdown=b.in_controlled_shutdown,
+                )
+            )
+        return response
+
+    def DescribeTopics(self, request: Any, context: Any) -> Any:  # noqa: N802
+        image = self.raft_log.state.image
+        response = cpb.DescribeTopicsResponse(metadata_offset=image.offset)
+        names = list(request.names) or sorted(image.topic_ids.keys())
+        for name in names:
+            response.topics.append(describe_topic(image, name))
+        return response
+
+
+def describe_topic(image: MetadataImage, name: str) -> cpb.TopicDescription:
+    topic = image.topic_by_name(name)
+    if topic is None:
+        return cpb.TopicDescription(
+            name=name,
+            error=common_pb2.Error(
+                code=common_pb2.UNKNOWN_TOPIC_OR_PARTITION, message=f"unknown topic {name!r}"
+            ),
+        )
+    out = cpb.TopicDescription(name=name, topic_id=topic.topic_id)
+    for index in sorted(topic.partitions.keys()):
+        p = topic.partitions[index]
+        out.partitions.append(
+            cpb.PartitionDescription(
+                partition=index,
+                leader=p.leader,
+                leader_epoch=p.leader_epoch,
+                partition_epoch=p.partition_epoch,
+                replicas=p.replicas,
+                isr=p.isr,
+            )
+        )
+    for key, value in image.configs.get((CONFIG_TOPIC, name), {}).items():
+        out.configs[key] = value
+    return out
+
+
+def add_to_server(server: grpc.Server, service: ControllerService) -> None:
+    controller_pb2_grpc.add_ControllerServicer_to_server(service, server)

@@ -1,0 +1,223 @@
+"""The controller runtime over the in-memory log: activation, batching, answers
+only after commit, unknown outcomes, resync and fencing of a deposed epoch."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+from raftka.v1 import common_pb2
+from raftka.v1 import controller_pb2 as cpb
+
+from quorum import records as r
+from quorum.controller.runtime import ControllerRuntime, RuntimeSettings
+from quorum.log import InMemoryMetadataLog, ProposeOutcome
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def env():
+    clock = Clock()
+    log = InMemoryMetadataLog(node_id=1, clock=clock)
+    ids = iter(f"topic-{i}" for i in range(1000))
+    runtime = ControllerRuntime(
+        log,
+        RuntimeSettings(node_id=1, cluster_id="c1", session_timeout_ms=3000),
+        monotonic=clock,
+        wall_ms=lambda: 1_700_000_000_000,
+        new_topic_id=lambda: next(ids),
+    )
+    log.listener = runtime
+    return log, runtime, clock
+
+
+def become_active(log: InMemoryMetadataLog, runtime: ControllerRuntime) -> None:
+    log.set_leader(1)
+    log.run_pending()
+    assert runtime.active
+    assert log.state.image.controller_epoch == log.term()
+
+
+def call(log: InMemoryMetadataLog, runtime: ControllerRuntime, kind: str, request) -> object:
+    future = runtime.submit(kind, request)
+    log.run_pending()
+    assert future.done(), f"{kind} was not answered"
+    return future.result()
+
+
+def register(log, runtime, broker_id: int, incarnation: str = "") -> int:
+    response = call(
+        log,
+        runtime,
+        "register_broker",
+        cpb.RegisterBrokerRequest(
+            broker_id=broker_id,
+            incarnation_id=incarnation or f"inc-{broker_id}",
+            cluster_id="c1",
+        ),
+    )
+    assert response.error.code == common_pb2.NONE, response.error
+    return response.broker_epoch
+
+
+def heartbeat(log, runtime, broker_id: int, epoch: int, offset: int | None = None):
+    return call(
+        log,
+        runtime,
+        "heartbeat",
+        cpb.BrokerHeartbeatRequest(
+            broker_id=broker_id,
+            broker_epoch=epoch,
+            metadata_offset=log.state.next_offset if offset is None else offset,
+        ),
+    )
+
+
+def test_inactive_until_epoch_claim_commits(env):
+    log, runtime, _ = env
+    assert not runtime.active
+    response = call(log, runtime, "register_broker", cpb.RegisterBrokerRequest(broker_id=1))
+    assert response.error.code == common_pb2.NOT_CONTROLLER
+    assert log.state.next_offset == 0, "an inactive controller must write nothing"
+    become_active(log, runtime)
+    entry = log.state.tail[0]
+    assert entry.record.controller_epoch.controller_id == 1
+
+
+def test_broker_epoch_is_registration_offset_and_answer_after_commit(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    future: Future = runtime.submit(
+        "register_broker", cpb.RegisterBrokerRequest(broker_id=7, incarnation_id="a")
+    )
+    assert not future.done()
+    log.run_pending()
+    epoch = future.result().broker_epoch
+    assert log.state.image.brokers[7].broker_epoch == epoch
+    assert log.state.tail[epoch - log.state.log_start_offset].record.HasField("register_broker")
+
+
+def test_requests_queued_together_share_one_raft_entry(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    futures = [
+        runtime.submit(
+            "register_broker", cpb.RegisterBrokerRequest(broker_id=i, incarnation_id="x")
+        )
+        for i in range(5)
+    ]
+    entries = log.run_pending()
+    assert entries == 1, "five queued registrations should commit as one batch"
+    epochs = [f.result().broker_epoch for f in futures]
+    assert epochs == sorted(set(epochs)), "each registration has its own offset"
+
+
+def test_unknown_outcome_is_not_reported_as_failure_and_resyncs(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    log.fail_next(ProposeOutcome.UNKNOWN)
+    response = call(
+        log, runtime, "register_broker", cpb.RegisterBrokerRequest(broker_id=3, incarnation_id="i")
+    )
+    assert response.error.code == common_pb2.UNKNOWN_OUTCOME
+    # The in-memory log applied it anyway, as Raft may after a timeout.
+    assert 3 in log.state.image.brokers
+    # After resync, the controller serves again from the committed image.
+    log.run_pending()
+    again = call(
+        log, runtime, "register_broker", cpb.RegisterBrokerRequest(broker_id=3, incarnation_id="i")
+    )
+    assert again.error.code == common_pb2.NONE
+    assert again.broker_epoch == log.state.image.brokers[3].broker_epoch
+
+
+def test_not_applied_is_retriable_and_changes_nothing(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    before = log.state.next_offset
+    log.fail_next(ProposeOutcome.NOT_APPLIED)
+    response = call(
+        log, runtime, "register_broker", cpb.RegisterBrokerRequest(broker_id=4, incarnation_id="i")
+    )
+    assert response.error.code == common_pb2.NOT_CONTROLLER
+    assert log.state.next_offset == before
+    assert 4 not in log.state.image.brokers
+
+
+def test_deposed_controller_batches_are_refused_at_replay(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    old_epoch = runtime.epoch
+    # Another controller takes over: its epoch claim commits first.
+    claim = r.encode_batch(
+        [r.controller_epoch(old_epoch + 5, 2)],
+        controller_epoch=old_epoch + 5,
+        proposer_id=2,
+        expected_base_offset=-1,
+        append_time_ms=0,
+    )
+    results = []
+    log.propose(claim, lambda res, out: results.append(res))
+    log.run_pending()
+    assert results[0].accepted
+    # A late batch from the old epoch must not apply.
+    late = r.encode_batch(
+        [r.topic("late", "late-id")],
+        controller_epoch=old_epoch,
+        proposer_id=1,
+        expected_base_offset=log.state.next_offset,
+        append_time_ms=0,
+    )
+    log.propose(late, lambda res, out: results.append(res))
+    log.run_pending()
+    assert not results[1].accepted and "stale controller epoch" in results[1].reason
+    assert log.state.image.topic_by_name("late") is None
+
+
+def test_leadership_loss_answers_queued_requests_not_controller(env):
+    log, runtime, _ = env
+    become_active(log, runtime)
+    future = runtime.submit("register_broker", cpb.RegisterBrokerRequest(broker_id=1))
+    log.set_leader(2)
+    log.run_pending()
+    assert future.result().error.code == common_pb2.NOT_CONTROLLER
+    assert not runtime.active
+
+
+def test_session_expiry_fences_and_moves_leadership(env):
+    log, runtime, clock = env
+    become_active(log, runtime)
+    epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
+    for b, e in epochs.items():
+        assert not heartbeat(log, runtime, b, e).is_fenced
+    created = call(
+        log,
+        runtime,
+        "create_topics",
+        cpb.CreateTopicsRequest(
+            topics=[cpb.CreatableTopic(name="orders", num_partitions=3, replication_factor=3)]
+        ),
+    )
+    assert created.results[0].error.code == common_pb2.NONE, created
+    topic = log.state.image.topic_by_name("orders")
+    led_by_1 = [i for i, p in topic.partitions.items() if p.leader == 1]
+    assert led_by_1
+    # Brokers 2 and 3 keep heartbeating; broker 1 goes silent.
+    for _ in range(4):
+        clock.now += 1.0
+        for b in (2, 3):
+            heartbeat(log, runtime, b, epochs[b])
+        log.run_pending()
+    image = log.state.image
+    assert image.brokers[1].fenced
+    assert not image.brokers[2].fenced and not image.brokers[3].fenced
+    for i, p in image.topic_by_name("orders").partitions.items():
+        assert p.leader in (2, 3), f"partition {i} still led by a fenced broker"
+        assert 1 not in p.isr
