@@ -55,6 +55,7 @@ _CHANNEL_OPTIONS = [
 class _Outcome(enum.Enum):
     RENEW = "renew"  # the stream ended in order; open the next one on the same controller
     SWITCH = "switch"  # the controller failed or misbehaved; back off and try the next one
+    REDIRECT = "redirect"  # not the leader; the hint already chose the next address
     STOPPED = "stopped"
 
 
@@ -161,6 +162,10 @@ class MetadataFollower:
             if outcome is _Outcome.RENEW:
                 failures = 0
                 continue
+            if outcome is _Outcome.REDIRECT:
+                # A short pause bounds the loop if two nodes point at each other.
+                self._stopping.wait(_BACKOFF_S[0])
+                continue
             self._address_index = (self._address_index + 1) % len(self.addresses)
             self._stopping.wait(_BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)])
             failures += 1
@@ -222,6 +227,8 @@ class MetadataFollower:
         code = response.error.code
         if code == common_pb2.SNAPSHOT_REQUIRED:
             return self._load_snapshot(address)
+        if code == common_pb2.NOT_CONTROLLER and self._redirect(response.hint):
+            return _Outcome.REDIRECT
         if code != common_pb2.NONE:
             log.info(
                 "metadata fetch from %s at offset %d: %s %s",
@@ -235,6 +242,16 @@ class MetadataFollower:
         if not self._apply(response.entries):
             return _Outcome.SWITCH
         return None
+
+    def _redirect(self, hint: controller_pb2.ControllerHint) -> bool:
+        """Point at the leader the hint names; False when it names none."""
+        if hint.leader_id < 0 or not hint.leader_host or hint.leader_port <= 0:
+            return False
+        address = f"{hint.leader_host}:{hint.leader_port}"
+        if address not in self.addresses:
+            self.addresses.append(address)
+        self._address_index = self.addresses.index(address)
+        return True
 
     def _apply(self, entries: Sequence[pb.MetadataLogEntry]) -> bool:
         """Replay entries in offset order; False when they skip an offset."""

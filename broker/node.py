@@ -199,6 +199,8 @@ class BrokerNode:
                 for _, p in sorted(partitions.items())
             ],
             registrations=0 if lifecycle is None else lifecycle.registrations,
+            metadata_snapshots_loaded=self.follower.snapshots_loaded,
+            metadata_high_watermark=self.follower.high_watermark,
         )
 
 

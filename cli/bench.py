@@ -69,10 +69,12 @@ def run_metadata_bench(
     concurrency: int = 64,
     partitions_per_topic: int = 4,
     sequential: int = 200,
+    duration_s: float | None = None,
     delete_after: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> MetadataBenchResult:
-    """Create ``requests`` topics with ``concurrency`` requests in flight.
+    """Create ``requests`` topics with ``concurrency`` requests in flight, or
+    as many as fit in ``duration_s`` when it is given.
 
     Each request creates one topic of ``partitions_per_topic`` partitions
     (replication factor 1), i.e. 1 + partitions_per_topic records.
@@ -91,8 +93,8 @@ def run_metadata_bench(
             if response.error.code or response.results[0].error.code:
                 raise RuntimeError(f"bench write failed: {response}")
         hw_before = _quorum(client).high_watermark
-        errors, elapsed = _run_concurrent(
-            stub, prefix, requests, concurrency, partitions_per_topic, progress
+        requests, errors, elapsed = _run_concurrent(
+            stub, prefix, requests, concurrency, partitions_per_topic, progress, duration_s
         )
         # The records are committed when answered; read the watermark now.
         end_quorum = _quorum(client)
@@ -125,12 +127,16 @@ def _run_concurrent(
     concurrency: int,
     partitions: int,
     progress: Callable[[int], None] | None,
-) -> tuple[int, float]:
-    """Keep ``concurrency`` calls in flight with gRPC futures; return (errors, seconds)."""
+    duration_s: float | None = None,
+) -> tuple[int, int, float]:
+    """Keep ``concurrency`` calls in flight with gRPC futures.
+
+    Returns (requests sent, errors, seconds).
+    """
     semaphore = threading.Semaphore(concurrency)
     lock = threading.Lock()
     done = threading.Event()
-    state = {"answered": 0, "errors": 0}
+    state = {"answered": 0, "errors": 0, "sent": 0, "closed": 0}
 
     def on_done(future: grpc.Future) -> None:
         try:
@@ -143,20 +149,29 @@ def _run_concurrent(
         with lock:
             state["answered"] += 1
             state["errors"] += int(failed)
-            if state["answered"] == requests:
+            if state["closed"] and state["answered"] == state["sent"]:
                 done.set()
         semaphore.release()
         if progress is not None:
             progress(1)
 
     t0 = time.perf_counter()
-    for i in range(requests):
+    end = t0 + duration_s if duration_s is not None else None
+    i = 0
+    while (end is None and i < requests) or (end is not None and time.perf_counter() < end):
         semaphore.acquire()
+        with lock:
+            state["sent"] += 1
         future = stub.CreateTopics.future(_create_request(prefix, i, partitions), timeout=30)
         future.add_done_callback(on_done)
-    if not done.wait(timeout=max(60.0, requests / 100.0)):
-        raise TimeoutError("benchmark requests did not finish in time")
-    return state["errors"], time.perf_counter() - t0
+        i += 1
+    with lock:
+        state["closed"] = 1
+        if state["answered"] == state["sent"]:
+            done.set()
+    if not done.wait(timeout=60.0):
+        raise TimeoutError("benchmark requests were not answered within 60 s")
+    return state["sent"], state["errors"], time.perf_counter() - t0
 
 
 def _delete_prefix(client: ControllerClient, prefix: str) -> None:
@@ -213,3 +228,116 @@ def measure_failover(
         if code in (common_pb2.NONE, common_pb2.TOPIC_ALREADY_EXISTS):
             return leader, time.monotonic() - t0
     raise TimeoutError(f"no metadata write committed within {timeout_s}s of killing {leader}")
+
+
+def run_failover_bench(
+    cluster: Any,
+    runs: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+    catch_up_timeout_s: float = 60.0,
+) -> FailoverResult:
+    """Kill -9 the active controller of a local cluster ``runs`` times.
+
+    After each run the killed node is started again and the next run waits
+    until every voter has caught up, so each failover starts from a whole
+    quorum.
+    """
+    result = FailoverResult()
+    with ControllerClient(cluster.bootstrap) as client:
+        for _ in range(runs):
+            _wait_voters_caught_up(client, catch_up_timeout_s)
+            leader, seconds = measure_failover(client, cluster.kill)
+            result.failover_s.append(seconds)
+            result.killed.append(leader)
+            cluster.start([leader])
+            if progress is not None:
+                progress(1)
+        _wait_voters_caught_up(client, catch_up_timeout_s)
+    return result
+
+
+def _wait_voters_caught_up(client: ControllerClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            quorum = _quorum(client)
+        except Exception:  # no leader yet
+            time.sleep(0.1)
+            continue
+        if quorum.voters and all(v.log_end_offset >= quorum.high_watermark for v in quorum.voters):
+            if all(v.last_fetch_timestamp_ms > 0 for v in quorum.voters):
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"voters did not catch up within {timeout_s}s")
+
+
+@dataclass
+class ScaleResult:
+    topics: int
+    partitions: int
+    create_s: float
+    metadata_records: int
+    fresh_follower_catch_up_s: float
+    snapshot_loaded: bool
+    failover_s: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failover_median_s"] = (
+            round(statistics.median(self.failover_s), 3) if self.failover_s else None
+        )
+        return data
+
+
+def run_scale_bench(
+    cluster: Any,
+    *,
+    topics: int = 1000,
+    partitions_per_topic: int = 100,
+    topics_per_request: int = 20,
+    failover_runs: int = 3,
+    progress: Callable[[int], None] | None = None,
+) -> ScaleResult:
+    """Create topics x partitions, time a fresh follower's catch-up, then failover."""
+    from broker.metadata_follower import MetadataFollower
+
+    prefix = f"scale-{uuid.uuid4().hex[:6]}"
+    with ControllerClient(cluster.bootstrap, timeout_s=60) as client:
+        t0 = time.perf_counter()
+        for first in range(0, topics, topics_per_request):
+            batch = [
+                cpb.CreatableTopic(
+                    name=f"{prefix}-{i}", num_partitions=partitions_per_topic, replication_factor=1
+                )
+                for i in range(first, min(topics, first + topics_per_request))
+            ]
+            response = client.call("CreateTopics", cpb.CreateTopicsRequest(topics=batch))
+            failed = [r for r in response.results if r.error.code]
+            if failed:
+                raise RuntimeError(f"creating topics failed: {failed[0]}")
+            if progress is not None:
+                progress(len(batch))
+        create_s = time.perf_counter() - t0
+        quorum = _quorum(client)
+        # A fresh broker's view: a follower starting from nothing.
+        follower = MetadataFollower(cluster.bootstrap.split(","), broker_id=-1)
+        t1 = time.perf_counter()
+        follower.start()
+        try:
+            if not follower.wait_for_offset(quorum.high_watermark - 1, timeout_s=120):
+                raise TimeoutError("a fresh follower did not catch up within 120 s")
+            catch_up_s = time.perf_counter() - t1
+            snapshot_loaded = follower.snapshots_loaded > 0
+        finally:
+            follower.stop()
+        failover = run_failover_bench(cluster, failover_runs)
+    return ScaleResult(
+        topics=topics,
+        partitions=topics * partitions_per_topic,
+        create_s=round(create_s, 3),
+        metadata_records=quorum.high_watermark,
+        fresh_follower_catch_up_s=round(catch_up_s, 3),
+        snapshot_loaded=snapshot_loaded,
+        failover_s=[round(v, 3) for v in failover.failover_s],
+    )

@@ -168,8 +168,17 @@ class LocalCluster:
 
     # -- create ------------------------------------------------------------
 
-    def create(self, controllers: int = 3, brokers: int = 3, host: str = "127.0.0.1") -> None:
-        """Write configs and the manifest for a new cluster; starts nothing."""
+    def create(
+        self,
+        controllers: int = 3,
+        brokers: int = 3,
+        host: str = "127.0.0.1",
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        """Write configs and the manifest for a new cluster; starts nothing.
+
+        ``overrides`` are config values written into every node's file.
+        """
         if controllers < 1 or brokers < 0:
             raise LocalClusterError("need at least one controller and no negative broker count")
         with self._locked():
@@ -187,6 +196,7 @@ class LocalCluster:
                     if n.role == "controller"
                 ),
                 "brokers": brokers,
+                "overrides": dict(overrides or {}),
             }
             for node in nodes:
                 node_dir = self.directory / f"node-{node.id}"
@@ -532,6 +542,7 @@ def render_config(node: NodeSpec, node_dir: Path, settings: dict[str, Any]) -> s
             "broker.heartbeat.interval.ms": 2000,
         }
     )
+    values.update(settings.get("overrides", {}))
     lines = [f"# raftka {node.role} {node.id}, written by 'raftka cluster up'."]
     lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

@@ -71,12 +71,14 @@ broker_app = typer.Typer(help="Broker nodes.", no_args_is_help=True)
 quorum_app = typer.Typer(help="The metadata quorum.", no_args_is_help=True)
 topic_app = typer.Typer(help="Topics.", no_args_is_help=True)
 metadata_app = typer.Typer(help="The metadata log.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (figures in the README).", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(controller_app, name="controller")
 app.add_typer(broker_app, name="broker")
 app.add_typer(quorum_app, name="quorum")
 app.add_typer(topic_app, name="topic")
 app.add_typer(metadata_app, name="metadata")
+app.add_typer(bench_app, name="bench")
 
 DirOpt = Annotated[
     Path | None,
@@ -286,12 +288,36 @@ def _load_node_config(
     if node_id is not None:
         values["node.id"] = node_id
     config = NodeConfig.load(path, overrides=values)
-    if config.roles != {role}:
+    if role not in config.roles:
         raise ConfigError(
-            f"{path}: process.roles is {','.join(sorted(config.roles))}; "
-            f"'raftka {role} start' runs a {role} only"
+            f"{path}: process.roles is {','.join(sorted(config.roles))}, without {role}"
         )
     return config
+
+
+def _run_node(node_config: NodeConfig, log_level: str) -> None:
+    """Run the node the config describes (controller, broker or both) until a signal."""
+    from cli._foreground import run_until_signalled
+
+    roles = node_config.roles
+    name = f"{'+'.join(sorted(roles))}-{node_config.node_id}"
+    _setup_logging(log_level, name)
+    node: Any
+    if roles == {"controller"}:
+        from quorum.node import ControllerNode
+
+        node = ControllerNode(node_config)
+        run_until_signalled(node, node.stop, name=name)
+        return
+    if roles == {"broker"}:
+        from broker.node import BrokerNode
+
+        node = BrokerNode(node_config)
+    else:
+        from cli._combined import CombinedNode
+
+        node = CombinedNode(node_config)
+    run_until_signalled(node, lambda: node.stop(controlled=True), name=name)
 
 
 def _setup_logging(level: str, name: str) -> None:
@@ -310,15 +336,9 @@ def controller_start(
     override: OverrideOpt = None,
     log_level: LogLevelOpt = "INFO",
 ) -> None:
-    """Run a controller in the foreground until SIGTERM/SIGINT."""
-    node_config = _load_node_config("controller", config, node_id, override)
-    from cli._foreground import run_until_signalled
-    from quorum.node import ControllerNode
-
-    name = f"controller-{node_config.node_id}"
-    _setup_logging(log_level, name)
-    node = ControllerNode(node_config)
-    run_until_signalled(node, node.stop, name=name)
+    """Run a controller in the foreground until SIGTERM/SIGINT (with the broker role
+    too when process.roles says broker,controller)."""
+    _run_node(_load_node_config("controller", config, node_id, override), log_level)
 
 
 @broker_app.command("start")
@@ -331,14 +351,7 @@ def broker_start(
 ) -> None:
     """Run a broker in the foreground until SIGTERM/SIGINT, then shut down in a
     controlled way (leaderships move away first)."""
-    node_config = _load_node_config("broker", config, node_id, override)
-    from broker.node import BrokerNode
-    from cli._foreground import run_until_signalled
-
-    name = f"broker-{node_config.node_id}"
-    _setup_logging(log_level, name)
-    node = BrokerNode(node_config)
-    run_until_signalled(node, lambda: node.stop(controlled=True), name=name)
+    _run_node(_load_node_config("broker", config, node_id, override), log_level)
 
 
 @broker_app.command("list")
@@ -544,6 +557,122 @@ def metadata_log(
         _print_json(render.metadata_log_json(entries))
     else:
         _out().print(render.format_metadata_log(entries))
+
+
+# -- bench ------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(total: int | None, what: str, as_json: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (none with --json); yields the advance function."""
+    if as_json:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _bench_bootstrap(ctx: typer.Context, bootstrap: str | None, directory: Path | None) -> str:
+    if bootstrap:
+        return bootstrap
+    cluster = _local_cluster(ctx, directory)
+    if not cluster.exists():
+        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
+    return str(cluster.bootstrap)
+
+
+@bench_app.command("metadata")
+@_handles_errors
+def bench_metadata(
+    ctx: typer.Context,
+    requests: Annotated[int, typer.Option(help="CreateTopics requests to send.")] = 5000,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 64,
+    partitions: Annotated[int, typer.Option(help="Partitions per created topic.")] = 4,
+    sequential: Annotated[int, typer.Option(help="Sequential requests timed first.")] = 200,
+    duration: Annotated[
+        float | None, typer.Option(help="Run for this many seconds instead of --requests.")
+    ] = None,
+    bootstrap: BootstrapOpt = None,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Committed metadata records per second and sequential write latency."""
+    from cli.bench import run_metadata_bench
+
+    address = _bench_bootstrap(ctx, bootstrap, directory)
+    total = None if duration else requests
+    with _progress(total, "metadata writes", as_json) as advance:
+        result = run_metadata_bench(
+            address,
+            requests=requests,
+            concurrency=concurrency,
+            partitions_per_topic=partitions,
+            sequential=sequential,
+            duration_s=duration,
+            progress=advance,
+        )
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        _out().print(render.format_bench_metadata(result.to_dict()))
+
+
+@bench_app.command("failover")
+@_handles_errors
+def bench_failover(
+    ctx: typer.Context,
+    runs: Annotated[int, typer.Option(help="How many times to kill the active controller.")] = 10,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill -9 the active controller of the local cluster N times; time each failover
+    (kill to the next committed write through the client library)."""
+    from cli.bench import run_failover_bench
+
+    cluster = _local_cluster(ctx, directory)
+    if not cluster.exists():
+        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
+    with _progress(runs, "failovers", as_json) as advance:
+        result = run_failover_bench(cluster, runs, progress=advance)
+    if as_json:
+        _print_json(result.summary())
+    else:
+        _out().print(render.format_bench_failover(result.summary()))
+
+
+@bench_app.command("scale")
+@_handles_errors
+def bench_scale(
+    ctx: typer.Context,
+    topics: Annotated[int, typer.Option(help="Topics to create.")] = 1000,
+    partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 100,
+    failovers: Annotated[int, typer.Option(help="Failovers timed at that scale.")] = 3,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create topics x partitions on the local cluster; time a fresh broker's
+    catch-up and controller failover at that scale."""
+    from cli.bench import run_scale_bench
+
+    cluster = _local_cluster(ctx, directory)
+    if not cluster.exists():
+        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
+    with _progress(topics, "topics", as_json) as advance:
+        result = run_scale_bench(
+            cluster,
+            topics=topics,
+            partitions_per_topic=partitions,
+            failover_runs=failovers,
+            progress=advance,
+        )
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        _out().print(render.format_bench_scale(result.to_dict()))
 
 
 def main() -> None:

@@ -346,3 +346,62 @@ def format_metadata_log(entries: Iterable[LogEntry]) -> Table:
             describe(e.record),
         )
     return table
+
+
+# -- benchmarks ----------------------------------------------------------------
+
+
+def _figures(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def format_bench_metadata(result: dict[str, Any]) -> Table:
+    latency = result["sequential_latency_ms"]
+    changes = result["leader_epoch_end"] - result["leader_epoch_start"]
+    return _figures(
+        "raftka bench metadata",
+        [
+            ("committed records/s", f"{result['records_per_s']:,.0f}"),
+            ("requests/s", f"{result['requests_per_s']:,.0f}"),
+            ("records", f"{result['records']:,}"),
+            ("seconds", f"{result['seconds']:.2f}"),
+            ("concurrency", str(result["concurrency"])),
+            ("partitions per topic", str(result["partitions_per_topic"])),
+            ("sequential p50 ms", f"{latency['p50']:.2f}"),
+            ("sequential p99 ms", f"{latency['p99']:.2f}"),
+            ("errors", str(result["errors"])),
+            ("leader epoch changes", str(changes)),
+        ],
+    )
+
+
+def format_bench_failover(summary: dict[str, Any]) -> Table:
+    rows = [
+        (f"run {i + 1} (killed {k})", f"{s:.3f} s")
+        for i, (s, k) in enumerate(zip(summary["failover_s"], summary["killed"], strict=True))
+    ]
+    if summary["runs"]:
+        rows += [("median", f"{summary['median_s']:.3f} s"), ("max", f"{summary['max_s']:.3f} s")]
+    return _figures("raftka bench failover", rows)
+
+
+def format_bench_scale(result: dict[str, Any]) -> Table:
+    median = result["failover_median_s"]
+    return _figures(
+        "raftka bench scale",
+        [
+            ("topics", f"{result['topics']:,}"),
+            ("partitions", f"{result['partitions']:,}"),
+            ("create time", f"{result['create_s']:.1f} s"),
+            ("metadata records", f"{result['metadata_records']:,}"),
+            ("fresh follower catch-up", f"{result['fresh_follower_catch_up_s']:.2f} s"),
+            ("caught up from a snapshot", "yes" if result["snapshot_loaded"] else "no"),
+            ("failover", ", ".join(f"{s:.3f}" for s in result["failover_s"]) + " s"),
+            ("failover median", "-" if median is None else f"{median:.3f} s"),
+        ],
+    )

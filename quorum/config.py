@@ -62,8 +62,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "default would let an isolated controller believe it leads for half a minute)",
     ),
     "controller.request.timeout.ms": (5000, "how long a metadata write may wait for commit"),
-    "controller.batch.max.records": (2000, "records per Raft entry at most"),
-    "controller.batch.linger.ms": (1, "how long the controller gathers requests into one entry"),
+    "controller.batch.max.records": (
+        2000,
+        "records per Raft entry at most; requests queued together share one entry",
+    ),
     "metadata.log.tail.records": (
         50000,
         "committed records kept for followers; one further behind gets a snapshot first",
@@ -78,7 +80,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "num.partitions": (1, "partitions of a topic created without a count"),
     "default.replication.factor": (1, "replication factor of a topic created without one"),
-    "min.insync.replicas": (1, "cluster default for topics"),
+    "min.insync.replicas": (
+        1,
+        "cluster default for topics (enforced by brokers once produce with acks=all lands)",
+    ),
     "producer.id.block.size": (1000, "producer ids handed to a broker at a time"),
 }
 

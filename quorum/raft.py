@@ -15,9 +15,10 @@ How pysyncobj's known weaknesses are handled here:
 - Snapshots: the consumer's state is pickled only as a wrapper whose reduce
   encodes it as protobuf (``quorum.snapshot.encode_state``) inside pysyncobj's
   forked child, so the raft thread never serializes a large image.
-- Durability: pysyncobj never syncs its journal. We flush (msync) the
-  journal after every append and fsync the term/vote file after every
-  change, so an entry a voter acknowledged survives a power loss.
+- Durability: pysyncobj never syncs its journal, compacts it in place and can
+  drop committed entries after a badly timed kill; ``quorum.raft_journal``
+  makes appends synced and compaction atomic, reconciles journal and
+  snapshot at start, and keeps snapshot children from outliving their node.
 - Fail reasons are mapped to ``ProposeOutcome``: only QUEUE_FULL,
   MISSING_LEADER, DISCARDED and REQUEST_DENIED mean "not applied".
 - ``commandsWaitLeader=False``, a low ``leaderFallbackTimeout``, a bound Raft
@@ -40,6 +41,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
 
+from quorum import raft_journal
 from quorum.config import Voter
 from quorum.log import LogListener, ProposeCallback, ProposeOutcome
 from quorum.snapshot import decode_state, encode_state
@@ -62,6 +64,16 @@ class RaftTimeouts:
     election_max_s: float = 0.6
     heartbeat_s: float = 0.05
     leader_fallback_s: float = 0.25
+
+
+_fork_hook_registered = False
+
+
+def _register_fork_hook() -> None:
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=raft_journal.die_with_parent)
+        _fork_hook_registered = True
 
 
 def _restore_state(payload: bytes) -> MetadataState:
@@ -103,47 +115,6 @@ class _MetadataConsumer(SyncObjConsumer):  # type: ignore[misc]
         self._owner._on_snapshot_loaded()
 
 
-class _SyncedJournal:
-    """Wraps pysyncobj's FileJournal so appends and votes reach the disk."""
-
-    def __init__(self, journal: Any, meta_path: str):
-        self._journal = journal
-        self._meta_path = meta_path
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        self._journal.add(command, idx, term)
-        self._journal.flush()
-
-    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802 (pysyncobj's name)
-        self._journal.setCurrentTerm(term, voted_for)
-        _fsync_path(self._meta_path)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._journal, name)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._journal[item]
-
-    def __len__(self) -> int:
-        return len(self._journal)
-
-
-def _fsync_path(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class RaftMetadataLog:
     """``MetadataLog`` over a pysyncobj voter; owns the raft thread."""
 
@@ -167,10 +138,14 @@ class RaftMetadataLog:
         me = self._voters[node_id]
         self._address_to_id = {v.raft_address: v.node_id for v in voters}
         data_dir.mkdir(parents=True, exist_ok=True)
+        journal_path = str(data_dir / "raft.journal")
+        dump_path = str(data_dir / "raft.snapshot")
+        raft_journal.reconcile(journal_path, dump_path)
+        _register_fork_hook()
         conf = SyncObjConf(
             autoTick=False,
-            journalFile=str(data_dir / "raft.journal"),
-            fullDumpFile=str(data_dir / "raft.snapshot"),
+            journalFile=journal_path,
+            fullDumpFile=dump_path,
             appendEntriesUseBatch=False,
             raftMinTimeout=timeouts.election_min_s,
             raftMaxTimeout=timeouts.election_max_s,
@@ -191,9 +166,11 @@ class RaftMetadataLog:
         self._consumer = _MetadataConsumer(self, tail_max_records)
         others = [v.raft_address for v in voters if v.node_id != node_id]
         self._so = SyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
-        if fsync:
-            journal = self._so._SyncObj__raftLog
-            self._so._SyncObj__raftLog = _SyncedJournal(journal, conf.journalFile + ".meta")
+        # Swap pysyncobj's journal for the crash-safe one on the same file.
+        opened = self._so._SyncObj__raftLog
+        opened.flush()
+        opened._destroy()
+        self._so._SyncObj__raftLog = raft_journal.DurableJournal(journal_path, fsync=fsync)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
@@ -255,6 +232,7 @@ class RaftMetadataLog:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
         self._so.destroy()
+        raft_journal.reap_snapshot_child(self._so._SyncObj__serializer)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from raftka.v1 import common_pb2 as raftka_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16raftka/v1/broker.proto\x12\traftka.v1\x1a\x16raftka/v1/common.proto\"\x17\n\x15\x44\x65scribeBrokerRequest\"f\n\x0eLocalPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x05 \x01(\x05\"\xea\x01\n\x16\x44\x65scribeBrokerResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x11\n\tbroker_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62roker_epoch\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\x12\x17\n\x0fmetadata_offset\x18\x05 \x01(\x03\x12\x18\n\x10\x63ontroller_epoch\x18\x06 \x01(\x03\x12-\n\npartitions\x18\x07 \x03(\x0b\x32\x19.raftka.v1.LocalPartition\x12\x15\n\rregistrations\x18\x08 \x01(\x05\x32_\n\x06\x42roker\x12U\n\x0e\x44\x65scribeBroker\x12 .raftka.v1.DescribeBrokerRequest\x1a!.raftka.v1.DescribeBrokerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16raftka/v1/broker.proto\x12\traftka.v1\x1a\x16raftka/v1/common.proto\"\x17\n\x15\x44\x65scribeBrokerRequest\"f\n\x0eLocalPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x05 \x01(\x05\"\xae\x02\n\x16\x44\x65scribeBrokerResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x11\n\tbroker_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62roker_epoch\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\x12\x17\n\x0fmetadata_offset\x18\x05 \x01(\x03\x12\x18\n\x10\x63ontroller_epoch\x18\x06 \x01(\x03\x12-\n\npartitions\x18\x07 \x03(\x0b\x32\x19.raftka.v1.LocalPartition\x12\x15\n\rregistrations\x18\x08 \x01(\x05\x12!\n\x19metadata_snapshots_loaded\x18\t \x01(\x05\x12\x1f\n\x17metadata_high_watermark\x18\n \x01(\x03\x32_\n\x06\x42roker\x12U\n\x0e\x44\x65scribeBroker\x12 .raftka.v1.DescribeBrokerRequest\x1a!.raftka.v1.DescribeBrokerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALPARTITION']._serialized_start=86
   _globals['_LOCALPARTITION']._serialized_end=188
   _globals['_DESCRIBEBROKERRESPONSE']._serialized_start=191
-  _globals['_DESCRIBEBROKERRESPONSE']._serialized_end=425
-  _globals['_BROKER']._serialized_start=427
-  _globals['_BROKER']._serialized_end=522
+  _globals['_DESCRIBEBROKERRESPONSE']._serialized_end=493
+  _globals['_BROKER']._serialized_start=495
+  _globals['_BROKER']._serialized_end=590
 # @@protoc_insertion_point(module_scope)
