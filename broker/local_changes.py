@@ -14,6 +14,7 @@ same name in one change appears in both ``deletes`` and ``leaders`` or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from quorum.image import MetadataImage, PartitionRegistration, TopicImage
@@ -39,11 +40,18 @@ class LocalChanges:
         return bool(self.leaders or self.followers or self.deletes)
 
 
-def local_changes(old: MetadataImage, new: MetadataImage, broker_id: int) -> LocalChanges:
+def local_changes(
+    old: MetadataImage,
+    new: MetadataImage,
+    broker_id: int,
+    touched: Iterable[str] | None = None,
+) -> LocalChanges:
     """The partitions whose registration changed between ``old`` and ``new`` for ``broker_id``.
 
     A partition appears in ``leaders`` or ``followers`` when it is new, or its
     registration differs, and ``broker_id`` is one of its replicas.
+    ``touched`` limits the comparison to the topics the records between the
+    two images touched (the delta); None compares every topic.
     """
     leaders: dict[TopicPartition, PartitionRegistration] = {}
     followers: dict[TopicPartition, PartitionRegistration] = {}
@@ -51,9 +59,11 @@ def local_changes(old: MetadataImage, new: MetadataImage, broker_id: int) -> Loc
     topic_ids: dict[str, str] = {}
     if old.topics is new.topics:
         return LocalChanges()
-    for topic_id, new_topic in new.topics.items():
+    candidates = new.topics.keys() if touched is None else touched
+    for topic_id in candidates:
+        new_topic = new.topics.get(topic_id)
         old_topic = old.topics.get(topic_id)
-        if old_topic is new_topic:
+        if old_topic is new_topic or new_topic is None:
             continue
         for index, before, after in _changed_partitions(old_topic, new_topic):
             key = (new_topic.name, index)
@@ -63,8 +73,10 @@ def local_changes(old: MetadataImage, new: MetadataImage, broker_id: int) -> Loc
                 topic_ids[new_topic.name] = topic_id
             elif before is not None and broker_id in before.replicas:
                 deletes.add(key)
-    for topic_id, old_topic in old.topics.items():
-        if topic_id not in new.topics:
+    removed = old.topics.keys() if touched is None else touched
+    for topic_id in removed:
+        old_topic = old.topics.get(topic_id)
+        if old_topic is not None and topic_id not in new.topics:
             deletes.update(
                 (old_topic.name, index)
                 for index, part in old_topic.partitions.items()

@@ -37,12 +37,15 @@ from raftka.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from raftka.v1 import metadata_pb2 as pb
 
 from quorum.image import EMPTY_IMAGE, MetadataImage
-from quorum.replay import replay
+from quorum.records import touched_topic_ids
+from quorum.replay import replay_batch
 from quorum.snapshot import SnapshotError, decode_image
 
 log = logging.getLogger(__name__)
 
-OnChange = Callable[[MetadataImage, MetadataImage], None]
+# (old image, new image, ids of the topics the change touched; None after a
+# snapshot load, when any topic may have changed).
+OnChange = Callable[[MetadataImage, MetadataImage, frozenset[str] | None], None]
 
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
 _CHANNEL_OPTIONS = [
@@ -256,25 +259,31 @@ class MetadataFollower:
     def _apply(self, entries: Sequence[pb.MetadataLogEntry]) -> bool:
         """Replay entries in offset order; False when they skip an offset."""
         old_image, applied = self._published
-        image = old_image
+        fresh = [entry for entry in entries if entry.offset > applied]
+        if len(fresh) < len(entries):
+            log.warning("dropping %d metadata entries already applied", len(entries) - len(fresh))
+        # Entries must continue the log exactly; the first gap ends the batch.
         contiguous = True
-        for entry in entries:
-            if entry.offset <= applied:
-                log.warning("dropping metadata entry %d: already applied", entry.offset)
-                continue
-            if entry.offset != applied + 1:
+        for i, entry in enumerate(fresh):
+            if entry.offset != applied + 1 + i:
                 log.warning(
-                    "metadata entries skip from %d to %d; fetching again", applied, entry.offset
+                    "metadata entries skip from %d to %d; fetching again",
+                    applied + i,
+                    entry.offset,
                 )
+                fresh = fresh[:i]
                 contiguous = False
                 break
-            image, reason = replay(image, entry.record, entry.offset)
-            if reason is not None:
-                log.debug("metadata record at %d is a no-op: %s", entry.offset, reason)
-            applied = entry.offset
+        if not fresh:
+            return contiguous
+        records = [e.record for e in fresh]
+        image, no_ops = replay_batch(old_image, records, applied + 1)
+        for offset, reason in no_ops:
+            log.debug("metadata record at %d is a no-op: %s", offset, reason)
+        applied = fresh[-1].offset
         if image is not old_image:
             assert image.offset == applied, (image.offset, applied)
-            self._publish(old_image, image, applied)
+            self._publish(old_image, image, applied, touched_topic_ids(records))
         return contiguous
 
     def _load_snapshot(self, address: str) -> _Outcome:
@@ -318,15 +327,21 @@ class MetadataFollower:
             (time.monotonic() - started) * 1000,
         )
         self.snapshots_loaded += 1
-        self._publish(old_image, image, end_offset)
+        self._publish(old_image, image, end_offset, None)
         return _Outcome.RENEW
 
-    def _publish(self, old_image: MetadataImage, image: MetadataImage, offset: int) -> None:
+    def _publish(
+        self,
+        old_image: MetadataImage,
+        image: MetadataImage,
+        offset: int,
+        topic_ids: frozenset[str] | None,
+    ) -> None:
         # on_change runs before the offset is published, so an offset that the
         # broker reports (heartbeats, wait_for_offset) has been acted on too.
         if self.on_change is not None:
             try:
-                self.on_change(old_image, image)
+                self.on_change(old_image, image, topic_ids)
             except Exception:
                 log.exception("metadata change handler failed at offset %d", offset)
         with self._published_cond:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -22,10 +22,14 @@ from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
 from broker.local_changes import LocalChanges, TopicPartition, local_changes
 from broker.metadata_follower import MetadataFollower
 from client._controller import ControllerClient
+from quorum import gc_policy
 from quorum.config import NodeConfig
 from quorum.image import MetadataImage, PartitionRegistration
 
 log = logging.getLogger(__name__)
+
+# Up to this many partition changes at once are logged one by one.
+_DETAILED_CHANGES = 20
 
 LEADER = "leader"
 FOLLOWER = "follower"
@@ -52,6 +56,7 @@ class BrokerNode:
         controlled_shutdown_timeout_s: float = 30.0,
         server_workers: int = 16,
     ):
+        gc_policy.install()
         if "broker" not in config.roles:
             raise ValueError(f"node {config.node_id} does not have the broker role")
         self.config = config
@@ -130,27 +135,46 @@ class BrokerNode:
 
     # -- metadata -----------------------------------------------------------
 
-    def _on_metadata_change(self, old: MetadataImage, new: MetadataImage) -> None:
-        changes = local_changes(old, new, self.broker_id)
+    def _on_metadata_change(
+        self, old: MetadataImage, new: MetadataImage, topic_ids: frozenset[str] | None
+    ) -> None:
+        changes = local_changes(old, new, self.broker_id, topic_ids)
         if changes:
             self.on_local_changes(changes)
 
     def on_local_changes(self, changes: LocalChanges) -> None:
         """Act on partition changes for this broker; runs on the follower thread."""
         partitions = dict(self.partitions)
+        # Per partition at INFO for a few changes (as Kafka logs them); a bulk
+        # change (a topic with many partitions, a snapshot) gets one line.
+        total = len(changes.deletes) + len(changes.leaders) + len(changes.followers)
+        detail = log.info if total <= _DETAILED_CHANGES else log.debug
+        if total > _DETAILED_CHANGES:
+            log.info(
+                "broker %d: now leads %d, follows %d more partitions, dropped %d",
+                self.broker_id,
+                len(changes.leaders),
+                len(changes.followers),
+                len(changes.deletes),
+            )
         for key in sorted(changes.deletes):
             if partitions.pop(key, None) is not None:
-                log.info("broker %d: no longer hosts %s-%d", self.broker_id, *key)
+                detail("broker %d: no longer hosts %s-%d", self.broker_id, *key)
         for role, changed in ((LEADER, changes.leaders), (FOLLOWER, changes.followers)):
             for key, registration in sorted(changed.items()):
                 hosted = HostedPartition(
                     key[0], key[1], changes.topic_ids.get(key[0], ""), role, registration
                 )
-                self._log_role_change(partitions.get(key), hosted)
+                self._log_role_change(partitions.get(key), hosted, detail)
                 partitions[key] = hosted
         self.partitions = partitions
 
-    def _log_role_change(self, before: HostedPartition | None, after: HostedPartition) -> None:
+    def _log_role_change(
+        self,
+        before: HostedPartition | None,
+        after: HostedPartition,
+        emit: Callable[..., None],
+    ) -> None:
         reg = after.registration
         if (
             before is not None
@@ -160,7 +184,7 @@ class BrokerNode:
         ):
             return
         if after.role == LEADER:
-            log.info(
+            emit(
                 "broker %d: leader of %s-%d at leader epoch %d (isr %s)",
                 self.broker_id,
                 after.topic,
@@ -169,7 +193,7 @@ class BrokerNode:
                 list(reg.isr),
             )
         else:
-            log.info(
+            emit(
                 "broker %d: follower of %s-%d, leader %d at leader epoch %d",
                 self.broker_id,
                 after.topic,

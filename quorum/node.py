@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 
+from quorum import gc_policy
 from quorum.config import ConfigError, NodeConfig
 from quorum.controller.runtime import ControllerRuntime, RuntimeSettings
 from quorum.raft import RaftMetadataLog, RaftTimeouts
@@ -40,6 +41,7 @@ class ControllerNode:
         voter = config.self_voter
         if voter is None or "controller" not in config.roles:
             raise ConfigError(f"node {config.node_id} is not a controller in this config")
+        gc_policy.install()
         self.config = config
         self.voter = voter
         timeouts = RaftTimeouts(

@@ -174,6 +174,7 @@ class RaftMetadataLog:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
+        self._timeouts = timeouts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"raft-{node_id}", daemon=True)
         self._was_leader = False
@@ -235,13 +236,27 @@ class RaftMetadataLog:
         raft_journal.reap_snapshot_child(self._so._SyncObj__serializer)
 
     def _run(self) -> None:
+        slow_s = max(0.05, self._timeouts.heartbeat_s * 2)
         while not self._stop.is_set():
             try:
+                started = time.monotonic()
                 self._so.doTick(self._tick_interval_s)
+                ticked = time.monotonic()
                 self._drain_inbox()
                 self._check_leadership()
+                drained = time.monotonic()
                 if self.listener is not None:
-                    self.listener.on_tick(time.monotonic())
+                    self.listener.on_tick(drained)
+                done = time.monotonic()
+                if done - started > slow_s + self._tick_interval_s:
+                    # Anything this slow delays heartbeats and risks an election.
+                    log.warning(
+                        "slow raft loop iteration: %.0f ms (raft %.0f, requests %.0f, tick %.0f)",
+                        (done - started) * 1000,
+                        (ticked - started) * 1000,
+                        (drained - ticked) * 1000,
+                        (done - drained) * 1000,
+                    )
             except Exception:  # keep ticking: a bug here must not stop Raft
                 log.exception("raft loop iteration failed")
                 time.sleep(self._tick_interval_s)

@@ -34,6 +34,20 @@ def kind(record: pb.MetadataRecord) -> str:
     return record.WhichOneof("record") or ""
 
 
+_TOPIC_RECORDS = ("topic", "partition", "partition_change", "remove_topic")
+
+
+def touched_topic_ids(records: Iterable[pb.MetadataRecord]) -> frozenset[str]:
+    """The ids of the topics these records create, change or remove (the
+    topic part of the delta they make)."""
+    touched = set()
+    for record in records:
+        name = record.WhichOneof("record")
+        if name in _TOPIC_RECORDS:
+            touched.add(getattr(record, name).topic_id)
+    return frozenset(touched)
+
+
 def endpoints_to_pb(listeners: Iterable[Endpoint]) -> list[EndpointPb]:
     return [EndpointPb(name=e.name, host=e.host, port=e.port) for e in listeners]
 

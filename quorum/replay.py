@@ -11,8 +11,9 @@ same records through this function, so they all reach the same image.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import immutables
 from raftka.v1 import metadata_pb2 as pb
@@ -24,7 +25,7 @@ from quorum.image import (
     PartitionRegistration,
     TopicImage,
 )
-from quorum.records import CONFIG_TOPIC, endpoints_from_pb, kind
+from quorum.records import CONFIG_TOPIC, endpoints_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,39 @@ def replay(
     image: MetadataImage, record: pb.MetadataRecord, offset: int
 ) -> tuple[MetadataImage, str | None]:
     """Apply one committed record at ``offset``; return (image, reason-if-no-op)."""
-    handler = _HANDLERS.get(kind(record))
+    changed, reason = _apply(image, record, offset)
+    return replace(changed, offset=offset), reason
+
+
+def replay_batch(
+    image: MetadataImage, records: Sequence[pb.MetadataRecord], base_offset: int
+) -> tuple[MetadataImage, list[tuple[int, str]]]:
+    """Apply records at ``base_offset``, ``base_offset + 1``, ...; the same as
+    replaying them one by one, with the image's offset set once at the end."""
+    no_ops = []
+    for i, record in enumerate(records):
+        image, reason = _apply(image, record, base_offset + i)
+        if reason is not None:
+            no_ops.append((base_offset + i, reason))
+    if records:
+        image = replace(image, offset=base_offset + len(records) - 1)
+    return image, no_ops
+
+
+def _apply(
+    image: MetadataImage, record: pb.MetadataRecord, offset: int
+) -> tuple[MetadataImage, str | None]:
+    name = record.WhichOneof("record")
+    handler = _HANDLERS.get(name or "")
     if handler is None:
-        return replace(image, offset=offset), f"unknown record type {kind(record)!r}"
+        return image, f"unknown record type {name!r}"
     try:
-        changed = handler(image, getattr(record, kind(record)), offset)
+        return handler(image, getattr(record, name), offset), None  # type: ignore[arg-type]
     except NotApplied as exc:
-        return replace(image, offset=offset), str(exc)
+        return image, str(exc)
     except Exception as exc:  # a bug must not wedge replay; it is deterministic on every node
-        log.exception("replay of %s at offset %d failed", kind(record), offset)
-        return replace(image, offset=offset), f"internal error: {exc!r}"
-    return replace(changed, offset=offset), None
+        log.exception("replay of %s at offset %d failed", name, offset)
+        return image, f"internal error: {exc!r}"
 
 
 def _broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> BrokerRegistration:
@@ -110,36 +133,44 @@ def _broker_shutdown(
     return replace(image, brokers=image.brokers.set(rec.broker_id, changed))
 
 
-def _count(
+def _counts(
     image: MetadataImage, old: PartitionRegistration | None, new: PartitionRegistration | None
-) -> MetadataImage:
-    """Update the per-broker replica and preferred-leader counts."""
+) -> dict[str, Any]:
+    """The per-broker replica and preferred-leader counts after a change, as
+    fields for ``replace`` (none when the replicas did not change)."""
     if old is not None and new is not None and old.replicas == new.replicas:
-        return image
+        return {}
     replicas = image.replica_counts.mutate()
     leaders = image.preferred_leader_counts.mutate()
     for part, step in ((old, -1), (new, 1)):
         if part is None:
             continue
         for broker in part.replicas:
-            replicas[broker] = replicas.get(broker, 0) + step
+            _add_count(replicas, broker, step)
         if part.replicas:
-            leaders[part.replicas[0]] = leaders.get(part.replicas[0], 0) + step
-    return replace(
-        image,
-        replica_counts=_without_zeros(replicas.finish()),
-        preferred_leader_counts=_without_zeros(leaders.finish()),
-    )
+            _add_count(leaders, part.replicas[0], step)
+    return {"replica_counts": replicas.finish(), "preferred_leader_counts": leaders.finish()}
 
 
-def _without_zeros(counts: immutables.Map[int, int]) -> immutables.Map[int, int]:
-    zeros = [k for k, v in counts.items() if v == 0]
-    if not zeros:
-        return counts
-    mutation = counts.mutate()
-    for key in zeros:
-        del mutation[key]
-    return mutation.finish()
+def _counts_removed(image: MetadataImage, parts: Iterable[PartitionRegistration]) -> dict[str, Any]:
+    """The counts after removing every one of ``parts`` (a deleted topic)."""
+    replicas = image.replica_counts.mutate()
+    leaders = image.preferred_leader_counts.mutate()
+    for part in parts:
+        for broker in part.replicas:
+            _add_count(replicas, broker, -1)
+        if part.replicas:
+            _add_count(leaders, part.replicas[0], -1)
+    return {"replica_counts": replicas.finish(), "preferred_leader_counts": leaders.finish()}
+
+
+def _add_count(counts: immutables.MapMutation[int, int], key: int, step: int) -> None:
+    # Zero counts are dropped, so equal images have equal maps.
+    value = counts.get(key, 0) + step
+    if value:
+        counts[key] = value
+    elif key in counts:
+        del counts[key]
 
 
 def unify_name(name: str) -> str:
@@ -168,14 +199,14 @@ def _remove_topic(image: MetadataImage, rec: pb.RemoveTopicRecord, offset: int) 
     topic = image.topics.get(rec.topic_id)
     if topic is None:
         raise NotApplied(f"unknown topic id {rec.topic_id}")
-    for part in topic.partitions.values():
-        image = _count(image, part, None)
+    counts = _counts_removed(image, topic.partitions.values())
     return replace(
         image,
         topics=image.topics.delete(rec.topic_id),
         topic_ids=image.topic_ids.delete(topic.name),
         unified_names=_drop(image.unified_names, unify_name(topic.name)),
         configs=_drop(image.configs, (CONFIG_TOPIC, topic.name)),
+        **counts,
     )
 
 
@@ -206,9 +237,9 @@ def _partition(image: MetadataImage, rec: pb.PartitionRecord, offset: int) -> Me
         partition_epoch=rec.partition_epoch,
     )
     _check_partition(part.replicas, part.isr, part.leader)
-    image = _count(image, topic.partitions.get(rec.partition), part)
-    changed = replace(topic, partitions=topic.partitions.set(rec.partition, part))
-    return replace(image, topics=image.topics.set(rec.topic_id, changed))
+    counts = _counts(image, topic.partitions.get(rec.partition), part)
+    changed = TopicImage(topic.name, topic.topic_id, topic.partitions.set(rec.partition, part))
+    return replace(image, topics=image.topics.set(rec.topic_id, changed), **counts)
 
 
 def _partition_change(
@@ -229,9 +260,9 @@ def _partition_change(
         leader_epoch=current.leader_epoch + (1 if rec.HasField("leader") else 0),
         partition_epoch=current.partition_epoch + 1,
     )
-    image = _count(image, current, part)
-    changed = replace(topic, partitions=topic.partitions.set(rec.partition, part))
-    return replace(image, topics=image.topics.set(rec.topic_id, changed))
+    counts = _counts(image, current, part)
+    changed = TopicImage(topic.name, topic.topic_id, topic.partitions.set(rec.partition, part))
+    return replace(image, topics=image.topics.set(rec.topic_id, changed), **counts)
 
 
 def _config(image: MetadataImage, rec: pb.ConfigRecord, offset: int) -> MetadataImage:

@@ -28,10 +28,13 @@ from quorum.image import MetadataImage
 from quorum.raft import RaftMetadataLog
 from quorum.records import CONFIG_TOPIC, endpoints_to_pb
 from quorum.snapshot import encode_image
+from quorum.state import frame
 
 log = logging.getLogger(__name__)
 
 MAX_FETCH_RECORDS = 5000
+_FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].number
+_READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
 
 
 def _now_ms() -> int:
@@ -109,10 +112,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             response.hint.CopyFrom(self.hint())
         return response
 
-    def _read_entries(
-        self, offset: int, max_records: int
-    ) -> tuple[list[pb.MetadataLogEntry], int, int, int]:
-        """(entries, high watermark, log start, error code) from the committed log."""
+    def _read_entries(self, offset: int, max_records: int) -> tuple[list[bytes], int, int, int]:
+        """(serialized entries, high watermark, log start, error code) from the committed log."""
         for _ in range(5):
             state = self.raft_log.state
             high_watermark = state.next_offset
@@ -124,7 +125,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 return [], high_watermark, start, common_pb2.OFFSET_OUT_OF_RANGE
             count = min(max_records, high_watermark - offset)
             entries = tail[offset - start : offset - start + count]
-            if not entries or entries[0].offset == offset:
+            if not entries or pb.MetadataLogEntry.FromString(entries[0]).offset == offset:
                 return entries, high_watermark, start, common_pb2.NONE
         return [], high_watermark, start, common_pb2.SNAPSHOT_REQUIRED
 
@@ -176,18 +177,16 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                     if self.raft_log.state.next_offset <= offset:
                         condition.wait(max_wait_s)
                 entries, high_watermark, start, code = self._read_entries(offset, max_records)
-            if entries:
-                offset = entries[-1].offset + 1
+            offset += len(entries)
             self._observe(request.replica_id, offset, high_watermark)
-            response = cpb.FetchMetadataResponse(
-                high_watermark=high_watermark, log_start_offset=start
-            )
+            response = cpb.FetchMetadataResponse.FromString(frame(_FETCH_ENTRIES, entries))
+            response.high_watermark = high_watermark
+            response.log_start_offset = start
             if code != common_pb2.NONE:
                 response.error.code = code
                 response.error.message = f"offset {offset} outside [{start}, {high_watermark}]"
                 yield response
                 return
-            response.entries.extend(entries)
             yield response
 
     def _observe(self, replica_id: int, next_offset: int, high_watermark: int) -> None:
@@ -210,16 +209,15 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         entries, high_watermark, start, code = self._read_entries(
             max(request.offset, 0), max_records
         )
-        response = cpb.ReadMetadataLogResponse(
-            high_watermark=high_watermark, log_start_offset=start
-        )
+        response = cpb.ReadMetadataLogResponse.FromString(frame(_READ_ENTRIES, entries))
+        response.high_watermark = high_watermark
+        response.log_start_offset = start
         if code == common_pb2.SNAPSHOT_REQUIRED:
             response.error.code = common_pb2.OFFSET_OUT_OF_RANGE
             response.error.message = f"offset {request.offset} was trimmed; log starts at {start}"
         elif code != common_pb2.NONE:
             response.error.code = code
             response.error.message = f"offset {request.offset} is past the end ({high_watermark})"
-        response.entries.extend(entries)
         return response
 
     # -- descriptions ----------------------------------------------------------------

@@ -15,7 +15,9 @@ from raftka.v1 import metadata_pb2 as pb
 from quorum import records as r
 from quorum.image import EMPTY_IMAGE, MetadataImage
 from quorum.replay import replay
-from quorum.state import MetadataState
+from quorum.state import MetadataState, frame
+
+_TAIL_FIELD = pb.MetadataStateSnapshot.DESCRIPTOR.fields_by_name["tail"].number
 
 
 class SnapshotError(ValueError):
@@ -88,9 +90,8 @@ def encode_state(state: MetadataState) -> bytes:
         format_version=r.SNAPSHOT_FORMAT_VERSION,
         image=encode_image(state.image),
         log_start_offset=state.log_start_offset,
-        tail=state.tail,
     )
-    return msg.SerializeToString()
+    return msg.SerializeToString() + frame(_TAIL_FIELD, state.tail)
 
 
 def decode_state(payload: bytes, tail_max_records: int | None = None) -> MetadataState:
@@ -103,7 +104,7 @@ def decode_state(payload: bytes, tail_max_records: int | None = None) -> Metadat
         image=image,
         next_offset=image.offset + 1,
         log_start_offset=msg.log_start_offset,
-        tail=list(msg.tail),
+        tail=[entry.SerializeToString() for entry in msg.tail],
     )
     if tail_max_records is not None:
         state.tail_max_records = tail_max_records

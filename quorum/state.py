@@ -27,7 +27,7 @@ from raftka.v1 import metadata_pb2 as pb
 
 from quorum.image import EMPTY_IMAGE, MetadataImage
 from quorum.records import BatchDecodeError, decode_batch, kind
-from quorum.replay import replay
+from quorum.replay import replay_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +53,69 @@ class MetadataState:
 
     ``tail`` only ever grows by appends, and trimming replaces the list, so a
     reader that took ``(tail, log_start_offset, next_offset)`` together keeps a
-    consistent view without a lock.
+    consistent view without a lock. Its items are serialized
+    ``MetadataLogEntry`` messages: bytes are not tracked by the garbage
+    collector, so a tail of 100,000 records adds nothing to GC pauses, and
+    fetch responses are built from them without re-encoding.
     """
 
     image: MetadataImage = EMPTY_IMAGE
     next_offset: int = 0
     log_start_offset: int = 0
-    tail: list[pb.MetadataLogEntry] = field(default_factory=list)
+    tail: list[bytes] = field(default_factory=list)
     tail_max_records: int = DEFAULT_TAIL_RECORDS
+    # Local, never persisted: what the active controller knows replay will
+    # give for the batches it proposed (see ``expect``).
+    _expected: dict[int, tuple[bytes, MetadataImage, MetadataImage]] = field(default_factory=dict)
+
+    def expect(
+        self, base_offset: int, payload: bytes, before: MetadataImage, after: MetadataImage
+    ) -> None:
+        """The proposer already replayed ``payload`` on ``before`` to get ``after``.
+
+        When that exact payload commits at ``base_offset`` onto that very image
+        object, replay is deterministic, so ``after`` is the result and the
+        leader need not replay the batch a second time.
+        """
+        if len(self._expected) >= 64:
+            self._expected.clear()
+        self._expected[base_offset] = (payload, before, after)
+
+    def forget_expectations(self) -> None:
+        self._expected.clear()
 
     def apply_payload(self, payload: bytes) -> BatchResult:
         try:
             batch = decode_batch(payload)
         except BatchDecodeError as exc:
             return BatchResult(False, reason=str(exc))
-        return self.apply_batch(batch)
+        expected = self._expected.pop(self.next_offset, None)
+        known = None
+        if expected is not None and expected[1] is self.image and expected[0] == payload:
+            known = expected[2]
+        return self.apply_batch(batch, known)
 
-    def apply_batch(self, batch: pb.MetadataBatch) -> BatchResult:
+    def apply_batch(
+        self, batch: pb.MetadataBatch, known_image: MetadataImage | None = None
+    ) -> BatchResult:
         refusal = self._refusal(batch)
         if refusal:
             return BatchResult(False, reason=refusal)
-        image = self.image
         base = self.next_offset
-        entries = []
-        no_ops = []
-        for i, record in enumerate(batch.records):
-            offset = base + i
-            image, reason = replay(image, record, offset)
-            if reason is not None:
-                no_ops.append((offset, reason))
-            entries.append(
-                pb.MetadataLogEntry(
-                    offset=offset,
-                    controller_epoch=batch.controller_epoch,
-                    append_time_ms=batch.append_time_ms,
-                    record=record,
-                )
-            )
+        no_ops: list[tuple[int, str]]
+        if known_image is not None:
+            image, no_ops = known_image, []
+        else:
+            image, no_ops = replay_batch(self.image, batch.records, base)
+        entries = [
+            pb.MetadataLogEntry(
+                offset=base + i,
+                controller_epoch=batch.controller_epoch,
+                append_time_ms=batch.append_time_ms,
+                record=record,
+            ).SerializeToString()
+            for i, record in enumerate(batch.records)
+        ]
         self.image = image
         self.tail.extend(entries)
         self.next_offset = base + len(entries)
@@ -124,8 +150,30 @@ class MetadataState:
             self.tail = self.tail[drop:]
             self.log_start_offset += drop
 
-    def entries_from(self, offset: int, max_records: int) -> list[pb.MetadataLogEntry]:
-        """Committed entries from ``offset``; the caller checks the range first."""
-        tail, start = self.tail, self.log_start_offset
-        first = offset - start
-        return tail[first : first + max_records]
+    def entries(self) -> list[pb.MetadataLogEntry]:
+        """The retained tail, decoded (for inspection and tests)."""
+        return decode_entries(self.tail)
+
+
+def decode_entries(blobs: list[bytes]) -> list[pb.MetadataLogEntry]:
+    return [pb.MetadataLogEntry.FromString(blob) for blob in blobs]
+
+
+def frame(field_number: int, blobs: list[bytes]) -> bytes:
+    """``blobs`` encoded as a repeated message field: parsing the result into a
+    message whose field ``field_number`` is ``repeated MetadataLogEntry`` gives
+    the entries without encoding each one again."""
+    tag = _varint((field_number << 3) | 2)
+    return b"".join(tag + _varint(len(blob)) + blob for blob in blobs)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

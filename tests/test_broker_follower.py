@@ -29,7 +29,7 @@ from client._controller import ControllerClient
 from quorum import records as r
 from quorum.config import NodeConfig
 from quorum.image import EMPTY_IMAGE, Endpoint, MetadataImage
-from quorum.replay import replay
+from quorum.replay import replay, replay_batch
 from quorum.snapshot import encode_image
 
 BROKER = 1
@@ -310,11 +310,11 @@ def recorded_offsets(monkeypatch):
     """Every offset the follower replays, in order."""
     offsets: list[int] = []
 
-    def recording(image, record, offset):
-        offsets.append(offset)
-        return replay(image, record, offset)
+    def recording(image, records, base_offset):
+        offsets.extend(range(base_offset, base_offset + len(records)))
+        return replay_batch(image, records, base_offset)
 
-    monkeypatch.setattr(metadata_follower, "replay", recording)
+    monkeypatch.setattr(metadata_follower, "replay_batch", recording)
     return offsets
 
 
@@ -325,7 +325,9 @@ def test_catch_up_from_snapshot_then_tail(make_cluster, make_follower, recorded_
     records = base_records(topics=5)
     cluster = make_cluster(records, log_start_offset=10)
     changes = []
-    follower = make_follower(cluster.addresses(), lambda old, new: changes.append((old, new)))
+    follower = make_follower(
+        cluster.addresses(), lambda old, new, topics: changes.append((old, new))
+    )
     last = len(records) - 1
     assert follower.wait_for_offset(last, 10)
     assert follower.offset == last

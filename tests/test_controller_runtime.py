@@ -87,7 +87,7 @@ def test_inactive_until_epoch_claim_commits(env):
     assert response.error.code == common_pb2.NOT_CONTROLLER
     assert log.state.next_offset == 0, "an inactive controller must write nothing"
     become_active(log, runtime)
-    entry = log.state.tail[0]
+    entry = log.state.entries()[0]
     assert entry.record.controller_epoch.controller_id == 1
 
 
@@ -101,7 +101,9 @@ def test_broker_epoch_is_registration_offset_and_answer_after_commit(env):
     log.run_pending()
     epoch = future.result().broker_epoch
     assert log.state.image.brokers[7].broker_epoch == epoch
-    assert log.state.tail[epoch - log.state.log_start_offset].record.HasField("register_broker")
+    assert log.state.entries()[epoch - log.state.log_start_offset].record.HasField(
+        "register_broker"
+    )
 
 
 def test_requests_queued_together_share_one_raft_entry(env):
@@ -221,3 +223,40 @@ def test_session_expiry_fences_and_moves_leadership(env):
     for i, p in image.topic_by_name("orders").partitions.items():
         assert p.leader in (2, 3), f"partition {i} still led by a fenced broker"
         assert 1 not in p.isr
+
+
+def test_committed_image_equals_a_replay_of_the_log_from_scratch(env, monkeypatch):
+    """The leader skips replaying its own batches at commit when it already
+    replayed them; the image must be exactly what a full replay gives."""
+    log, runtime, clock = env
+    from quorum import state as state_module
+
+    replays = []
+    real = state_module.replay_batch
+    monkeypatch.setattr(state_module, "replay_batch", lambda *a: replays.append(a[2]) or real(*a))
+    become_active(log, runtime)
+    epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
+    for b, e in epochs.items():
+        heartbeat(log, runtime, b, e)
+    futures = [
+        runtime.submit(
+            "create_topics",
+            cpb.CreateTopicsRequest(
+                topics=[cpb.CreatableTopic(name=f"t{i}", num_partitions=3, replication_factor=2)]
+            ),
+        )
+        for i in range(10)
+    ]
+    log.run_pending()
+    assert all(f.result().results[0].error.code == common_pb2.NONE for f in futures)
+    call(log, runtime, "delete_topics", cpb.DeleteTopicsRequest(names=["t3"]))
+
+    from quorum.image import EMPTY_IMAGE
+    from quorum.replay import replay_batch
+
+    tail = log.state.entries()
+    assert tail[0].offset == 0
+    rebuilt, _ = replay_batch(EMPTY_IMAGE, [e.record for e in tail], 0)
+    assert rebuilt == log.state.image
+    # Most batches took the fast path: only the epoch claim was replayed at commit.
+    assert len(replays) <= 2, replays

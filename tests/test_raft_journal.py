@@ -102,7 +102,7 @@ def test_durable_journal_flushes_each_append(tmp_path, monkeypatch):
     journal = DurableJournal(str(tmp_path / "raft.journal"))
     flushed = []
     inner = journal._journal
-    monkeypatch.setattr(inner, "flush", lambda: flushed.append(len(inner)))
+    monkeypatch.setattr(journal, "sync", lambda: flushed.append(len(inner)))
     journal.add(b"a", 1, 1)
     journal.add(b"b", 2, 1)
     assert flushed == [1, 2]

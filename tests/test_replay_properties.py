@@ -100,7 +100,9 @@ def test_any_split_into_batches_gives_the_same_image(records, cuts):
     split = _apply_in_batches(records, cuts)
     assert split.image == whole.image
     assert split.next_offset == whole.next_offset == len(records) + 1
-    assert [e.offset for e in split.tail] == list(range(split.log_start_offset, split.next_offset))
+    assert [e.offset for e in split.entries()] == list(
+        range(split.log_start_offset, split.next_offset)
+    )
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])

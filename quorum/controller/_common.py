@@ -8,7 +8,7 @@ from raftka.v1 import common_pb2
 from raftka.v1 import metadata_pb2 as pb
 
 from quorum.image import BrokerRegistration, MetadataImage
-from quorum.replay import replay
+from quorum.replay import replay_batch
 
 ErrorCode = common_pb2.ErrorCode
 
@@ -54,8 +54,8 @@ def apply_records(
     state after commit use this, so they see exactly what replay will produce.
     """
     offset = image.offset + 1 if base_offset is None else base_offset
-    for i, record in enumerate(records):
-        image, reason = replay(image, record, offset + i)
-        if reason is not None:
-            raise InvalidRecordError(f"record {i} would not apply: {reason}")
+    image, no_ops = replay_batch(image, records, offset)
+    if no_ops:
+        at, reason = no_ops[0]
+        raise InvalidRecordError(f"record {at - offset} would not apply: {reason}")
     return image

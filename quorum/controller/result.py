@@ -8,6 +8,8 @@ from typing import Generic, TypeVar
 
 from raftka.v1 import metadata_pb2 as pb
 
+from quorum.image import MetadataImage
+
 R = TypeVar("R")
 
 
@@ -21,6 +23,9 @@ class ControllerResult(Generic[R]):
 
     records: list[pb.MetadataRecord]
     response: R
+    # The image after replaying ``records`` from ``ctx.next_offset``, when the
+    # decision has computed it anyway; None means the caller replays them.
+    image: MetadataImage | None = None
 
 
 @dataclass(slots=True)

@@ -12,8 +12,10 @@ single-threaded QuorumController, so there is no locking. gRPC threads call
   is refused at replay.
 - **Decisions** are pure functions ``(image, request, ctx) -> (records,
   response)`` over a *speculative* image: the committed image plus every
-  batch proposed but not yet committed. Records of all requests handled in
-  one pass of the loop go into one Raft entry (batching what is queued).
+  batch proposed but not yet committed. Records are grouped into Raft
+  entries by group commit: with nothing in flight a request is proposed at
+  once; while ``max_inflight_batches`` are in flight, records queue and go
+  out together when one commits.
 - **Answers** go out only after the batch has committed (accepted) on this
   node. Each batch names the offset it expects to start at, so a batch decided
   on speculation that did not hold is refused whole instead of misapplied.
@@ -45,7 +47,7 @@ from quorum.controller.heartbeats import BrokerHeartbeatManager
 from quorum.controller.result import ControllerContext, ControllerResult
 from quorum.image import MetadataImage
 from quorum.log import MetadataLog, ProposeOutcome
-from quorum.replay import replay
+from quorum.replay import replay_batch
 from quorum.state import BatchResult, MetadataState
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ class RuntimeSettings:
     heartbeat_interval_ms: int = 2000
     request_timeout_s: float = 5.0
     batch_max_records: int = 2000
+    # Group commit: while this many batches are in flight, new records wait
+    # and go out together once one commits. Idle, a request is proposed at
+    # once; under load, batches grow instead of Raft entries multiplying.
+    max_inflight_batches: int = 2
     session_check_interval_s: float = 0.1
     defaults: dict[str, int] = field(
         default_factory=lambda: {
@@ -116,6 +122,7 @@ class ControllerRuntime:
         self._batch: list[pb.MetadataRecord] = []
         self._batch_waiters: list[_Waiter] = []
         self._batch_base = 0
+        self._batch_base_image = self._spec_image
         self._inflight: dict[int, _Inflight] = {}
         self._next_session_check = 0.0
         self._handlers: dict[str, tuple[Decision, type]] = {
@@ -164,7 +171,7 @@ class ControllerRuntime:
         if not result.records:
             future.set_result(result.response)
             return
-        self._add(result.records, _Waiter(future, result.response))
+        self._add(result.records, _Waiter(future, result.response), result.image)
 
     def _heartbeat_decision(
         self, image: MetadataImage, request: Any, ctx: ControllerContext
@@ -183,15 +190,20 @@ class ControllerRuntime:
             defaults=dict(self.settings.defaults),
         )
 
-    def _add(self, records: list[pb.MetadataRecord], waiter: _Waiter | None) -> None:
+    def _add(
+        self,
+        records: list[pb.MetadataRecord],
+        waiter: _Waiter | None,
+        image_after: MetadataImage | None = None,
+    ) -> None:
         if len(self._batch) + len(records) > self.settings.batch_max_records and self._batch:
             self._flush()
         if not self._batch:
             self._batch_base = self._spec_next
-        image = self._spec_image
-        for i, record in enumerate(records):
-            image, _ = replay(image, record, self._spec_next + i)
-        self._spec_image = image
+            self._batch_base_image = self._spec_image
+        if image_after is None:
+            image_after, _ = replay_batch(self._spec_image, records, self._spec_next)
+        self._spec_image = image_after
         self._spec_next += len(records)
         self._batch.extend(records)
         if waiter is not None:
@@ -210,6 +222,7 @@ class ControllerRuntime:
         )
         deadline = self._monotonic() + self.settings.request_timeout_s
         self._inflight[base] = _Inflight(base, self._batch_waiters, deadline)
+        self.log.state.expect(base, payload, self._batch_base_image, self._spec_image)
         self._batch = []
         self._batch_waiters = []
         self.log.propose(payload, lambda result, outcome: self._on_proposed(base, result, outcome))
@@ -272,7 +285,8 @@ class ControllerRuntime:
             if fenced:
                 log.info("fencing brokers whose sessions expired: %s", _fenced_ids(fenced))
                 self._add(fenced, None)
-        self._flush()
+        if len(self._inflight) < self.settings.max_inflight_batches:
+            self._flush()
 
     # -- activation and resync ---------------------------------------------------
 
@@ -322,9 +336,11 @@ class ControllerRuntime:
         for inflight in self._inflight.values():
             self._fail(inflight.waiters, common_pb2.UNKNOWN_OUTCOME, why)
         self._inflight.clear()
+        self.log.state.forget_expectations()
 
     def _start_resync(self) -> None:
         self._resyncing = True
+        self.log.state.forget_expectations()
         self._fail(self._batch_waiters, common_pb2.NOT_CONTROLLER, "resynchronising; retry")
         self._batch, self._batch_waiters = [], []
 
