@@ -296,6 +296,7 @@ def run_scale_bench(
     topics: int = 1000,
     partitions_per_topic: int = 100,
     topics_per_request: int = 20,
+    replication_factor: int = 3,
     failover_runs: int = 3,
     progress: Callable[[int], None] | None = None,
 ) -> ScaleResult:
@@ -308,7 +309,9 @@ def run_scale_bench(
         for first in range(0, topics, topics_per_request):
             batch = [
                 cpb.CreatableTopic(
-                    name=f"{prefix}-{i}", num_partitions=partitions_per_topic, replication_factor=1
+                    name=f"{prefix}-{i}",
+                    num_partitions=partitions_per_topic,
+                    replication_factor=replication_factor,
                 )
                 for i in range(first, min(topics, first + topics_per_request))
             ]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.monotonic import monotonic as raft_monotonic
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from quorum import raft_journal
@@ -151,7 +152,14 @@ class RaftMetadataLog:
             raftMaxTimeout=timeouts.election_max_s,
             appendEntriesPeriod=timeouts.heartbeat_s,
             leaderFallbackTimeout=timeouts.leader_fallback_s,
-            connectionTimeout=max(timeouts.election_max_s, 1.0),
+            # pysyncobj drops a connection on which nothing was *read* for this
+            # long, checked right before a send. Followers never talk to each
+            # other, so with a short timeout the first vote request after a
+            # leader dies found its connection "idle", was dropped, and every
+            # failover took a second election round. Dead peers are found by
+            # TCP keepalive instead (about 4 s), live idle ones stay connected.
+            connectionTimeout=10.0,
+            tcp_keepalive=(1, 1, 3),
             connectionRetryTime=0.3,
             commandsWaitLeader=False,
             commandsQueueSize=10_000,
@@ -325,9 +333,11 @@ class RaftMetadataLog:
             if node_id is None:
                 continue
             match = status.get(f"match_idx_server_{node.id}", 0)
+            last = response_times.get(node)
             out[node_id] = {
                 "match_index": int(match or 0),
-                "last_response_monotonic": response_times.get(node),
+                # pysyncobj's clock is CLOCK_MONOTONIC_RAW, not time.monotonic.
+                "last_response_age_s": None if last is None else raft_monotonic() - last,
                 "connected": status.get(f"partner_node_status_server_{node.id}") == 2,
             }
         return out

@@ -230,7 +230,6 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         state = self.raft_log.state
         high_watermark = state.next_offset
         now_ms = _now_ms()
-        now_mono = time.monotonic()
         response = cpb.DescribeQuorumResponse(
             cluster_id=self.cluster_id,
             leader_id=self.node_id,
@@ -252,8 +251,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         for node_id, info in sorted(self.raft_log.voter_status().items()):
             voter = self.voters[node_id]
             end = self.raft_log.offset_at_raft_index(info["match_index"])
-            last = info["last_response_monotonic"]
-            fetch_ms = int(now_ms - (now_mono - last) * 1000) if last else -1
+            age_s = info["last_response_age_s"]
+            fetch_ms = int(now_ms - age_s * 1000) if age_s is not None else -1
             if end >= high_watermark and fetch_ms > 0:
                 self._voter_caught_up_ms[node_id] = fetch_ms
             response.voters.append(
