@@ -39,7 +39,7 @@ class MetadataBenchResult:
     requests_per_s: float
     concurrency: int
     partitions_per_topic: int
-    sequential_latency_ms: dict[str, float]
+    sequential_latency_ms: dict[str, float | None]
     errors: int
     leader_epoch_start: int
     leader_epoch_end: int
@@ -109,15 +109,21 @@ def run_metadata_bench(
         requests_per_s=round(requests / elapsed, 1),
         concurrency=concurrency,
         partitions_per_topic=partitions_per_topic,
-        sequential_latency_ms={
-            "p50": round(percentile(latencies, 50), 3),
-            "p99": round(percentile(latencies, 99), 3),
-            "max": round(max(latencies), 3),
-        },
+        sequential_latency_ms=_latency_summary(latencies),
         errors=errors,
         leader_epoch_start=start_quorum.leader_epoch,
         leader_epoch_end=end_quorum.leader_epoch,
     )
+
+
+def _latency_summary(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50": None, "p99": None, "max": None}
+    return {
+        "p50": round(percentile(latencies, 50), 3),
+        "p99": round(percentile(latencies, 99), 3),
+        "max": round(max(latencies), 3),
+    }
 
 
 def _run_concurrent(

@@ -149,16 +149,28 @@ def _local_cluster(ctx: typer.Context, directory: Path | None) -> Any:
     return _deps(ctx).local_cluster(_cluster_dir(directory))
 
 
+def _existing_cluster(ctx: typer.Context, directory: Path | None) -> Any:
+    cluster = _local_cluster(ctx, directory)
+    if not cluster.exists():
+        raise LocalClusterError(
+            f"no local cluster in {cluster.directory}: run 'raftka cluster up' "
+            "or pass --bootstrap host:port"
+        )
+    return cluster
+
+
+def _emit(as_json: bool, json_value: Callable[[], Any], table: Callable[[], Any]) -> None:
+    """Print JSON for scripts, or the rendered table for people."""
+    if as_json:
+        _print_json(json_value())
+    else:
+        _out().print(table())
+
+
 @contextmanager
 def _admin(ctx: typer.Context, bootstrap: str | None, directory: Path | None) -> Iterator[Any]:
     if not bootstrap:
-        cluster = _local_cluster(ctx, directory)
-        if not cluster.exists():
-            raise LocalClusterError(
-                f"no local cluster in {cluster.directory}: run 'raftka cluster up' "
-                "or pass --bootstrap host:port"
-            )
-        bootstrap = cluster.bootstrap
+        bootstrap = _existing_cluster(ctx, directory).bootstrap
     with _deps(ctx).admin(bootstrap) as admin:
         yield admin
 
@@ -216,10 +228,11 @@ def cluster_down(
     """Stop every node of the local cluster (brokers first); data stays."""
     cluster = _local_cluster(ctx, directory)
     stopped = cluster.stop(timeout_s=timeout, kill=kill)
-    if as_json:
-        _print_json({"stopped": stopped})
-    else:
-        _out().print(f"stopped {len(stopped)} node(s) in {cluster.directory}")
+    _emit(
+        as_json,
+        lambda: {"stopped": stopped},
+        lambda: f"stopped {len(stopped)} node(s) in {cluster.directory}",
+    )
 
 
 @cluster_app.command("status")
@@ -230,10 +243,7 @@ def cluster_status(ctx: typer.Context, directory: DirOpt = None, as_json: JsonOp
 
 
 def _print_nodes(nodes: list[Any], as_json: bool) -> None:
-    if as_json:
-        _print_json(render.nodes_json(nodes))
-    else:
-        _out().print(render.format_nodes(nodes))
+    _emit(as_json, lambda: render.nodes_json(nodes), lambda: render.format_nodes(nodes))
 
 
 @cluster_app.command("demo")
@@ -365,10 +375,7 @@ def broker_list(
     """Registered brokers and whether they are fenced."""
     with _admin(ctx, bootstrap, directory) as admin:
         cluster = admin.describe_cluster()
-    if as_json:
-        _print_json(render.cluster_json(cluster))
-    else:
-        _out().print(render.format_brokers(cluster))
+    _emit(as_json, lambda: render.cluster_json(cluster), lambda: render.format_brokers(cluster))
 
 
 # -- quorum -----------------------------------------------------------------
@@ -385,10 +392,11 @@ def quorum_status(
     """Leader, epoch, high watermark and each voter's and observer's lag."""
     with _admin(ctx, bootstrap, directory) as admin:
         quorum = admin.describe_quorum()
-    if as_json:
-        _print_json(render.quorum_json(quorum))
-    else:
-        _out().print(render.format_quorum(quorum, _deps(ctx).now_ms()))
+    _emit(
+        as_json,
+        lambda: render.quorum_json(quorum),
+        lambda: render.format_quorum(quorum, _deps(ctx).now_ms()),
+    )
 
 
 # -- topics -----------------------------------------------------------------
@@ -450,10 +458,7 @@ def topic_list(
     """Topics with their partition counts and health."""
     with _admin(ctx, bootstrap, directory) as admin:
         topics = admin.describe_topics()
-    if as_json:
-        _print_json(render.topic_list_json(topics))
-    else:
-        _out().print(render.format_topic_list(topics))
+    _emit(as_json, lambda: render.topic_list_json(topics), lambda: render.format_topic_list(topics))
 
 
 @topic_app.command("describe")
@@ -468,10 +473,7 @@ def topic_describe(
     """Partitions of a topic (or all): leader, epochs, replicas, ISR."""
     with _admin(ctx, bootstrap, directory) as admin:
         topics = admin.describe_topics([name] if name else None)
-    if as_json:
-        _print_json(render.topics_json(topics))
-    else:
-        _out().print(render.format_topics(topics))
+    _emit(as_json, lambda: render.topics_json(topics), lambda: render.format_topics(topics))
 
 
 @topic_app.command("delete")
@@ -486,10 +488,7 @@ def topic_delete(
     """Delete a topic."""
     with _admin(ctx, bootstrap, directory) as admin:
         admin.delete_topic(name)
-    if as_json:
-        _print_json({"deleted": name})
-    else:
-        _out().print(f"deleted topic [bold]{escape(name)}[/]")
+    _emit(as_json, lambda: {"deleted": name}, lambda: f"deleted topic [bold]{escape(name)}[/]")
 
 
 @topic_app.command("alter")
@@ -505,10 +504,11 @@ def topic_alter(
     """Raise a topic's partition count."""
     with _admin(ctx, bootstrap, directory) as admin:
         admin.increase_partitions(name, partitions)
-    if as_json:
-        _print_json({"name": name, "partitions": partitions})
-    else:
-        _out().print(f"topic [bold]{escape(name)}[/] now has {_count(partitions, 'partition')}")
+    _emit(
+        as_json,
+        lambda: {"name": name, "partitions": partitions},
+        lambda: f"topic [bold]{escape(name)}[/] now has {_count(partitions, 'partition')}",
+    )
 
 
 @topic_app.command("elect-leaders")
@@ -531,10 +531,11 @@ def topic_elect_leaders(
             wanted = partition or [p.partition for p in admin.describe_topic(name).partitions]
             targets = [(name, p) for p in wanted]
         results = admin.elect_leaders(targets, "unclean" if unclean else "preferred")
-    if as_json:
-        _print_json(render.results_json(results))
-    else:
-        _out().print(render.format_results(results, "leader elections"))
+    _emit(
+        as_json,
+        lambda: render.results_json(results),
+        lambda: render.format_results(results, "leader elections"),
+    )
 
 
 # -- metadata log -----------------------------------------------------------
@@ -553,10 +554,11 @@ def metadata_log(
     """Committed records of the metadata log."""
     with _admin(ctx, bootstrap, directory) as admin:
         entries = admin.read_metadata_log(offset, max_records)
-    if as_json:
-        _print_json(render.metadata_log_json(entries))
-    else:
-        _out().print(render.format_metadata_log(entries))
+    _emit(
+        as_json,
+        lambda: render.metadata_log_json(entries),
+        lambda: render.format_metadata_log(entries),
+    )
 
 
 # -- bench ------------------------------------------------------------------
@@ -577,22 +579,17 @@ def _progress(total: int | None, what: str, as_json: bool) -> Iterator[Callable[
 
 
 def _bench_bootstrap(ctx: typer.Context, bootstrap: str | None, directory: Path | None) -> str:
-    if bootstrap:
-        return bootstrap
-    cluster = _local_cluster(ctx, directory)
-    if not cluster.exists():
-        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
-    return str(cluster.bootstrap)
+    return bootstrap or str(_existing_cluster(ctx, directory).bootstrap)
 
 
 @bench_app.command("metadata")
 @_handles_errors
 def bench_metadata(
     ctx: typer.Context,
-    requests: Annotated[int, typer.Option(help="CreateTopics requests to send.")] = 5000,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 64,
-    partitions: Annotated[int, typer.Option(help="Partitions per created topic.")] = 4,
-    sequential: Annotated[int, typer.Option(help="Sequential requests timed first.")] = 200,
+    requests: Annotated[int, typer.Option(min=1, help="CreateTopics requests to send.")] = 5000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 64,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions per created topic.")] = 4,
+    sequential: Annotated[int, typer.Option(min=0, help="Sequential requests timed first.")] = 200,
     duration: Annotated[
         float | None, typer.Option(help="Run for this many seconds instead of --requests.")
     ] = None,
@@ -615,17 +612,16 @@ def bench_metadata(
             duration_s=duration,
             progress=advance,
         )
-    if as_json:
-        _print_json(result.to_dict())
-    else:
-        _out().print(render.format_bench_metadata(result.to_dict()))
+    _emit(as_json, lambda: result.to_dict(), lambda: render.format_bench_metadata(result.to_dict()))
 
 
 @bench_app.command("failover")
 @_handles_errors
 def bench_failover(
     ctx: typer.Context,
-    runs: Annotated[int, typer.Option(help="How many times to kill the active controller.")] = 10,
+    runs: Annotated[
+        int, typer.Option(min=1, help="How many times to kill the active controller.")
+    ] = 10,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -633,24 +629,19 @@ def bench_failover(
     (kill to the next committed write through the client library)."""
     from cli.bench import run_failover_bench
 
-    cluster = _local_cluster(ctx, directory)
-    if not cluster.exists():
-        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
+    cluster = _existing_cluster(ctx, directory)
     with _progress(runs, "failovers", as_json) as advance:
         result = run_failover_bench(cluster, runs, progress=advance)
-    if as_json:
-        _print_json(result.summary())
-    else:
-        _out().print(render.format_bench_failover(result.summary()))
+    _emit(as_json, lambda: result.summary(), lambda: render.format_bench_failover(result.summary()))
 
 
 @bench_app.command("scale")
 @_handles_errors
 def bench_scale(
     ctx: typer.Context,
-    topics: Annotated[int, typer.Option(help="Topics to create.")] = 1000,
-    partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 100,
-    failovers: Annotated[int, typer.Option(help="Failovers timed at that scale.")] = 3,
+    topics: Annotated[int, typer.Option(min=1, help="Topics to create.")] = 1000,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 100,
+    failovers: Annotated[int, typer.Option(min=0, help="Failovers timed at that scale.")] = 3,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -658,9 +649,7 @@ def bench_scale(
     catch-up and controller failover at that scale."""
     from cli.bench import run_scale_bench
 
-    cluster = _local_cluster(ctx, directory)
-    if not cluster.exists():
-        raise LocalClusterError(f"no local cluster in {cluster.directory}: run 'raftka cluster up'")
+    cluster = _existing_cluster(ctx, directory)
     with _progress(topics, "topics", as_json) as advance:
         result = run_scale_bench(
             cluster,
@@ -669,10 +658,7 @@ def bench_scale(
             failover_runs=failovers,
             progress=advance,
         )
-    if as_json:
-        _print_json(result.to_dict())
-    else:
-        _out().print(render.format_bench_scale(result.to_dict()))
+    _emit(as_json, lambda: result.to_dict(), lambda: render.format_bench_scale(result.to_dict()))
 
 
 def main() -> None:

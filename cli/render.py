@@ -360,6 +360,10 @@ def _figures(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def format_bench_metadata(result: dict[str, Any]) -> Table:
     latency = result["sequential_latency_ms"]
     changes = result["leader_epoch_end"] - result["leader_epoch_start"]
@@ -372,8 +376,8 @@ def format_bench_metadata(result: dict[str, Any]) -> Table:
             ("seconds", f"{result['seconds']:.2f}"),
             ("concurrency", str(result["concurrency"])),
             ("partitions per topic", str(result["partitions_per_topic"])),
-            ("sequential p50 ms", f"{latency['p50']:.2f}"),
-            ("sequential p99 ms", f"{latency['p99']:.2f}"),
+            ("sequential p50 ms", _ms(latency["p50"])),
+            ("sequential p99 ms", _ms(latency["p99"])),
             ("errors", str(result["errors"])),
             ("leader epoch changes", str(changes)),
         ],

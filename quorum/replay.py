@@ -1,19 +1,27 @@
 """Replay: the only way metadata state changes.
 
-``replay(image, record, offset)`` returns the next image. It is pure: no clock,
-no randomness, no I/O. It never raises: a record that does not apply to the
-image (an unknown broker, a stale broker epoch, an ISR outside the replicas)
-leaves the image as it was, and the reason is returned so the caller can log
-it. Every voter, every broker, a restart and a snapshot load all replay the
-same records through this function, so they all reach the same image.
+``replay(image, record, offset)`` returns the next image, and
+``replay_batch(image, records, base_offset)`` does the same for a run of
+records. Replay is pure: no clock, no randomness, no I/O. It never raises: a
+record that does not apply to the image (an unknown broker, a stale broker
+epoch, an ISR outside the replicas) leaves the image as it was, and the
+reason is returned so the caller can log it. Every voter, every broker, a
+restart and a snapshot load all replay the same records through this module,
+so they all reach the same image.
+
+How. A batch is replayed into a ``_Delta``: mutable views
+(``immutables.MapMutation``) of the image's maps, like Kafka's MetadataDelta.
+The new image is built once at the end; maps and topics a batch did not touch
+are the very objects of the old image, which is what lets a broker find its
+changes by identity. Every handler checks everything before it changes
+anything, so a record that does not apply changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 import immutables
 from raftka.v1 import metadata_pb2 as pb
@@ -38,43 +46,149 @@ def replay(
     image: MetadataImage, record: pb.MetadataRecord, offset: int
 ) -> tuple[MetadataImage, str | None]:
     """Apply one committed record at ``offset``; return (image, reason-if-no-op)."""
-    changed, reason = _apply(image, record, offset)
-    return replace(changed, offset=offset), reason
+    changed, no_ops = replay_batch(image, [record], offset)
+    return changed, (no_ops[0][1] if no_ops else None)
 
 
 def replay_batch(
     image: MetadataImage, records: Sequence[pb.MetadataRecord], base_offset: int
 ) -> tuple[MetadataImage, list[tuple[int, str]]]:
     """Apply records at ``base_offset``, ``base_offset + 1``, ...; the same as
-    replaying them one by one, with the image's offset set once at the end."""
+    replaying them one by one. Returns the image and (offset, reason) for each
+    record that was a no-op."""
+    if not records:
+        return image, []
+    delta = _Delta(image)
     no_ops = []
     for i, record in enumerate(records):
-        image, reason = _apply(image, record, base_offset + i)
+        reason = _apply(delta, record, base_offset + i)
         if reason is not None:
             no_ops.append((base_offset + i, reason))
-    if records:
-        image = replace(image, offset=base_offset + len(records) - 1)
-    return image, no_ops
+    return delta.finish(base_offset + len(records) - 1), no_ops
 
 
-def _apply(
-    image: MetadataImage, record: pb.MetadataRecord, offset: int
-) -> tuple[MetadataImage, str | None]:
+def unify_name(name: str) -> str:
+    """Kafka refuses topic names that differ only in '.' versus '_'."""
+    return name.replace(".", "_")
+
+
+class _Map:
+    """A lazily opened mutation of one image map; untouched, it finishes as the
+    original object."""
+
+    __slots__ = ("base", "mutation")
+
+    def __init__(self, base: immutables.Map) -> None:
+        self.base = base
+        self.mutation: immutables.MapMutation | None = None
+
+    def get(self, key: object, default: object = None) -> object:
+        source = self.base if self.mutation is None else self.mutation
+        return source.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        source = self.base if self.mutation is None else self.mutation
+        return key in source
+
+    def _open(self) -> immutables.MapMutation:
+        if self.mutation is None:
+            self.mutation = self.base.mutate()
+        return self.mutation
+
+    def set(self, key: object, value: object) -> None:
+        self._open()[key] = value
+
+    def delete(self, key: object) -> None:
+        if key in self:
+            del self._open()[key]
+
+    def add(self, key: object, step: int) -> None:
+        """Add ``step`` to a count, dropping it at zero (equal images, equal maps)."""
+        value = self.get(key, 0) + step  # type: ignore[operator]
+        if value:
+            self.set(key, value)
+        else:
+            self.delete(key)
+
+    def finish(self) -> immutables.Map:
+        return self.base if self.mutation is None else self.mutation.finish()
+
+
+class _Delta:
+    """The image as a batch is changing it."""
+
+    def __init__(self, image: MetadataImage) -> None:
+        self.image = image
+        self.brokers = _Map(image.brokers)
+        self.topics = _Map(image.topics)
+        self.topic_ids = _Map(image.topic_ids)
+        self.configs = _Map(image.configs)
+        self.features = _Map(image.features)
+        self.replica_counts = _Map(image.replica_counts)
+        self.preferred_leader_counts = _Map(image.preferred_leader_counts)
+        self.unified_names = _Map(image.unified_names)
+        # Partitions of the topics this batch changes, by topic id.
+        self.partitions: dict[str, _Map] = {}
+        self.controller_epoch = image.controller_epoch
+        self.controller_id = image.controller_id
+        self.next_producer_id = image.next_producer_id
+
+    def topic(self, topic_id: str) -> TopicImage | None:
+        return self.topics.get(topic_id)  # type: ignore[return-value]
+
+    def partitions_of(self, topic: TopicImage) -> _Map:
+        parts = self.partitions.get(topic.topic_id)
+        if parts is None:
+            parts = self.partitions[topic.topic_id] = _Map(topic.partitions)
+        return parts
+
+    def count(self, part: PartitionRegistration, step: int) -> None:
+        for broker in part.replicas:
+            self.replica_counts.add(broker, step)
+        if part.replicas:
+            self.preferred_leader_counts.add(part.replicas[0], step)
+
+    def finish(self, offset: int) -> MetadataImage:
+        for topic_id, parts in self.partitions.items():
+            topic = self.topic(topic_id)
+            if topic is not None and parts.mutation is not None:
+                self.topics.set(topic_id, TopicImage(topic.name, topic.topic_id, parts.finish()))
+        return MetadataImage(
+            offset=offset,
+            controller_epoch=self.controller_epoch,
+            controller_id=self.controller_id,
+            brokers=self.brokers.finish(),
+            topics=self.topics.finish(),
+            topic_ids=self.topic_ids.finish(),
+            configs=self.configs.finish(),
+            next_producer_id=self.next_producer_id,
+            features=self.features.finish(),
+            replica_counts=self.replica_counts.finish(),
+            preferred_leader_counts=self.preferred_leader_counts.finish(),
+            unified_names=self.unified_names.finish(),
+        )
+
+
+def _apply(delta: _Delta, record: pb.MetadataRecord, offset: int) -> str | None:
     name = record.WhichOneof("record")
     handler = _HANDLERS.get(name or "")
     if handler is None:
-        return image, f"unknown record type {name!r}"
+        return f"unknown record type {name!r}"
     try:
-        return handler(image, getattr(record, name), offset), None  # type: ignore[arg-type]
+        handler(delta, getattr(record, name), offset)  # type: ignore[arg-type]
     except NotApplied as exc:
-        return image, str(exc)
+        return str(exc)
     except Exception as exc:  # a bug must not wedge replay; it is deterministic on every node
         log.exception("replay of %s at offset %d failed", name, offset)
-        return image, f"internal error: {exc!r}"
+        return f"internal error: {exc!r}"
+    return None
 
 
-def _broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> BrokerRegistration:
-    broker = image.brokers.get(broker_id)
+# -- brokers ----------------------------------------------------------------------
+
+
+def _broker(delta: _Delta, broker_id: int, broker_epoch: int) -> BrokerRegistration:
+    broker: BrokerRegistration | None = delta.brokers.get(broker_id)  # type: ignore[assignment]
     if broker is None:
         raise NotApplied(f"broker {broker_id} is not registered")
     if broker.broker_epoch != broker_epoch:
@@ -85,9 +199,7 @@ def _broker(image: MetadataImage, broker_id: int, broker_epoch: int) -> BrokerRe
     return broker
 
 
-def _register_broker(
-    image: MetadataImage, rec: pb.RegisterBrokerRecord, offset: int
-) -> MetadataImage:
+def _register_broker(delta: _Delta, rec: pb.RegisterBrokerRecord, offset: int) -> None:
     if rec.broker_id < 0:
         raise NotApplied(f"invalid broker id {rec.broker_id}")
     epoch = rec.broker_epoch if rec.HasField("broker_epoch") else offset
@@ -100,114 +212,62 @@ def _register_broker(
         fenced=rec.fenced,
         in_controlled_shutdown=rec.in_controlled_shutdown,
     )
-    return replace(image, brokers=image.brokers.set(rec.broker_id, broker))
+    delta.brokers.set(rec.broker_id, broker)
 
 
-def _unregister_broker(
-    image: MetadataImage, rec: pb.UnregisterBrokerRecord, offset: int
-) -> MetadataImage:
-    _broker(image, rec.broker_id, rec.broker_epoch)
-    return replace(image, brokers=image.brokers.delete(rec.broker_id))
+def _unregister_broker(delta: _Delta, rec: pb.UnregisterBrokerRecord, offset: int) -> None:
+    _broker(delta, rec.broker_id, rec.broker_epoch)
+    delta.brokers.delete(rec.broker_id)
 
 
-def _fence_broker(image: MetadataImage, rec: pb.FenceBrokerRecord, offset: int) -> MetadataImage:
-    broker = _broker(image, rec.broker_id, rec.broker_epoch)
-    fenced = replace(broker, fenced=True)
-    return replace(image, brokers=image.brokers.set(rec.broker_id, fenced))
+def _fence_broker(delta: _Delta, rec: pb.FenceBrokerRecord, offset: int) -> None:
+    broker = _broker(delta, rec.broker_id, rec.broker_epoch)
+    delta.brokers.set(rec.broker_id, replace(broker, fenced=True))
 
 
-def _unfence_broker(
-    image: MetadataImage, rec: pb.UnfenceBrokerRecord, offset: int
-) -> MetadataImage:
-    broker = _broker(image, rec.broker_id, rec.broker_epoch)
+def _unfence_broker(delta: _Delta, rec: pb.UnfenceBrokerRecord, offset: int) -> None:
+    broker = _broker(delta, rec.broker_id, rec.broker_epoch)
     if broker.in_controlled_shutdown:
         raise NotApplied(f"broker {rec.broker_id} is shutting down")
-    return replace(image, brokers=image.brokers.set(rec.broker_id, replace(broker, fenced=False)))
+    delta.brokers.set(rec.broker_id, replace(broker, fenced=False))
 
 
-def _broker_shutdown(
-    image: MetadataImage, rec: pb.BrokerShutdownRecord, offset: int
-) -> MetadataImage:
-    broker = _broker(image, rec.broker_id, rec.broker_epoch)
-    changed = replace(broker, in_controlled_shutdown=True)
-    return replace(image, brokers=image.brokers.set(rec.broker_id, changed))
+def _broker_shutdown(delta: _Delta, rec: pb.BrokerShutdownRecord, offset: int) -> None:
+    broker = _broker(delta, rec.broker_id, rec.broker_epoch)
+    delta.brokers.set(rec.broker_id, replace(broker, in_controlled_shutdown=True))
 
 
-def _counts(
-    image: MetadataImage, old: PartitionRegistration | None, new: PartitionRegistration | None
-) -> dict[str, Any]:
-    """The per-broker replica and preferred-leader counts after a change, as
-    fields for ``replace`` (none when the replicas did not change)."""
-    if old is not None and new is not None and old.replicas == new.replicas:
-        return {}
-    replicas = image.replica_counts.mutate()
-    leaders = image.preferred_leader_counts.mutate()
-    for part, step in ((old, -1), (new, 1)):
-        if part is None:
-            continue
-        for broker in part.replicas:
-            _add_count(replicas, broker, step)
-        if part.replicas:
-            _add_count(leaders, part.replicas[0], step)
-    return {"replica_counts": replicas.finish(), "preferred_leader_counts": leaders.finish()}
+# -- topics and partitions ------------------------------------------------------------
 
 
-def _counts_removed(image: MetadataImage, parts: Iterable[PartitionRegistration]) -> dict[str, Any]:
-    """The counts after removing every one of ``parts`` (a deleted topic)."""
-    replicas = image.replica_counts.mutate()
-    leaders = image.preferred_leader_counts.mutate()
-    for part in parts:
-        for broker in part.replicas:
-            _add_count(replicas, broker, -1)
-        if part.replicas:
-            _add_count(leaders, part.replicas[0], -1)
-    return {"replica_counts": replicas.finish(), "preferred_leader_counts": leaders.finish()}
-
-
-def _add_count(counts: immutables.MapMutation[int, int], key: int, step: int) -> None:
-    # Zero counts are dropped, so equal images have equal maps.
-    value = counts.get(key, 0) + step
-    if value:
-        counts[key] = value
-    elif key in counts:
-        del counts[key]
-
-
-def unify_name(name: str) -> str:
-    return name.replace(".", "_")
-
-
-def _topic(image: MetadataImage, rec: pb.TopicRecord, offset: int) -> MetadataImage:
+def _topic(delta: _Delta, rec: pb.TopicRecord, offset: int) -> None:
     if not rec.name or not rec.topic_id:
         raise NotApplied("topic record without name or id")
-    if rec.name in image.topic_ids:
+    if rec.name in delta.topic_ids:
         raise NotApplied(f"topic {rec.name!r} already exists")
-    if rec.topic_id in image.topics:
+    if rec.topic_id in delta.topics:
         raise NotApplied(f"topic id {rec.topic_id} already exists")
-    if unify_name(rec.name) in image.unified_names:
-        other = image.unified_names[unify_name(rec.name)]
-        raise NotApplied(f"topic {rec.name!r} collides with {other!r}")
-    return replace(
-        image,
-        topics=image.topics.set(rec.topic_id, TopicImage(rec.name, rec.topic_id)),
-        topic_ids=image.topic_ids.set(rec.name, rec.topic_id),
-        unified_names=image.unified_names.set(unify_name(rec.name), rec.name),
-    )
+    unified = unify_name(rec.name)
+    if unified in delta.unified_names:
+        raise NotApplied(f"topic {rec.name!r} collides with {delta.unified_names.get(unified)!r}")
+    delta.topics.set(rec.topic_id, TopicImage(rec.name, rec.topic_id))
+    delta.partitions.pop(rec.topic_id, None)
+    delta.topic_ids.set(rec.name, rec.topic_id)
+    delta.unified_names.set(unified, rec.name)
 
 
-def _remove_topic(image: MetadataImage, rec: pb.RemoveTopicRecord, offset: int) -> MetadataImage:
-    topic = image.topics.get(rec.topic_id)
+def _remove_topic(delta: _Delta, rec: pb.RemoveTopicRecord, offset: int) -> None:
+    topic = delta.topic(rec.topic_id)
     if topic is None:
         raise NotApplied(f"unknown topic id {rec.topic_id}")
-    counts = _counts_removed(image, topic.partitions.values())
-    return replace(
-        image,
-        topics=image.topics.delete(rec.topic_id),
-        topic_ids=image.topic_ids.delete(topic.name),
-        unified_names=_drop(image.unified_names, unify_name(topic.name)),
-        configs=_drop(image.configs, (CONFIG_TOPIC, topic.name)),
-        **counts,
-    )
+    parts = delta.partitions.pop(topic.topic_id, None)
+    current = topic.partitions if parts is None else parts.finish()
+    for part in current.values():
+        delta.count(part, -1)
+    delta.topics.delete(rec.topic_id)
+    delta.topic_ids.delete(topic.name)
+    delta.unified_names.delete(unify_name(topic.name))
+    delta.configs.delete((CONFIG_TOPIC, topic.name))
 
 
 def _check_partition(replicas: tuple[int, ...], isr: tuple[int, ...], leader: int) -> None:
@@ -223,8 +283,22 @@ def _check_partition(replicas: tuple[int, ...], isr: tuple[int, ...], leader: in
         raise NotApplied(f"leader {leader} is not in ISR {list(isr)}")
 
 
-def _partition(image: MetadataImage, rec: pb.PartitionRecord, offset: int) -> MetadataImage:
-    topic = image.topics.get(rec.topic_id)
+def _set_partition(
+    delta: _Delta,
+    topic: TopicImage,
+    index: int,
+    old: PartitionRegistration | None,
+    new: PartitionRegistration,
+) -> None:
+    if old is None or old.replicas != new.replicas:
+        if old is not None:
+            delta.count(old, -1)
+        delta.count(new, 1)
+    delta.partitions_of(topic).set(index, new)
+
+
+def _partition(delta: _Delta, rec: pb.PartitionRecord, offset: int) -> None:
+    topic = delta.topic(rec.topic_id)
     if topic is None:
         raise NotApplied(f"unknown topic id {rec.topic_id}")
     if rec.partition < 0:
@@ -237,16 +311,15 @@ def _partition(image: MetadataImage, rec: pb.PartitionRecord, offset: int) -> Me
         partition_epoch=rec.partition_epoch,
     )
     _check_partition(part.replicas, part.isr, part.leader)
-    counts = _counts(image, topic.partitions.get(rec.partition), part)
-    changed = TopicImage(topic.name, topic.topic_id, topic.partitions.set(rec.partition, part))
-    return replace(image, topics=image.topics.set(rec.topic_id, changed), **counts)
+    old = delta.partitions_of(topic).get(rec.partition)
+    _set_partition(delta, topic, rec.partition, old, part)  # type: ignore[arg-type]
 
 
-def _partition_change(
-    image: MetadataImage, rec: pb.PartitionChangeRecord, offset: int
-) -> MetadataImage:
-    topic = image.topics.get(rec.topic_id)
-    current = None if topic is None else topic.partitions.get(rec.partition)
+def _partition_change(delta: _Delta, rec: pb.PartitionChangeRecord, offset: int) -> None:
+    topic = delta.topic(rec.topic_id)
+    current: PartitionRegistration | None = (
+        None if topic is None else delta.partitions_of(topic).get(rec.partition)  # type: ignore[assignment]
+    )
     if topic is None or current is None:
         raise NotApplied(f"unknown partition {rec.topic_id}-{rec.partition}")
     replicas = tuple(rec.replicas.ids) if rec.HasField("replicas") else current.replicas
@@ -260,52 +333,49 @@ def _partition_change(
         leader_epoch=current.leader_epoch + (1 if rec.HasField("leader") else 0),
         partition_epoch=current.partition_epoch + 1,
     )
-    counts = _counts(image, current, part)
-    changed = TopicImage(topic.name, topic.topic_id, topic.partitions.set(rec.partition, part))
-    return replace(image, topics=image.topics.set(rec.topic_id, changed), **counts)
+    _set_partition(delta, topic, rec.partition, current, part)
 
 
-def _config(image: MetadataImage, rec: pb.ConfigRecord, offset: int) -> MetadataImage:
+# -- everything else ---------------------------------------------------------------------
+
+
+def _config(delta: _Delta, rec: pb.ConfigRecord, offset: int) -> None:
     key = (int(rec.resource_type), rec.resource_name)
-    entries = image.configs.get(key, immutables.Map())
+    entries: immutables.Map[str, str] = delta.configs.get(key, immutables.Map())  # type: ignore[assignment]
     if rec.HasField("value"):
         entries = entries.set(rec.name, rec.value)
     elif rec.name in entries:
         entries = entries.delete(rec.name)
-    configs = image.configs.set(key, entries) if len(entries) else _drop(image.configs, key)
-    return replace(image, configs=configs)
+    if len(entries):
+        delta.configs.set(key, entries)
+    else:
+        delta.configs.delete(key)
 
 
-def _drop(mapping: immutables.Map, key: object) -> immutables.Map:
-    return mapping.delete(key) if key in mapping else mapping
-
-
-def _producer_ids(image: MetadataImage, rec: pb.ProducerIdsRecord, offset: int) -> MetadataImage:
+def _producer_ids(delta: _Delta, rec: pb.ProducerIdsRecord, offset: int) -> None:
     if rec.first_producer_id < 0 or rec.block_size < 0:
         raise NotApplied("negative producer id block")
-    end = rec.first_producer_id + rec.block_size
-    return replace(image, next_producer_id=max(image.next_producer_id, end))
+    delta.next_producer_id = max(delta.next_producer_id, rec.first_producer_id + rec.block_size)
 
 
-def _controller_epoch(
-    image: MetadataImage, rec: pb.ControllerEpochRecord, offset: int
-) -> MetadataImage:
-    if rec.controller_epoch <= image.controller_epoch:
+def _controller_epoch(delta: _Delta, rec: pb.ControllerEpochRecord, offset: int) -> None:
+    if rec.controller_epoch <= delta.controller_epoch:
         raise NotApplied(
-            f"controller epoch {rec.controller_epoch} is not above {image.controller_epoch}"
+            f"controller epoch {rec.controller_epoch} is not above {delta.controller_epoch}"
         )
-    return replace(image, controller_epoch=rec.controller_epoch, controller_id=rec.controller_id)
+    delta.controller_epoch = rec.controller_epoch
+    delta.controller_id = rec.controller_id
 
 
-def _feature_level(image: MetadataImage, rec: pb.FeatureLevelRecord, offset: int) -> MetadataImage:
-    return replace(image, features=image.features.set(rec.name, rec.feature_level))
+def _feature_level(delta: _Delta, rec: pb.FeatureLevelRecord, offset: int) -> None:
+    delta.features.set(rec.name, rec.feature_level)
 
 
-def _no_op(image: MetadataImage, rec: pb.NoOpRecord, offset: int) -> MetadataImage:
-    return image
+def _no_op(delta: _Delta, rec: pb.NoOpRecord, offset: int) -> None:
+    return None
 
 
-_Handler = Callable[[MetadataImage, object, int], MetadataImage]
+_Handler = Callable[[_Delta, object, int], None]
 _HANDLERS: dict[str, _Handler] = {
     "register_broker": _register_broker,  # type: ignore[dict-item]
     "unregister_broker": _unregister_broker,  # type: ignore[dict-item]
