@@ -300,14 +300,22 @@ class RaftMetadataLog:
         if len(self._index_offsets) > 20_000:
             del self._index_offsets[:10_000]
         if self.listener is not None:
-            self.listener.on_commit(result, self.state)
+            # pysyncobj retries an entry whose apply raised, forever: a bug in a
+            # listener must cost a log line, never the state machine.
+            try:
+                self.listener.on_commit(result, self.state)
+            except Exception:
+                log.exception("commit listener failed at offset %d", self.state.next_offset)
         with self.commit_condition:
             self.commit_condition.notify_all()
 
     def _on_snapshot_loaded(self) -> None:
         self._index_offsets.clear()
         if self.listener is not None:
-            self.listener.on_snapshot_loaded(self.state)
+            try:
+                self.listener.on_snapshot_loaded(self.state)
+            except Exception:
+                log.exception("snapshot listener failed")
         with self.commit_condition:
             self.commit_condition.notify_all()
 

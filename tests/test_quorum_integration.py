@@ -103,7 +103,9 @@ def test_active_controller_kill_fails_over_without_refencing_brokers(cluster, ad
     after = admin.describe_quorum()
     assert after.leader_id != before.leader_id
     assert after.leader_epoch > before.leader_epoch
-    assert failover_s < 5.0, f"failover took {failover_s:.2f}s"
+    # Liveness, not speed (raftka bench failover measures that): a new
+    # controller takes over well within the client's own timeout.
+    assert failover_s < 10.0, f"failover took {failover_s:.2f}s"
     # Brokers carried on with the new controller: same epochs, never fenced,
     # never registered again.
     now = brokers_by_id(admin)
@@ -144,7 +146,9 @@ def test_majority_down_fails_clearly_then_resumes_by_itself(cluster, admin):
         common_pb2.REQUEST_TIMED_OUT,
         common_pb2.UNKNOWN_OUTCOME,
     ), failure.value
-    assert elapsed < 3.0 + 2.0, f"the failure took {elapsed:.1f}s to surface"
+    # The error comes within the request timeout (plus slack for a loaded
+    # machine), not after waiting for a majority that is gone.
+    assert elapsed < 3.0 + 5.0, f"the failure took {elapsed:.1f}s to surface"
 
     cluster.start(down)
     wait_until("metadata writes to commit again", lambda: create(admin, "majority-back") or True)
@@ -183,14 +187,16 @@ def test_silent_broker_is_fenced_and_loses_its_leaderships(cluster, admin):
         wait_until(
             f"broker {victim} to be fenced",
             lambda: brokers_by_id(admin)[victim].fenced,
-            timeout_s=SESSION_TIMEOUT_MS / 1000 + 5,
+            timeout_s=SESSION_TIMEOUT_MS / 1000 + 8,
         )
         fenced_after_s = time.monotonic() - t0
         moved = admin.describe_topic("fencing")
         for p in moved.partitions:
             assert p.leader != victim and p.leader in p.isr
             assert victim not in p.isr
-        assert fenced_after_s < SESSION_TIMEOUT_MS / 1000 + 1.5
+        # Fenced because the session expired, not much later (a liveness bound;
+        # the chaos suite measures how long partitions take to move).
+        assert SESSION_TIMEOUT_MS / 1000 - 1.0 < fenced_after_s < SESSION_TIMEOUT_MS / 1000 + 5.0
     finally:
         cluster.resume(victim)
     wait_until(f"broker {victim} unfenced again", lambda: not brokers_by_id(admin)[victim].fenced)

@@ -183,3 +183,44 @@ def test_restart_from_a_protobuf_snapshot(voters, tmp_path):
         wait_offsets(logs, 43)
     finally:
         stop_all(logs)
+
+
+class FailingListener(Listener):
+    def on_commit(self, result, state) -> None:
+        raise RuntimeError("a bug in a listener")
+
+
+def test_garbage_and_failing_listeners_never_stall_the_state_machine(voters, tmp_path):
+    listeners = {v.node_id: FailingListener() for v in voters}
+    logs = {
+        v.node_id: RaftMetadataLog(
+            v.node_id,
+            voters,
+            tmp_path / str(v.node_id),
+            password="pw",
+            listener=listeners[v.node_id],
+        )
+        for v in voters
+    }
+    for log in logs.values():
+        log.start()
+    try:
+        leader = wait_leader(logs, listeners)
+        assert propose(
+            leader, [r.controller_epoch(leader.term(), leader.node_id)], claim=True
+        ).accepted
+        done = threading.Event()
+        out: list = []
+        leader.call_soon(
+            lambda: leader.propose(
+                b"\x00garbage", lambda result, outcome: (out.append(result), done.set())
+            )
+        )
+        assert done.wait(10)
+        assert not out[0].accepted and out[0].reason
+        # Every voter keeps applying after the garbage entry and the raising listener.
+        for i in range(5):
+            assert propose(leader, [r.topic(f"after-{i}", f"id-{i}")]).accepted
+        wait_offsets(logs, 6)
+    finally:
+        stop_all(logs)
