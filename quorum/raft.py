@@ -178,7 +178,10 @@ class RaftMetadataLog:
         opened = self._so._SyncObj__raftLog
         opened.flush()
         opened._destroy()
-        self._so._SyncObj__raftLog = raft_journal.DurableJournal(journal_path, fsync=fsync)
+        self._journal = raft_journal.DurableJournal(
+            journal_path, fsync=fsync, is_leader=self._so._isLeader
+        )
+        self._so._SyncObj__raftLog = self._journal
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
@@ -249,6 +252,8 @@ class RaftMetadataLog:
             try:
                 started = time.monotonic()
                 self._so.doTick(self._tick_interval_s)
+                # Before the next tick can count the leader towards a commit.
+                self._journal.sync_pending()
                 ticked = time.monotonic()
                 self._drain_inbox()
                 self._check_leadership()

@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj.journal import FileJournal
@@ -55,10 +56,14 @@ def fsync_path(path: str) -> None:
 class DurableJournal:
     """pysyncobj's FileJournal with synced appends and atomic compaction."""
 
-    def __init__(self, path: str, *, fsync: bool = True):
+    def __init__(
+        self, path: str, *, fsync: bool = True, is_leader: Callable[[], bool] | None = None
+    ):
         self._path = path
         self._fsync = fsync
         self._journal = FileJournal(path)
+        self._is_leader = is_leader
+        self._unsynced = False
 
     def sync(self) -> None:
         """Write the journal's dirty pages to disk.
@@ -69,10 +74,27 @@ class DurableJournal:
         """
         os.fdatasync(self._journal._FileJournal__journalFile._ResizableFile__f.fileno())
 
+    def sync_pending(self) -> None:
+        """Sync what the leader appended during the last tick (see ``add``)."""
+        if self._unsynced:
+            self._unsynced = False
+            self.sync()
+
     # The methods pysyncobj calls and we change.
     def add(self, command: bytes, idx: int, term: int) -> None:
+        """Append an entry; a follower syncs before it acknowledges it.
+
+        The leader's own appends are synced by ``sync_pending`` right after the
+        tick in which it sent them: pysyncobj counts the leader towards a
+        commit only at the start of the next tick, so the leader's sync runs
+        while the followers write theirs instead of before it sends.
+        """
         self._journal.add(command, idx, term)
-        if self._fsync:
+        if not self._fsync:
+            return
+        if self._is_leader is not None and self._is_leader():
+            self._unsynced = True
+        else:
             self.sync()
 
     def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802 (pysyncobj's name)

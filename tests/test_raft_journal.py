@@ -108,3 +108,20 @@ def test_durable_journal_flushes_each_append(tmp_path, monkeypatch):
     assert flushed == [1, 2]
     journal.setCurrentTerm(3, None)
     assert journal.getCurrentTerm() == 3
+
+
+def test_followers_sync_before_acking_and_the_leader_right_after_its_tick(tmp_path, monkeypatch):
+    leading = [False]
+    journal = DurableJournal(str(tmp_path / "raft.journal"), is_leader=lambda: leading[0])
+    synced = []
+    monkeypatch.setattr(journal, "sync", lambda: synced.append(len(journal)))
+    journal.add(b"from the leader", 1, 1)
+    assert synced == [1], "a follower's append is on disk before it can be acknowledged"
+    leading[0] = True
+    journal.add(b"mine", 2, 2)
+    journal.add(b"mine too", 3, 2)
+    assert synced == [1], "the leader sends first and syncs after the tick"
+    journal.sync_pending()
+    assert synced == [1, 3]
+    journal.sync_pending()
+    assert synced == [1, 3], "nothing new to sync"
