@@ -178,10 +178,10 @@ class RaftMetadataLog:
         opened = self._so._SyncObj__raftLog
         opened.flush()
         opened._destroy()
-        self._journal = raft_journal.DurableJournal(
-            journal_path, fsync=fsync, is_leader=self._so._isLeader
-        )
+        self._journal = raft_journal.DurableJournal(journal_path, fsync=fsync)
         self._so._SyncObj__raftLog = self._journal
+        transport = self._so._SyncObj__transport
+        transport.send = raft_journal.sync_before_acks(transport.send, self._journal)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
@@ -252,7 +252,8 @@ class RaftMetadataLog:
             try:
                 started = time.monotonic()
                 self._so.doTick(self._tick_interval_s)
-                # Before the next tick can count the leader towards a commit.
+                # Before the next tick can count the leader towards a commit
+                # (followers' entries are synced before they acknowledge them).
                 self._journal.sync_pending()
                 ticked = time.monotonic()
                 self._drain_inbox()

@@ -56,13 +56,10 @@ def fsync_path(path: str) -> None:
 class DurableJournal:
     """pysyncobj's FileJournal with synced appends and atomic compaction."""
 
-    def __init__(
-        self, path: str, *, fsync: bool = True, is_leader: Callable[[], bool] | None = None
-    ):
+    def __init__(self, path: str, *, fsync: bool = True):
         self._path = path
         self._fsync = fsync
         self._journal = FileJournal(path)
-        self._is_leader = is_leader
         self._unsynced = False
 
     def sync(self) -> None:
@@ -75,27 +72,26 @@ class DurableJournal:
         os.fdatasync(self._journal._FileJournal__journalFile._ResizableFile__f.fileno())
 
     def sync_pending(self) -> None:
-        """Sync what the leader appended during the last tick (see ``add``)."""
+        """Sync the entries appended since the last sync, if any."""
         if self._unsynced:
             self._unsynced = False
             self.sync()
 
     # The methods pysyncobj calls and we change.
     def add(self, command: bytes, idx: int, term: int) -> None:
-        """Append an entry; a follower syncs before it acknowledges it.
+        """Append an entry; it is synced before anyone can rely on it.
 
-        The leader's own appends are synced by ``sync_pending`` right after the
-        tick in which it sent them: pysyncobj counts the leader towards a
-        commit only at the start of the next tick, so the leader's sync runs
-        while the followers write theirs instead of before it sends.
+        Raft needs an entry on disk before a follower acknowledges it and
+        before the leader counts itself towards its commit. So appends only
+        mark the journal unsynced, and the Raft adapter syncs before sending
+        an acknowledgement or a vote (``sync_before_acks``) and after every
+        tick (the leader counts itself only at the start of the next one). A
+        follower that appends a hundred entries from one message syncs once,
+        and the leader syncs while its followers write, not before it sends.
         """
         self._journal.add(command, idx, term)
-        if not self._fsync:
-            return
-        if self._is_leader is not None and self._is_leader():
+        if self._fsync:
             self._unsynced = True
-        else:
-            self.sync()
 
     def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802 (pysyncobj's name)
         self._journal.setCurrentTerm(term, voted_for)
@@ -109,9 +105,12 @@ class DurableJournal:
         self._journal.setRaftCommitIndex(commit_index)
 
     def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 (pysyncobj's name)
+        # A follower truncates before it appends what replaces the entries (and
+        # pysyncobj truncates even matching entries on every AppendEntries); the
+        # sync before its acknowledgement covers both, as they share the file.
         self._journal.deleteEntriesFrom(entry_from)
         if self._fsync:
-            self.sync()
+            self._unsynced = True
 
     # Everything else as pysyncobj's journal does it.
     def __getattr__(self, name: str) -> Any:
@@ -122,6 +121,25 @@ class DurableJournal:
 
     def __len__(self) -> int:
         return len(self._journal)
+
+
+# pysyncobj messages that promise the sender's log: a follower's
+# acknowledgement of appended entries, and a vote (judged on the log).
+_PROMISES = frozenset({"next_node_idx", "response_vote"})
+
+
+def sync_before_acks(
+    send: Callable[[Any, Any], Any], journal: DurableJournal
+) -> Callable[[Any, Any], Any]:
+    """Wrap a pysyncobj transport's ``send`` so the journal is synced before any
+    message that promises what the log holds."""
+
+    def send_synced(node: Any, message: Any) -> Any:
+        if isinstance(message, dict) and message.get("type") in _PROMISES:
+            journal.sync_pending()
+        return send(node, message)
+
+    return send_synced
 
 
 def rewrite(path: str, entries: list[tuple[bytes, int, int]], current: Any = None) -> FileJournal:

@@ -260,3 +260,50 @@ def test_committed_image_equals_a_replay_of_the_log_from_scratch(env, monkeypatc
     assert rebuilt == log.state.image
     # Most batches took the fast path: only the epoch claim was replayed at commit.
     assert len(replays) <= 2, replays
+
+
+def test_alter_partition_for_a_deleted_topic_cannot_touch_its_namesake(env):
+    """A leader of the old 'orders' must not shrink the ISR of a new 'orders'."""
+    log, runtime, _ = env
+    become_active(log, runtime)
+    epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
+    for b, e in epochs.items():
+        heartbeat(log, runtime, b, e)
+
+    def create() -> str:
+        request = cpb.CreateTopicsRequest(
+            topics=[cpb.CreatableTopic(name="orders", num_partitions=1, replication_factor=3)]
+        )
+        result = call(log, runtime, "create_topics", request).results[0]
+        assert result.error.code == common_pb2.NONE, result
+        return result.topic_id
+
+    old_id = create()
+    old = log.state.image.partition(old_id, 0)
+    call(log, runtime, "delete_topics", cpb.DeleteTopicsRequest(names=["orders"]))
+    new_id = create()
+    new = log.state.image.partition(new_id, 0)
+    assert (old.leader_epoch, old.partition_epoch) == (new.leader_epoch, new.partition_epoch)
+
+    def shrink(topic_id: str):
+        return call(
+            log,
+            runtime,
+            "alter_partition",
+            cpb.AlterPartitionRequest(
+                broker_id=old.leader,
+                broker_epoch=epochs[old.leader],
+                topic="orders",
+                topic_id=topic_id,
+                partition=0,
+                leader_epoch=old.leader_epoch,
+                partition_epoch=old.partition_epoch,
+                new_isr=[old.leader],
+            ),
+        )
+
+    stale = shrink(old_id)
+    assert stale.error.code == common_pb2.UNKNOWN_TOPIC_ID
+    assert log.state.image.partition(new_id, 0) == new, "the new topic was changed"
+    if new.leader == old.leader:
+        assert shrink(new_id).error.code == common_pb2.NONE

@@ -7,7 +7,13 @@ import pickle
 
 from pysyncobj.journal import FileJournal
 
-from quorum.raft_journal import DurableJournal, reconcile, rewrite, snapshot_entries
+from quorum.raft_journal import (
+    DurableJournal,
+    reconcile,
+    rewrite,
+    snapshot_entries,
+    sync_before_acks,
+)
 
 
 def entries(first: int, last: int, term: int = 1) -> list[tuple[bytes, int, int]]:
@@ -98,30 +104,37 @@ def test_a_half_written_rewrite_leaves_the_journal_whole(tmp_path):
     assert read_journal(path) == entries(11, 20)
 
 
-def test_durable_journal_flushes_each_append(tmp_path, monkeypatch):
+def test_durable_journal_syncs_pending_appends_once(tmp_path, monkeypatch):
     journal = DurableJournal(str(tmp_path / "raft.journal"))
     flushed = []
     inner = journal._journal
     monkeypatch.setattr(journal, "sync", lambda: flushed.append(len(inner)))
     journal.add(b"a", 1, 1)
     journal.add(b"b", 2, 1)
-    assert flushed == [1, 2]
+    journal.sync_pending()
+    assert flushed == [2]
     journal.setCurrentTerm(3, None)
     assert journal.getCurrentTerm() == 3
 
 
-def test_followers_sync_before_acking_and_the_leader_right_after_its_tick(tmp_path, monkeypatch):
-    leading = [False]
-    journal = DurableJournal(str(tmp_path / "raft.journal"), is_leader=lambda: leading[0])
-    synced = []
-    monkeypatch.setattr(journal, "sync", lambda: synced.append(len(journal)))
-    journal.add(b"from the leader", 1, 1)
-    assert synced == [1], "a follower's append is on disk before it can be acknowledged"
-    leading[0] = True
-    journal.add(b"mine", 2, 2)
-    journal.add(b"mine too", 3, 2)
-    assert synced == [1], "the leader sends first and syncs after the tick"
-    journal.sync_pending()
-    assert synced == [1, 3]
-    journal.sync_pending()
-    assert synced == [1, 3], "nothing new to sync"
+def test_appends_are_synced_once_before_an_acknowledgement_or_vote_goes_out(tmp_path, monkeypatch):
+    journal = DurableJournal(str(tmp_path / "raft.journal"))
+    events: list[object] = []
+    monkeypatch.setattr(journal, "sync", lambda: events.append(("sync", len(journal))))
+    send = sync_before_acks(lambda node, message: events.append(message["type"]), journal)
+
+    for idx in range(1, 101):  # one AppendEntries message with a hundred entries
+        journal.add(b"entry", idx, 1)
+    assert events == [], "appending alone syncs nothing"
+    send("leader", {"type": "next_node_idx"})
+    assert events == [("sync", 100), "next_node_idx"], "one sync, before the acknowledgement"
+
+    journal.add(b"entry", 101, 1)
+    send("peer", {"type": "append_entries"})
+    assert events[-1] == "append_entries" and ("sync", 101) not in events, (
+        "a leader sends AppendEntries before syncing its own copy"
+    )
+    journal.sync_pending()  # after the tick, before the next commit count
+    assert events[-1] == ("sync", 101)
+    send("candidate", {"type": "response_vote"})
+    assert events[-1] == "response_vote" and events.count(("sync", 101)) == 1

@@ -26,6 +26,16 @@ def alter_partition(
     image: MetadataImage, req: cpb.AlterPartitionRequest, ctx: ControllerContext
 ) -> ControllerResult[cpb.AlterPartitionResponse]:
     topic = image.topic_by_name(req.topic)
+    if topic is not None and req.topic_id and req.topic_id != topic.topic_id:
+        return ControllerResult(
+            [],
+            cpb.AlterPartitionResponse(
+                error=error(
+                    ErrorCode.UNKNOWN_TOPIC_ID,
+                    f"topic {req.topic!r} is now {topic.topic_id}, not {req.topic_id}",
+                )
+            ),
+        )
     part = None if topic is None else topic.partitions.get(req.partition)
     refusal = _alter_refusal(image, req, part)
     if refusal is not None:

@@ -123,7 +123,11 @@ class ControllerRuntime:
         self._batch_waiters: list[_Waiter] = []
         self._batch_base = 0
         self._batch_base_image = self._spec_image
+        # In-flight batches by proposal id (not base offset: after a resync a
+        # new batch can reuse the offset of one that timed out and may still
+        # commit, and that late outcome must not answer the new batch).
         self._inflight: dict[int, _Inflight] = {}
+        self._next_proposal = 0
         self._next_session_check = 0.0
         self._handlers: dict[str, tuple[Decision, type]] = {
             "register_broker": (brokers.register_broker, cpb.RegisterBrokerResponse),
@@ -168,10 +172,25 @@ class ControllerRuntime:
             return
         if kind == "register_broker" and not result.response.error.code:
             self.sessions.touch(request.broker_id, result.response.broker_epoch, ctx.now_ms, -1)
-        if not result.records:
-            future.set_result(result.response)
-            return
-        self._add(result.records, _Waiter(future, result.response), result.image)
+        waiter = _Waiter(future, result.response)
+        if result.records:
+            self._add(result.records, waiter, result.image)
+        else:
+            self._answer_after_pending(waiter)
+
+    def _answer_after_pending(self, waiter: _Waiter) -> None:
+        """Answer a request that wrote nothing once what it read has committed.
+
+        It was decided on the speculative image; if the batches behind that
+        image fail, so must the answer (Kafka defers such answers the same way).
+        """
+        if self._batch:
+            self._batch_waiters.append(waiter)
+        elif self._inflight:
+            newest = max(self._inflight.values(), key=lambda f: f.base_offset)
+            newest.waiters.append(waiter)
+        else:
+            _settle(waiter.future, waiter.response)
 
     def _heartbeat_decision(
         self, image: MetadataImage, request: Any, ctx: ControllerContext
@@ -221,17 +240,22 @@ class ControllerRuntime:
             append_time_ms=self._wall_ms(),
         )
         deadline = self._monotonic() + self.settings.request_timeout_s
-        self._inflight[base] = _Inflight(base, self._batch_waiters, deadline)
+        proposal = self._next_proposal
+        self._next_proposal += 1
+        self._inflight[proposal] = _Inflight(base, self._batch_waiters, deadline)
         self.log.state.expect(base, payload, self._batch_base_image, self._spec_image)
         self._batch = []
         self._batch_waiters = []
-        self.log.propose(payload, lambda result, outcome: self._on_proposed(base, result, outcome))
+        self.log.propose(
+            payload, lambda result, outcome: self._on_proposed(proposal, result, outcome)
+        )
 
     def _on_proposed(
-        self, base: int, result: BatchResult | None, outcome: ProposeOutcome | None
+        self, proposal: int, result: BatchResult | None, outcome: ProposeOutcome | None
     ) -> None:
-        inflight = self._inflight.pop(base, None)
+        inflight = self._inflight.pop(proposal, None)
         waiters = inflight.waiters if inflight is not None else []
+        base = inflight.base_offset if inflight is not None else -1
         if result is not None and result.accepted:
             for w in waiters:
                 _settle(w.future, w.response)
@@ -254,11 +278,14 @@ class ControllerRuntime:
     def on_commit(self, result: BatchResult, state: MetadataState) -> None:
         if self._claimed_term and not self.active:
             self._maybe_activate(state)
-        elif self.active and result.accepted and result.base_offset not in self._inflight:
+        elif self.active and result.accepted and not self._proposed_at(result.base_offset):
             # Someone else's batch committed while we lead: our speculation is off.
             if result.base_offset >= 0 and not self._resyncing:
                 log.warning("foreign batch at %d committed; resynchronising", result.base_offset)
                 self._start_resync()
+
+    def _proposed_at(self, base_offset: int) -> bool:
+        return any(f.base_offset == base_offset for f in self._inflight.values())
 
     def on_snapshot_loaded(self, state: MetadataState) -> None:
         if self.active:
@@ -357,9 +384,9 @@ class ControllerRuntime:
         log.info("controller resynchronised at offset %d", state.next_offset)
 
     def _expire_inflight(self, now: float) -> None:
-        expired = [b for b, f in self._inflight.items() if f.deadline <= now]
-        for base in expired:
-            inflight = self._inflight.pop(base)
+        expired = [p for p, f in self._inflight.items() if f.deadline <= now]
+        for proposal in expired:
+            inflight = self._inflight.pop(proposal)
             self._fail(
                 inflight.waiters,
                 common_pb2.UNKNOWN_OUTCOME,
