@@ -33,7 +33,10 @@ RETRIABLE = {
 }
 # Transport failures after which another node is tried.
 _NOT_DELIVERED = {grpc.StatusCode.UNAVAILABLE}
-_BACKOFF_S = (0.02, 0.05, 0.1, 0.2)
+# Between passes over every address while no controller is active (an
+# election takes a few hundred ms): short enough that a client notices the new
+# controller within 50 ms, and a pass is only one small call per controller.
+_BACKOFF_S = (0.01, 0.02, 0.05)
 
 
 def parse_addresses(bootstrap: str | Sequence[str]) -> list[str]:
