@@ -33,6 +33,8 @@ from quorum.state import frame
 log = logging.getLogger(__name__)
 
 MAX_FETCH_RECORDS = 5000
+# How long a woken metadata stream waits before reading (see FetchMetadata).
+FETCH_LINGER_S = 0.002
 _FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].number
 _READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
 
@@ -174,8 +176,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             entries, high_watermark, start, code = self._read_entries(offset, max_records)
             if not entries and code == common_pb2.NONE:
                 with condition:
-                    if self.raft_log.state.next_offset <= offset:
-                        condition.wait(max_wait_s)
+                    woken = self.raft_log.state.next_offset > offset or condition.wait(max_wait_s)
+                if woken and not self._stopping.is_set():
+                    # The commit that woke this stream also completes the write
+                    # it carries; let that answer go out first (and more records
+                    # gather) instead of competing for the GIL with it.
+                    time.sleep(FETCH_LINGER_S)
                 entries, high_watermark, start, code = self._read_entries(offset, max_records)
             offset += len(entries)
             self._observe(request.replica_id, offset, high_watermark)
