@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import running_cluster
 from typer.testing import CliRunner
 
-from cli.localcluster import LocalCluster
 from cli.main import app
 
 pytestmark = pytest.mark.integration
@@ -16,14 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
-    cluster = LocalCluster(directory)
-    cluster.create(controllers=3, brokers=3)
-    try:
-        cluster.start()
-        cluster.wait_ready(timeout_s=60)
+    with running_cluster(directory, controllers=3, brokers=3):
         yield directory
-    finally:
-        cluster.stop(timeout_s=15)
 
 
 def run(*args: str):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from conftest import running_cluster
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 from cli.localcluster import LocalCluster
@@ -40,8 +41,8 @@ def wait_until(what: str, check: Callable[[], object], timeout_s: float = 20.0) 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = LocalCluster(tmp_path_factory.mktemp("quorum"))
-    cluster.create(
+    with running_cluster(
+        tmp_path_factory.mktemp("quorum"),
         controllers=5,
         brokers=3,
         overrides={
@@ -50,13 +51,8 @@ def cluster(tmp_path_factory):
             # A short tail, so a broker that was down must catch up from a snapshot.
             "metadata.log.tail.records": 100,
         },
-    )
-    try:
-        cluster.start()
-        cluster.wait_ready(timeout_s=60)
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop(timeout_s=15)
 
 
 @pytest.fixture

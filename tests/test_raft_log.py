@@ -41,8 +41,8 @@ class Listener:
         pass
 
 
-def start_voters(voters, data_dir: Path, **kwargs):
-    listeners = {v.node_id: Listener() for v in voters}
+def start_voters(voters, data_dir: Path, listener_type: type = Listener, **kwargs):
+    listeners = {v.node_id: listener_type() for v in voters}
     logs = {
         v.node_id: RaftMetadataLog(
             v.node_id,
@@ -191,19 +191,7 @@ class FailingListener(Listener):
 
 
 def test_garbage_and_failing_listeners_never_stall_the_state_machine(voters, tmp_path):
-    listeners = {v.node_id: FailingListener() for v in voters}
-    logs = {
-        v.node_id: RaftMetadataLog(
-            v.node_id,
-            voters,
-            tmp_path / str(v.node_id),
-            password="pw",
-            listener=listeners[v.node_id],
-        )
-        for v in voters
-    }
-    for log in logs.values():
-        log.start()
+    logs, listeners = start_voters(voters, tmp_path, FailingListener)
     try:
         leader = wait_leader(logs, listeners)
         assert propose(

@@ -1,0 +1,23 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cli.localcluster import LocalCluster
+
+
+@contextmanager
+def running_cluster(directory: Path, **create: Any) -> Iterator[LocalCluster]:
+    """A local cluster of real processes, ready, and stopped (by pid) afterwards."""
+    cluster = LocalCluster(directory)
+    cluster.create(**create)
+    try:
+        cluster.start()
+        cluster.wait_ready(timeout_s=60)
+        yield cluster
+    finally:
+        cluster.stop(timeout_s=15)
