@@ -66,6 +66,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         2000,
         "records per Raft entry at most; requests queued together share one entry",
     ),
+    "controller.max.records.per.request": (
+        20000,
+        "a request that would write more metadata records is refused (about 100 ms of replay "
+        "on every node; more would hold Raft past an election timeout)",
+    ),
     "metadata.log.tail.records": (
         50000,
         "committed records kept for followers; one further behind gets a snapshot first",

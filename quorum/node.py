@@ -28,6 +28,7 @@ def runtime_settings(config: NodeConfig) -> RuntimeSettings:
         heartbeat_interval_ms=config["broker.heartbeat.interval.ms"],
         request_timeout_s=config["controller.request.timeout.ms"] / 1000.0,
         batch_max_records=config["controller.batch.max.records"],
+        max_records_per_request=config["controller.max.records.per.request"],
         defaults={
             "num.partitions": config["num.partitions"],
             "default.replication.factor": config["default.replication.factor"],

@@ -307,3 +307,39 @@ def test_alter_partition_for_a_deleted_topic_cannot_touch_its_namesake(env):
     assert log.state.image.partition(new_id, 0) == new, "the new topic was changed"
     if new.leader == old.leader:
         assert shrink(new_id).error.code == common_pb2.NONE
+
+
+def test_a_request_too_large_for_one_batch_is_refused_whole():
+    clock = Clock()
+    log = InMemoryMetadataLog(node_id=1, clock=clock)
+    runtime = ControllerRuntime(
+        log,
+        RuntimeSettings(node_id=1, cluster_id="c1", max_records_per_request=10),
+        monotonic=clock,
+        new_topic_id=lambda: "t-id",
+    )
+    log.listener = runtime
+    become_active(log, runtime)
+    epoch = register(log, runtime, 1)
+    heartbeat(log, runtime, 1, epoch)
+    before = (log.state.image, log.state.next_offset)
+    response = call(
+        log,
+        runtime,
+        "create_topics",
+        cpb.CreateTopicsRequest(
+            topics=[cpb.CreatableTopic(name="huge", num_partitions=50, replication_factor=1)]
+        ),
+    )
+    assert response.error.code == common_pb2.POLICY_VIOLATION
+    assert "split it" in response.error.message
+    assert (log.state.image, log.state.next_offset) == before
+    small = call(
+        log,
+        runtime,
+        "create_topics",
+        cpb.CreateTopicsRequest(
+            topics=[cpb.CreatableTopic(name="small", num_partitions=5, replication_factor=1)]
+        ),
+    )
+    assert small.results[0].error.code == common_pb2.NONE

@@ -67,6 +67,10 @@ class RuntimeSettings:
     # and go out together once one commits. Idle, a request is proposed at
     # once; under load, batches grow instead of Raft entries multiplying.
     max_inflight_batches: int = 2
+    # One request's records are replayed in one go on every voter and broker;
+    # past this many that would hold the Raft thread longer than an election
+    # timeout, so such a request is refused (split it) instead.
+    max_records_per_request: int = 20_000
     session_check_interval_s: float = 0.1
     defaults: dict[str, int] = field(
         default_factory=lambda: {
@@ -172,6 +176,17 @@ class ControllerRuntime:
             return
         if kind == "register_broker" and not result.response.error.code:
             self.sessions.touch(request.broker_id, result.response.broker_epoch, ctx.now_ms, -1)
+        if len(result.records) > self.settings.max_records_per_request:
+            future.set_result(
+                error_response(
+                    response_type,
+                    common_pb2.POLICY_VIOLATION,
+                    f"the request would write {len(result.records)} metadata records, more than"
+                    f" controller.max.records.per.request={self.settings.max_records_per_request};"
+                    " split it into smaller requests",
+                )
+            )
+            return
         waiter = _Waiter(future, result.response)
         if result.records:
             self._add(result.records, waiter, result.image)
