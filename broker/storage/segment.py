@@ -1,0 +1,467 @@
+"""One log segment: ``<base>.log`` plus its sparse ``.index`` and ``.timeindex``.
+
+Layout, as Kafka's
+------------------
+``<20-digit base offset>.log`` holds whole RecordBatch v2 batches back to back, stored as
+the leader stamped them. ``.index`` is a sparse offset index of 8-byte big-endian entries
+(relative offset uint32, file position uint32): after every ``index_interval_bytes`` of
+log, the next batch gets an entry keyed by its *last* offset, pointing at its first byte.
+``.timeindex`` has 12-byte entries (max timestamp so far int64, relative offset uint32 of
+the batch that carried it), appended with the offset entries whenever the maximum grew.
+
+A lookup for offset ``t`` takes the greatest index entry ``<= t`` and scans batch headers
+from there; at most ``index_interval_bytes`` plus one batch is scanned. Only headers are
+read; the records are never touched.
+
+The index files are append-only (Kafka preallocates and memory-maps them; here they grow as
+entries are added) and mirrored in memory. A segment is opened either *trusted*
+(``load``: read the indexes, sanity-check them, scan only the tail after the last index
+entry) or *recovering* (``recover``: scan the whole ``.log`` with CRC checks, cut at the
+first torn or corrupt batch, rebuild both indexes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from pathlib import Path
+
+from broker.record_batch import (
+    RECORD_BATCH_OVERHEAD,
+    BatchHeader,
+    CorruptBatchError,
+    iter_batches,
+    read_header,
+)
+
+__all__ = ["LogSegment", "segment_file_name"]
+
+_OFFSET_ENTRY = struct.Struct(">II")
+_TIME_ENTRY = struct.Struct(">qI")
+_UINT32_MAX = (1 << 32) - 1
+
+
+def segment_file_name(base_offset: int, suffix: str) -> str:
+    """``00000000000000000042.log`` for base offset 42 and suffix ``.log``."""
+    return f"{base_offset:020d}{suffix}"
+
+
+def _open_fd(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def _pread_exact(fd: int, length: int, position: int) -> bytes:
+    chunks = []
+    while length > 0:
+        chunk = os.pread(fd, length, position)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        length -= len(chunk)
+        position += len(chunk)
+    return b"".join(chunks)
+
+
+def _pwrite_all(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view = view[written:]
+        position += written
+
+
+class LogSegment:
+    """A segment of one partition's log; see the module docstring.
+
+    Construct with ``LogSegment.open``; a new segment (no ``.log`` yet) starts empty.
+    Not thread-safe: the owning ``PartitionLog`` serialises access.
+    """
+
+    def __init__(self, directory: Path, base_offset: int, index_interval_bytes: int) -> None:
+        if base_offset < 0:
+            raise ValueError(f"negative base offset {base_offset}")
+        self.directory = Path(directory)
+        self.base_offset = base_offset
+        self.index_interval_bytes = index_interval_bytes
+        self.log_path = self.directory / segment_file_name(base_offset, ".log")
+        self.index_path = self.directory / segment_file_name(base_offset, ".index")
+        self.time_index_path = self.directory / segment_file_name(base_offset, ".timeindex")
+        self._log_fd = _open_fd(self.log_path)
+        self._index_fd = _open_fd(self.index_path)
+        self._time_index_fd = _open_fd(self.time_index_path)
+        self._closed = False
+        self._reset_state()
+        self._size = os.fstat(self._log_fd).st_size
+        self.truncated_on_recovery = 0
+        """Bytes the last ``recover`` cut off a torn or corrupt tail."""
+        self.dirty = False
+        """True when bytes were written (or cut) since the last ``flush``."""
+        self.rolling_base_ms: int | None = None
+        """When the segment.ms roll clock started: first append, or on reopen the first
+        batch's max timestamp (Kafka's rule)."""
+
+    def _reset_state(self) -> None:
+        self._size = 0
+        self._next_offset = self.base_offset
+        self._max_timestamp = -1
+        self._offset_of_max_timestamp = self.base_offset
+        self._bytes_since_index_entry = 0
+        self._index_offsets: list[int] = []  # absolute offsets, increasing
+        self._index_positions: list[int] = []
+        self._time_stamps: list[int] = []
+        self._time_offsets: list[int] = []  # absolute offsets
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        base_offset: int,
+        *,
+        index_interval_bytes: int = 4096,
+        recover: bool = True,
+    ) -> LogSegment:
+        """Open (or create) the segment; ``recover`` scans it all, otherwise trust it."""
+        segment = cls(directory, base_offset, index_interval_bytes)
+        try:
+            if recover:
+                segment.recover()
+            else:
+                segment.load()
+        except BaseException:
+            segment.close()
+            raise
+        return segment
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    @property
+    def next_offset(self) -> int:
+        """One past the last offset in the segment; ``base_offset`` when empty."""
+        return self._next_offset
+
+    @property
+    def max_timestamp_ms(self) -> int:
+        """Largest batch max timestamp in the segment, -1 when none."""
+        return self._max_timestamp
+
+    @property
+    def is_empty(self) -> bool:
+        return self._size == 0
+
+    @property
+    def index_entries(self) -> list[tuple[int, int]]:
+        """(absolute offset, position) pairs of the offset index, for tests and tools."""
+        return list(zip(self._index_offsets, self._index_positions, strict=True))
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+        """Append one whole batch whose base offset must be ``next_offset``."""
+        self._check_open()
+        header = read_header(batch)
+        if header.size_bytes != len(batch):
+            raise ValueError(f"batch says {header.size_bytes} bytes, {len(batch)} given")
+        if header.base_offset != self._next_offset:
+            raise ValueError(
+                f"batch base offset {header.base_offset} != segment next offset "
+                f"{self._next_offset} (segment {self.base_offset})"
+            )
+        if not self.fits(header):
+            raise ValueError(f"batch at {header.base_offset} does not fit in this segment")
+        entry_added = self._track(header, self._size)
+        _pwrite_all(self._log_fd, batch, self._size)
+        self._size += len(batch)
+        self.dirty = True
+        if entry_added:
+            self._write_last_index_entries()
+        if self.rolling_base_ms is None:
+            self.rolling_base_ms = now_ms if now_ms is not None else header.max_timestamp
+        return header
+
+    def fits(self, header: BatchHeader) -> bool:
+        """Whether relative offset and file position of ``header`` fit the uint32 fields."""
+        return (
+            header.last_offset - self.base_offset <= _UINT32_MAX
+            and self._size + header.size_bytes <= _UINT32_MAX
+        )
+
+    def _track(self, header: BatchHeader, position: int) -> bool:
+        """Account for a batch at ``position``; True when it got index entries."""
+        if header.max_timestamp > self._max_timestamp:
+            self._max_timestamp = header.max_timestamp
+            self._offset_of_max_timestamp = header.last_offset
+        added = False
+        if self._bytes_since_index_entry > self.index_interval_bytes:
+            self._index_offsets.append(header.last_offset)
+            self._index_positions.append(position)
+            if not self._time_stamps or self._max_timestamp > self._time_stamps[-1]:
+                self._time_stamps.append(self._max_timestamp)
+                self._time_offsets.append(self._offset_of_max_timestamp)
+            self._bytes_since_index_entry = 0
+            added = True
+        self._bytes_since_index_entry += header.size_bytes
+        self._next_offset = header.next_offset
+        return added
+
+    def _write_last_index_entries(self) -> None:
+        count = len(self._index_offsets)
+        entry = _OFFSET_ENTRY.pack(
+            self._index_offsets[-1] - self.base_offset, self._index_positions[-1]
+        )
+        _pwrite_all(self._index_fd, entry, (count - 1) * _OFFSET_ENTRY.size)
+        count = len(self._time_stamps)
+        if count:
+            entry = _TIME_ENTRY.pack(
+                self._time_stamps[-1], self._time_offsets[-1] - self.base_offset
+            )
+            _pwrite_all(self._time_index_fd, entry, (count - 1) * _TIME_ENTRY.size)
+        # A truncation may have left the files longer than the in-memory lists.
+        os.ftruncate(self._index_fd, len(self._index_offsets) * _OFFSET_ENTRY.size)
+        os.ftruncate(self._time_index_fd, len(self._time_stamps) * _TIME_ENTRY.size)
+
+    def _write_indexes(self) -> None:
+        """Rewrite both index files from the in-memory entries."""
+        data = b"".join(
+            _OFFSET_ENTRY.pack(offset - self.base_offset, position)
+            for offset, position in zip(self._index_offsets, self._index_positions, strict=True)
+        )
+        os.ftruncate(self._index_fd, 0)
+        _pwrite_all(self._index_fd, data, 0)
+        data = b"".join(
+            _TIME_ENTRY.pack(stamp, offset - self.base_offset)
+            for stamp, offset in zip(self._time_stamps, self._time_offsets, strict=True)
+        )
+        os.ftruncate(self._time_index_fd, 0)
+        _pwrite_all(self._time_index_fd, data, 0)
+
+    # ------------------------------------------------------------------ read
+
+    def _header_at(self, position: int) -> BatchHeader:
+        return read_header(_pread_exact(self._log_fd, RECORD_BATCH_OVERHEAD, position))
+
+    def _lookup(self, offset: int) -> int:
+        """File position to start scanning from for ``offset``."""
+        slot = bisect.bisect_right(self._index_offsets, offset) - 1
+        return self._index_positions[slot] if slot >= 0 else 0
+
+    def find_position(self, offset: int) -> tuple[int, BatchHeader] | None:
+        """Position and header of the batch containing ``offset`` (or the first after it)."""
+        self._check_open()
+        position = self._lookup(offset)
+        while position < self._size:
+            header = self._header_at(position)
+            if header.next_offset > offset:
+                return position, header
+            position += header.size_bytes
+        return None
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from the one containing ``offset``, up to ``max_bytes``.
+
+        The first batch is returned even when it alone exceeds ``max_bytes`` (KIP-74), so
+        a consumer can always make progress. Empty when ``offset >= next_offset``.
+        """
+        if offset >= self._next_offset:
+            return b""
+        found = self.find_position(offset)
+        if found is None:
+            return b""
+        start, header = found
+        end = start + header.size_bytes
+        while end < self._size:
+            header = self._header_at(end)
+            if end + header.size_bytes - start > max_bytes:
+                break
+            end += header.size_bytes
+        return _pread_exact(self._log_fd, end - start, start)
+
+    # ------------------------------------------------------------------ open / recover
+
+    def _scan_headers(self, start: int, end: int) -> list[tuple[int, BatchHeader]]:
+        """Headers of the batches in [start, end), trusting the bytes (no CRC)."""
+        data = _pread_exact(self._log_fd, end - start, start)
+        batches = iter_batches(data, verify_crc=False)
+        found = [(start + position, header) for position, header in batches]
+        if batches.error is not None:
+            raise CorruptBatchError(f"{self.log_path}: {batches.error}")
+        return found
+
+    def load(self) -> None:
+        """Open trusting the files: read the indexes, scan only the tail of the log.
+
+        A missing index is rebuilt by that same scan (it then covers the whole log); a
+        misaligned or inconsistent index, or a malformed tail, falls back to ``recover``.
+        """
+        self._check_open()
+        size = os.fstat(self._log_fd).st_size
+        self._reset_state()
+        self._size = size
+        try:
+            self._load_indexes(size)
+            tail_start = self._index_positions[-1] if self._index_positions else 0
+            entries_before = len(self._index_offsets), len(self._time_stamps)
+            for position, header in self._scan_headers(tail_start, size):
+                if position > tail_start or not self._index_offsets:
+                    if header.base_offset != self._next_offset:
+                        raise CorruptBatchError(f"offset gap at position {position}")
+                if position == tail_start and self._index_offsets:
+                    if header.last_offset != self._index_offsets[-1]:
+                        raise CorruptBatchError("last index entry does not match the log")
+                    # _track would add this entry again; account for it by hand.
+                    if header.max_timestamp > self._max_timestamp:
+                        self._max_timestamp = header.max_timestamp
+                        self._offset_of_max_timestamp = header.last_offset
+                    self._bytes_since_index_entry = header.size_bytes
+                    self._next_offset = header.next_offset
+                else:
+                    self._track(header, position)
+            if self._time_offsets and self._time_offsets[-1] >= self._next_offset:
+                raise CorruptBatchError("time index points past the end of the log")
+            if (len(self._index_offsets), len(self._time_stamps)) != entries_before:
+                self._write_indexes()  # The files lacked entries: the tail was rebuilt.
+        except (CorruptBatchError, struct.error, IndexError):
+            self.recover()
+            return
+        self._set_rolling_base()
+
+    def _load_indexes(self, log_size: int) -> None:
+        raw = _pread_exact(self._index_fd, os.fstat(self._index_fd).st_size, 0)
+        times = _pread_exact(self._time_index_fd, os.fstat(self._time_index_fd).st_size, 0)
+        if len(raw) % _OFFSET_ENTRY.size or len(times) % _TIME_ENTRY.size:
+            raise CorruptBatchError("index file size is not a whole number of entries")
+        previous_offset, previous_position = -1, -1
+        for relative, position in _OFFSET_ENTRY.iter_unpack(raw):
+            offset = self.base_offset + relative
+            if offset <= previous_offset or position <= previous_position or position >= log_size:
+                raise CorruptBatchError("offset index entries out of order")
+            self._index_offsets.append(offset)
+            self._index_positions.append(position)
+            previous_offset, previous_position = offset, position
+        previous_stamp, previous_offset = -(1 << 63), -1
+        for stamp, relative in _TIME_ENTRY.iter_unpack(times):
+            offset = self.base_offset + relative
+            if stamp <= previous_stamp or offset < previous_offset:
+                raise CorruptBatchError("time index entries out of order")
+            self._time_stamps.append(stamp)
+            self._time_offsets.append(offset)
+            previous_stamp, previous_offset = stamp, offset
+        if self._time_stamps:
+            self._max_timestamp = self._time_stamps[-1]
+            self._offset_of_max_timestamp = self._time_offsets[-1]
+
+    def recover(self) -> int:
+        """Scan the whole log with CRC checks; cut the torn or corrupt tail.
+
+        Batches must be contiguous (each base offset is the previous next offset, the
+        first is the segment's base offset); the first that is not ends the valid prefix.
+        Both indexes are rebuilt from the valid prefix. Returns the bytes cut off.
+        """
+        self._check_open()
+        size = os.fstat(self._log_fd).st_size
+        data = _pread_exact(self._log_fd, size, 0)
+        self._reset_state()
+        batches = iter_batches(data)
+        valid = 0
+        for position, header in batches:
+            if header.base_offset != self._next_offset or not (
+                header.last_offset - self.base_offset <= _UINT32_MAX
+            ):
+                break
+            self._track(header, position)
+            valid = position + header.size_bytes
+        del data
+        if valid < size:
+            os.ftruncate(self._log_fd, valid)
+        # Recovered bytes may only be in the page cache, and the indexes were rewritten.
+        self.dirty = True
+        self.truncated_on_recovery = size - valid
+        self._size = valid
+        self._write_indexes()
+        self._set_rolling_base()
+        return size - valid
+
+    def _set_rolling_base(self) -> None:
+        self.rolling_base_ms = self._header_at(0).max_timestamp if self._size else None
+
+    # ------------------------------------------------------------------ truncate
+
+    def truncate_to(self, offset: int) -> int:
+        """Drop every batch at and after ``offset``, a batch boundary; returns bytes cut.
+
+        Raises ``ValueError`` when ``offset`` falls inside a batch. No-op at or past
+        ``next_offset``.
+        """
+        self._check_open()
+        if offset >= self._next_offset:
+            return 0
+        if offset <= self.base_offset:
+            if offset < self.base_offset:
+                raise ValueError(f"offset {offset} is below segment base {self.base_offset}")
+            cut = 0
+        else:
+            found = self.find_position(offset)
+            if found is None or found[1].base_offset != offset:
+                raise ValueError(f"offset {offset} is not a batch boundary")
+            cut = found[0]
+        removed = self._size - cut
+        os.ftruncate(self._log_fd, cut)
+        self._size = cut
+        self.dirty = True
+        keep = bisect.bisect_left(self._index_positions, cut)
+        del self._index_offsets[keep:]
+        del self._index_positions[keep:]
+        keep = bisect.bisect_left(self._time_offsets, offset)
+        del self._time_stamps[keep:]
+        del self._time_offsets[keep:]
+        self._max_timestamp = self._time_stamps[-1] if self._time_stamps else -1
+        self._offset_of_max_timestamp = (
+            self._time_offsets[-1] if self._time_offsets else self.base_offset
+        )
+        self._next_offset = self.base_offset
+        tail_start = self._index_positions[-1] if self._index_positions else 0
+        self._bytes_since_index_entry = 0
+        for _, header in self._scan_headers(tail_start, cut):
+            if header.max_timestamp > self._max_timestamp:
+                self._max_timestamp = header.max_timestamp
+                self._offset_of_max_timestamp = header.last_offset
+            self._next_offset = header.next_offset
+        self._bytes_since_index_entry = cut - tail_start
+        self._write_indexes()
+        if cut == 0:
+            self.rolling_base_ms = None
+        return removed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def flush(self) -> None:
+        """fsync the log and both indexes."""
+        self._check_open()
+        os.fsync(self._log_fd)
+        os.fsync(self._index_fd)
+        os.fsync(self._time_index_fd)
+        self.dirty = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._log_fd, self._index_fd, self._time_index_fd):
+            os.close(fd)
+
+    def delete(self) -> None:
+        """Close and remove the three files (the ``.log`` first: it defines the segment)."""
+        self.close()
+        for path in (self.log_path, self.index_path, self.time_index_path):
+            path.unlink(missing_ok=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"segment {self.log_path} is closed")
+
+    def __repr__(self) -> str:
+        return f"LogSegment(base={self.base_offset}, next={self._next_offset}, size={self._size})"
