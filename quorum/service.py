@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_FETCH_RECORDS = 5000
 # How long a woken metadata stream waits before reading (see FetchMetadata).
-FETCH_LINGER_S = 0.002
+FETCH_LINGER_S = 0.010
 _FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].number
 _READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
 
