@@ -182,6 +182,10 @@ class RaftMetadataLog:
         self._so._SyncObj__raftLog = self._journal
         transport = self._so._SyncObj__transport
         transport.send = raft_journal.sync_before_acks(transport.send, self._journal)
+        # pysyncobj runs tick callbacks after it has sent this tick's
+        # AppendEntries and before it polls for the answers: the leader's own
+        # sync then overlaps the followers' work instead of following it.
+        self._so.addOnTickCallback(self._journal.sync_pending)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
