@@ -83,6 +83,13 @@ class MetadataImage:
     replica_counts: immutables.Map[int, int] = field(default_factory=immutables.Map)
     preferred_leader_counts: immutables.Map[int, int] = field(default_factory=immutables.Map)
     unified_names: immutables.Map[str, str] = field(default_factory=immutables.Map)
+    # For each broker, the partitions whose ISR holds it, as (topic id,
+    # partition) keys (Kafka's BrokersToIsrs). A leader is always in its ISR,
+    # so this also finds what a broker leads. Fencing, shutdown and
+    # unfencing then cost what the broker hosts, not the whole cluster.
+    isr_index: immutables.Map[int, immutables.Map[tuple[str, int], bool]] = field(
+        default_factory=immutables.Map
+    )
 
     def topic_by_name(self, name: str) -> TopicImage | None:
         topic_id = self.topic_ids.get(name)
@@ -108,6 +115,18 @@ class MetadataImage:
         for topic in self.topics.values():
             for index, part in topic.partitions.items():
                 yield topic, index, part
+
+    def partitions_with_isr_member(
+        self, broker_id: int
+    ) -> list[tuple[TopicImage, int, PartitionRegistration]]:
+        """Partitions whose ISR holds ``broker_id``, sorted by topic name and index
+        (so that records built from them do not depend on map order)."""
+        out = []
+        for topic_id, index in self.isr_index.get(broker_id, immutables.Map()).keys():
+            topic = self.topics[topic_id]
+            out.append((topic, index, topic.partitions[index]))
+        out.sort(key=lambda item: (item[0].name, item[1]))
+        return out
 
     def partition_count(self) -> int:
         return sum(len(t.partitions) for t in self.topics.values())

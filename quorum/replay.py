@@ -127,6 +127,9 @@ class _Delta:
         self.replica_counts = _Map(image.replica_counts)
         self.preferred_leader_counts = _Map(image.preferred_leader_counts)
         self.unified_names = _Map(image.unified_names)
+        self.isr_index = _Map(image.isr_index)
+        # Per broker, the open ISR index entries this batch changes.
+        self.isr_members: dict[int, _Map] = {}
         # Partitions of the topics this batch changes, by topic id.
         self.partitions: dict[str, _Map] = {}
         self.controller_epoch = image.controller_epoch
@@ -142,6 +145,26 @@ class _Delta:
             parts = self.partitions[topic.topic_id] = _Map(topic.partitions)
         return parts
 
+    def index_isr(
+        self,
+        key: tuple[str, int],
+        old: PartitionRegistration | None,
+        new: PartitionRegistration | None,
+    ) -> None:
+        before = set(old.isr) if old is not None else set()
+        after = set(new.isr) if new is not None else set()
+        for broker in before - after:
+            self._isr_members(broker).delete(key)
+        for broker in after - before:
+            self._isr_members(broker).set(key, True)
+
+    def _isr_members(self, broker: int) -> _Map:
+        members = self.isr_members.get(broker)
+        if members is None:
+            current = self.isr_index.get(broker, immutables.Map())
+            members = self.isr_members[broker] = _Map(current)  # type: ignore[arg-type]
+        return members
+
     def count(self, part: PartitionRegistration, step: int) -> None:
         for broker in part.replicas:
             self.replica_counts.add(broker, step)
@@ -149,6 +172,13 @@ class _Delta:
             self.preferred_leader_counts.add(part.replicas[0], step)
 
     def finish(self, offset: int) -> MetadataImage:
+        for broker, members in self.isr_members.items():
+            if members.mutation is not None:
+                finished = members.finish()
+                if len(finished):
+                    self.isr_index.set(broker, finished)
+                else:
+                    self.isr_index.delete(broker)
         for topic_id, parts in self.partitions.items():
             topic = self.topic(topic_id)
             if topic is not None and parts.mutation is not None:
@@ -166,6 +196,7 @@ class _Delta:
             replica_counts=self.replica_counts.finish(),
             preferred_leader_counts=self.preferred_leader_counts.finish(),
             unified_names=self.unified_names.finish(),
+            isr_index=self.isr_index.finish(),
         )
 
 
@@ -262,8 +293,9 @@ def _remove_topic(delta: _Delta, rec: pb.RemoveTopicRecord, offset: int) -> None
         raise NotApplied(f"unknown topic id {rec.topic_id}")
     parts = delta.partitions.pop(topic.topic_id, None)
     current = topic.partitions if parts is None else parts.finish()
-    for part in current.values():
+    for index, part in current.items():
         delta.count(part, -1)
+        delta.index_isr((topic.topic_id, index), part, None)
     delta.topics.delete(rec.topic_id)
     delta.topic_ids.delete(topic.name)
     delta.unified_names.delete(unify_name(topic.name))
@@ -294,6 +326,8 @@ def _set_partition(
         if old is not None:
             delta.count(old, -1)
         delta.count(new, 1)
+    if old is None or old.isr != new.isr:
+        delta.index_isr((topic.topic_id, index), old, new)
     delta.partitions_of(topic).set(index, new)
 
 

@@ -147,7 +147,12 @@ def test_replay_never_raises_and_keeps_partition_invariants(records):
         assert part.leader == -1 or part.leader in part.isr
         replicas.update(part.replicas)
         leaders[part.replicas[0]] += 1
-    # The indexes replay keeps for placement equal a full recount.
+    # The indexes replay keeps equal a full recount.
+    isr_members: dict[int, set[tuple[str, int]]] = {}
+    for topic, index, part in image.iter_partitions():
+        for broker in part.isr:
+            isr_members.setdefault(broker, set()).add((topic.topic_id, index))
+    assert {b: set(m.keys()) for b, m in image.isr_index.items()} == isr_members
     assert dict(image.replica_counts) == dict(replicas)
     assert dict(image.preferred_leader_counts) == dict(leaders)
     assert dict(image.unified_names) == {n.replace(".", "_"): n for n in image.topic_ids.keys()}

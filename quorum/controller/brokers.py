@@ -153,7 +153,10 @@ def _heartbeat_records(
 
 
 def _leads(image: MetadataImage, broker_id: int) -> bool:
-    return any(part.leader == broker_id for _, _, part in image.iter_partitions())
+    # A leader is always in its ISR, so the broker's ISR index finds it.
+    return any(
+        part.leader == broker_id for _, _, part in image.partitions_with_isr_member(broker_id)
+    )
 
 
 def expire_sessions(

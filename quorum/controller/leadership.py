@@ -40,7 +40,7 @@ def leave_isrs(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
     """
     active = active_ids(image) - {broker_id}
     out = []
-    for topic, index, part in sorted(image.iter_partitions(), key=_partition_order):
+    for topic, index, part in image.partitions_with_isr_member(broker_id):
         if broker_id in part.isr:
             change = _without(topic.topic_id, index, part, broker_id, active)
             if change is not None:
@@ -75,15 +75,9 @@ def elect_leaderless(image: MetadataImage, broker_id: int) -> list[pb.MetadataRe
     """
     active = active_ids(image) | {broker_id}
     out = []
-    for topic, index, part in sorted(image.iter_partitions(), key=_partition_order):
+    for topic, index, part in image.partitions_with_isr_member(broker_id):
         if part.leader == NO_LEADER and broker_id in part.isr:
             leader = elect_leader(part.replicas, part.isr, active)
             if leader != NO_LEADER:
                 out.append(r.partition_change(topic.topic_id, index, leader=leader))
     return out
-
-
-def _partition_order(item: tuple) -> tuple[str, int]:
-    # Sorted so that the records, and so the log, do not depend on map order.
-    topic, index, _ = item
-    return topic.name, index
