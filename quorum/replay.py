@@ -151,12 +151,22 @@ class _Delta:
         old: PartitionRegistration | None,
         new: PartitionRegistration | None,
     ) -> None:
-        before = set(old.isr) if old is not None else set()
-        after = set(new.isr) if new is not None else set()
-        for broker in before - after:
-            self._isr_members(broker).delete(key)
-        for broker in after - before:
-            self._isr_members(broker).set(key, True)
+        # New and removed partitions are the common cases; diff only changes.
+        if old is None or new is None:
+            part = new if new is not None else old
+            assert part is not None
+            for broker in part.isr:
+                if new is None:
+                    self._isr_members(broker).delete(key)
+                else:
+                    self._isr_members(broker).set(key, True)
+            return
+        for broker in old.isr:
+            if broker not in new.isr:
+                self._isr_members(broker).delete(key)
+        for broker in new.isr:
+            if broker not in old.isr:
+                self._isr_members(broker).set(key, True)
 
     def _isr_members(self, broker: int) -> _Map:
         members = self.isr_members.get(broker)
