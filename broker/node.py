@@ -1,10 +1,11 @@
-"""The broker process: metadata follower, lifecycle and the Broker gRPC service, wired together.
+"""The broker process: metadata follower, lifecycle, data plane and the Broker gRPC service.
 
 The control plane ends in ``on_local_changes``: every metadata change that
 concerns this broker arrives there as a ``LocalChanges`` (deletes first, then
 leaders and followers), on the follower's thread, before the follower
-publishes the offset. The data plane (partition logs, replication) extends
-that hook; today it keeps the ``partitions`` map that DescribeBroker shows.
+publishes the offset. The data plane (``ReplicaManager``: partition logs,
+replication, produce and fetch) acts on it there, and keeps the
+``partitions`` map of roles that DescribeBroker shows.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from raftka.v1 import broker_pb2, broker_pb2_grpc
 
+from broker.fetcher import CHANNEL_OPTIONS
 from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
 from broker.local_changes import LocalChanges, TopicPartition, local_changes
+from broker.log_manager import LogManager
+from broker.metadata_answer import metadata_response
 from broker.metadata_follower import MetadataFollower
+from broker.replica_manager import BrokerSettings, ReplicaManager
 from client._controller import ControllerClient
 from quorum import gc_policy
-from quorum.config import NodeConfig
+from quorum.config import ConfigError, NodeConfig
 from quorum.image import MetadataImage, PartitionRegistration
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,7 @@ class BrokerNode:
         config: NodeConfig,
         *,
         controlled_shutdown_timeout_s: float = 30.0,
-        server_workers: int = 16,
+        server_workers: int | None = None,
     ):
         gc_policy.install()
         if "broker" not in config.roles:
@@ -70,7 +76,19 @@ class BrokerNode:
             self.controller_addresses, self.broker_id, on_change=self._on_metadata_change
         )
         self.lifecycle: BrokerLifecycle | None = None
-        self._server_workers = server_workers
+        if not config["log.dirs"]:
+            raise ConfigError(f"broker {config.node_id} needs log.dirs")
+        log_dirs = [Path(d.strip()) for d in str(config["log.dirs"]).split(",") if d.strip()]
+        self.settings = BrokerSettings.from_config(config)
+        self.replicas = ReplicaManager(
+            self.broker_id,
+            self.settings,
+            LogManager(log_dirs, self.settings.log_config),
+            image=lambda: self.follower.published()[0],
+            broker_epoch=lambda: -1 if self.lifecycle is None else self.lifecycle.broker_epoch,
+            alter_partition=lambda request: self.client.call("AlterPartition", request),
+        )
+        self._server_workers = server_workers or int(config["num.rpc.threads"])
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self.port = 0
@@ -89,7 +107,7 @@ class BrokerNode:
         server = grpc.server(
             self._executor,
             # Without this, gRPC on Linux lets a second process bind the same port.
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *CHANNEL_OPTIONS],
         )
         broker_pb2_grpc.add_BrokerServicer_to_server(_BrokerService(self), server)
         try:
@@ -105,6 +123,9 @@ class BrokerNode:
         self.lifecycle = BrokerLifecycle(
             self.config, self.follower, self.client, listener=(host, bound)
         )
+        # Logs are opened (and recovered) before the broker follows metadata,
+        # which is what tells it which partitions to lead and follow.
+        self.replicas.start()
         self.follower.start()
         self.lifecycle.start()
 
@@ -123,6 +144,7 @@ class BrokerNode:
             self.follower.stop()
             if self._server is not None:
                 self._server.stop(grace=1.0).wait(5.0)
+            self.replicas.stop()
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
             self.client.close()
@@ -140,10 +162,11 @@ class BrokerNode:
     ) -> None:
         changes = local_changes(old, new, self.broker_id, topic_ids)
         if changes:
-            self.on_local_changes(changes)
+            self.on_local_changes(changes, new)
 
-    def on_local_changes(self, changes: LocalChanges) -> None:
+    def on_local_changes(self, changes: LocalChanges, image: MetadataImage) -> None:
         """Act on partition changes for this broker; runs on the follower thread."""
+        self.replicas.apply(changes, image)
         partitions = dict(self.partitions)
         # Per partition at INFO for a few changes (as Kafka logs them); a bulk
         # change (a topic with many partitions, a snapshot) gets one line.
@@ -205,23 +228,13 @@ class BrokerNode:
     def describe(self) -> broker_pb2.DescribeBrokerResponse:
         image, offset = self.follower.published()
         lifecycle = self.lifecycle
-        partitions = self.partitions
         return broker_pb2.DescribeBrokerResponse(
             broker_id=self.broker_id,
             broker_epoch=-1 if lifecycle is None else lifecycle.broker_epoch,
             state=STOPPED if self._stopped.is_set() else self.state,
             metadata_offset=offset,
             controller_epoch=image.controller_epoch,
-            partitions=[
-                broker_pb2.LocalPartition(
-                    topic=p.topic,
-                    partition=p.partition,
-                    role=p.role,
-                    leader=p.registration.leader,
-                    leader_epoch=p.registration.leader_epoch,
-                )
-                for _, p in sorted(partitions.items())
-            ],
+            partitions=self.replicas.describe(),
             registrations=0 if lifecycle is None else lifecycle.registrations,
             metadata_snapshots_loaded=self.follower.snapshots_loaded,
             metadata_high_watermark=self.follower.high_watermark,
@@ -236,3 +249,24 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.DescribeBrokerRequest, context: grpc.ServicerContext
     ) -> broker_pb2.DescribeBrokerResponse:
         return self._node.describe()
+
+    def Metadata(  # noqa: N802
+        self, request: broker_pb2.MetadataRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.MetadataResponse:
+        image, offset = self._node.follower.published()
+        return metadata_response(image, offset, list(request.topics), self._node.config.cluster_id)
+
+    def Produce(  # noqa: N802
+        self, request: broker_pb2.ProduceRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ProduceResponse:
+        return self._node.replicas.produce(request)
+
+    def Fetch(  # noqa: N802
+        self, request: broker_pb2.FetchRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.FetchResponse:
+        return self._node.replicas.fetch(request)
+
+    def ListOffsets(  # noqa: N802
+        self, request: broker_pb2.ListOffsetsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ListOffsetsResponse:
+        return self._node.replicas.list_offsets(request)

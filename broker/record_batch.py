@@ -72,6 +72,7 @@ __all__ = [
     "iter_batches",
     "patch_batch",
     "read_header",
+    "set_log_append_time",
     "validate_batch",
 ]
 
@@ -298,6 +299,25 @@ def patch_batch(buf: Buffer, base_offset: int, partition_leader_epoch: int) -> b
             view[16:],
         )
     )
+
+
+_MAX_TIMESTAMP_OFFSET = 35  # attributes(2) lastOffsetDelta(4) baseTimestamp(8) after 21
+
+
+def set_log_append_time(buf: Buffer, timestamp_ms: int) -> bytes:
+    """Return ``buf`` stamped with the broker's append time (``LogAppendTime``).
+
+    As Kafka's ``setMaxTimestamp(LOG_APPEND_TIME, now)``: the timestamp-type bit is set
+    and ``maxTimestamp`` becomes ``timestamp_ms``, which then holds for every record; both
+    lie inside the CRC, so the CRC is recomputed. The records are not touched.
+    """
+    header = read_header(buf)
+    out = bytearray(buf)
+    struct.pack_into(">h", out, _ATTRIBUTES_OFFSET, header.attributes | _TIMESTAMP_TYPE_BIT)
+    struct.pack_into(">q", out, _MAX_TIMESTAMP_OFFSET, timestamp_ms)
+    crc = crc32c.crc32c(memoryview(out)[_ATTRIBUTES_OFFSET:])
+    struct.pack_into(">I", out, _CRC_OFFSET, crc)
+    return bytes(out)
 
 
 class BatchIterator(Iterator[tuple[int, BatchHeader]]):

@@ -470,10 +470,16 @@ def topic_describe(
     bootstrap: BootstrapOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Partitions of a topic (or all): leader, epochs, replicas, ISR."""
+    """Partitions of a topic (or all): leader, epochs, replicas, ISR, and the leader's
+    log start, log end and high watermark."""
     with _admin(ctx, bootstrap, directory) as admin:
         topics = admin.describe_topics([name] if name else None)
-    _emit(as_json, lambda: render.topics_json(topics), lambda: render.format_topics(topics))
+        logs = admin.describe_replica_logs()
+    _emit(
+        as_json,
+        lambda: render.topics_json(topics, logs),
+        lambda: render.format_topics(topics, logs),
+    )
 
 
 @topic_app.command("delete")

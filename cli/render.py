@@ -19,7 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.localcluster import NodeStatus
-from client.admin import ClusterInfo, LogEntry, QuorumInfo, ReplicaInfo, TopicInfo
+from client.admin import (
+    ClusterInfo,
+    LogEntry,
+    PartitionInfo,
+    QuorumInfo,
+    ReplicaInfo,
+    ReplicaLog,
+    TopicInfo,
+)
 from client.errors import RaftkaError
 from quorum.records import describe, kind, to_dict
 
@@ -209,26 +217,58 @@ def format_brokers(cluster: ClusterInfo) -> Table:
 # -- topics -----------------------------------------------------------------
 
 
-def topics_json(topics: Iterable[TopicInfo]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": t.name,
-            "topic_id": t.topic_id,
-            "configs": dict(sorted(t.configs.items())),
-            "partitions": [
-                {
-                    "partition": p.partition,
-                    "leader": p.leader,
-                    "leader_epoch": p.leader_epoch,
-                    "partition_epoch": p.partition_epoch,
-                    "replicas": list(p.replicas),
-                    "isr": list(p.isr),
-                }
-                for p in t.partitions
-            ],
-        }
-        for t in topics
-    ]
+def _leader_log(
+    logs: Mapping[tuple[str, int], Sequence[ReplicaLog]] | None, topic: str, p: PartitionInfo
+) -> ReplicaLog | None:
+    if not logs:
+        return None
+    return next((r for r in logs.get((topic, p.partition), ()) if r.broker_id == p.leader), None)
+
+
+def topics_json(
+    topics: Iterable[TopicInfo],
+    logs: Mapping[tuple[str, int], Sequence[ReplicaLog]] | None = None,
+) -> list[dict[str, Any]]:
+    out = []
+    for t in topics:
+        partitions = []
+        for p in t.partitions:
+            row: dict[str, Any] = {
+                "partition": p.partition,
+                "leader": p.leader,
+                "leader_epoch": p.leader_epoch,
+                "partition_epoch": p.partition_epoch,
+                "replicas": list(p.replicas),
+                "isr": list(p.isr),
+            }
+            if logs is not None:
+                leader_log = _leader_log(logs, t.name, p)
+                row["log_start_offset"] = (
+                    None if leader_log is None else leader_log.log_start_offset
+                )
+                row["log_end_offset"] = None if leader_log is None else leader_log.log_end_offset
+                row["high_watermark"] = None if leader_log is None else leader_log.high_watermark
+                row["replica_logs"] = [
+                    {
+                        "broker_id": r.broker_id,
+                        "role": r.role,
+                        "log_start_offset": r.log_start_offset,
+                        "log_end_offset": r.log_end_offset,
+                        "high_watermark": r.high_watermark,
+                        "size_bytes": r.size_bytes,
+                    }
+                    for r in logs.get((t.name, p.partition), ())
+                ]
+            partitions.append(row)
+        out.append(
+            {
+                "name": t.name,
+                "topic_id": t.topic_id,
+                "configs": dict(sorted(t.configs.items())),
+                "partitions": partitions,
+            }
+        )
+    return out
 
 
 def topic_list_json(topics: Iterable[TopicInfo]) -> list[dict[str, Any]]:
@@ -262,11 +302,18 @@ def format_topic_list(topics: Iterable[TopicInfo]) -> Table:
     return table
 
 
-def format_topics(topics: Iterable[TopicInfo]) -> Table:
-    """One row per partition, as ``kafka-topics --describe``."""
+def format_topics(
+    topics: Iterable[TopicInfo],
+    logs: Mapping[tuple[str, int], Sequence[ReplicaLog]] | None = None,
+) -> Table:
+    """One row per partition, as ``kafka-topics --describe``, with the leader's log
+    start, log end and high watermark when ``logs`` are given."""
     table = Table(title="topic partitions")
     table.add_column("topic")
-    for column in ("partition", "leader", "leader epoch", "replicas", "isr", "status"):
+    columns = ["partition", "leader", "leader epoch", "replicas", "isr"]
+    if logs is not None:
+        columns += ["log start", "log end", "high watermark"]
+    for column in [*columns, "status"]:
         table.add_column(column, justify="right" if column != "status" else "left")
     for t in topics:
         for p in t.partitions:
@@ -276,15 +323,25 @@ def format_topics(topics: Iterable[TopicInfo]) -> Table:
                 status = Text("under-replicated", style="yellow")
             else:
                 status = Text("ok", style="green")
-            table.add_row(
+            cells = [
                 t.name,
                 str(p.partition),
                 str(p.leader) if p.leader >= 0 else "none",
                 str(p.leader_epoch),
                 _ids(p.replicas),
                 _ids(p.isr),
-                status,
-            )
+            ]
+            if logs is not None:
+                leader_log = _leader_log(logs, t.name, p)
+                if leader_log is None:
+                    cells += ["?", "?", "?"]
+                else:
+                    cells += [
+                        str(leader_log.log_start_offset),
+                        str(leader_log.log_end_offset),
+                        str(leader_log.high_watermark),
+                    ]
+            table.add_row(*cells, status)
     return table
 
 

@@ -145,6 +145,19 @@ class QuorumInfo:
     log_start_offset: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaLog:
+    """One replica's log of a partition, as the broker that hosts it reports it."""
+
+    broker_id: int
+    role: str
+    leader_epoch: int
+    log_start_offset: int
+    log_end_offset: int
+    high_watermark: int
+    size_bytes: int
+
+
 class LogEntry(NamedTuple):
     """A committed metadata record and where it sits in the log."""
 
@@ -310,6 +323,43 @@ class Admin:
             ),
             metadata_offset=response.metadata_offset,
         )
+
+    def describe_replica_logs(
+        self, *, timeout_s: float = 3.0
+    ) -> dict[tuple[str, int], tuple[ReplicaLog, ...]]:
+        """Every hosted replica's log offsets, asked of each unfenced broker.
+
+        A broker that does not answer within ``timeout_s`` is left out (its
+        replicas are missing from the result), so one dead broker does not
+        stop the others' answers.
+        """
+        import grpc
+        from raftka.v1 import broker_pb2, broker_pb2_grpc
+
+        found: dict[tuple[str, int], list[ReplicaLog]] = {}
+        for broker in self.describe_cluster().brokers:
+            if broker.fenced or not broker.address:
+                continue
+            with grpc.insecure_channel(broker.address) as channel:
+                try:
+                    described = broker_pb2_grpc.BrokerStub(channel).DescribeBroker(
+                        broker_pb2.DescribeBrokerRequest(), timeout=timeout_s
+                    )
+                except grpc.RpcError:
+                    continue
+            for p in described.partitions:
+                found.setdefault((p.topic, p.partition), []).append(
+                    ReplicaLog(
+                        broker_id=broker.broker_id,
+                        role=p.role,
+                        leader_epoch=p.leader_epoch,
+                        log_start_offset=p.log_start_offset,
+                        log_end_offset=p.log_end_offset,
+                        high_watermark=p.high_watermark,
+                        size_bytes=p.size_bytes,
+                    )
+                )
+        return {key: tuple(sorted(logs, key=lambda r: r.broker_id)) for key, logs in found.items()}
 
     def describe_quorum(self) -> QuorumInfo:
         response = self._call("DescribeQuorum", controller_pb2.DescribeQuorumRequest())

@@ -44,6 +44,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "a broker that has not heartbeated for this long is fenced (Kafka's default)",
     ),
     "broker.heartbeat.interval.ms": (2000, "how often a broker heartbeats (Kafka's default)"),
+    "broker.connection.loss.grace.ms": (
+        500,
+        "a broker whose metadata stream drops (its process died) is fenced after this long "
+        "unless it reconnects; -1 waits for the session timeout (raftka's own, not Kafka's)",
+    ),
     "controller.election.timeout.min.ms": (
         300,
         "Raft election timeout, lower bound; low enough for sub-second failover",
@@ -90,6 +95,39 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "cluster default for topics (enforced by brokers once produce with acks=all lands)",
     ),
     "producer.id.block.size": (1000, "producer ids handed to a broker at a time"),
+    # Broker data plane. Names and defaults are Kafka's unless said otherwise.
+    "message.max.bytes": (1048588, "largest record batch a producer may send"),
+    "log.segment.bytes": (1073741824, "a segment rolls before it would grow past this size"),
+    "log.roll.ms": (604800000, "a segment rolls once it is this old (7 days)"),
+    "log.retention.ms": (604800000, "segments older than this are deleted (7 days); -1: never"),
+    "log.retention.bytes": (-1, "a partition's log is trimmed to this size; -1: no limit"),
+    "log.retention.check.interval.ms": (
+        60000,
+        "how often retention and compaction run (Kafka: 5 minutes)",
+    ),
+    "log.flush.interval.messages": (
+        0,
+        "fsync a partition after this many records; 0: leave it to the OS (Kafka's default: "
+        "durability comes from replication, see README)",
+    ),
+    "log.flush.interval.ms": (0, "fsync a partition this often; 0: never on a timer"),
+    "log.cleanup.policy": ("delete", "delete or compact, for topics that do not say"),
+    "log.cleaner.delete.retention.ms": (86400000, "tombstones survive compaction this long"),
+    "log.message.timestamp.type": ("CreateTime", "CreateTime or LogAppendTime"),
+    "replica.lag.time.max.ms": (
+        30000,
+        "a follower that has not caught up for this long leaves the ISR",
+    ),
+    "replica.fetch.max.bytes": (1048576, "bytes per partition in a follower's fetch"),
+    "replica.fetch.response.max.bytes": (10485760, "bytes in a follower's fetch answer"),
+    "replica.fetch.wait.max.ms": (500, "how long a follower's fetch waits for new data"),
+    "replica.fetch.backoff.ms": (100, "pause after a failed follower fetch"),
+    "replica.high.watermark.checkpoint.interval.ms": (
+        5000,
+        "how often high watermarks are written to replication-offset-checkpoint",
+    ),
+    "unclean.leader.election.enable": (False, "elect a replica outside the ISR as last resort"),
+    "num.rpc.threads": (64, "threads serving a broker's gRPC requests (long polls hold one)"),
 }
 
 _INT_KEYS = {k for k, (v, _) in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)}

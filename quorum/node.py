@@ -26,6 +26,7 @@ def runtime_settings(config: NodeConfig) -> RuntimeSettings:
         cluster_id=config.cluster_id,
         session_timeout_ms=config["broker.session.timeout.ms"],
         heartbeat_interval_ms=config["broker.heartbeat.interval.ms"],
+        connection_loss_grace_ms=config["broker.connection.loss.grace.ms"],
         request_timeout_s=config["controller.request.timeout.ms"] / 1000.0,
         batch_max_records=config["controller.batch.max.records"],
         max_records_per_request=config["controller.max.records.per.request"],

@@ -69,6 +69,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.request_timeout_s = request_timeout_s
         self._observers: dict[int, _Observer] = {}
         self._voter_caught_up_ms: dict[int, int] = {}
+        self._streams: dict[int, int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -164,8 +165,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         max_records = min(request.max_records or 1000, MAX_FETCH_RECORDS)
         max_wait_s = (request.max_wait_ms or 500) / 1000.0
         condition = self.raft_log.commit_condition
+        ended_here = threading.Event()
+        if request.replica_id >= 0 and self.raft_log.is_leader():
+            self._track_stream(request.replica_id, context, ended_here)
         while context.is_active() and not self._stopping.is_set():
             if not self.raft_log.is_leader():
+                ended_here.set()
                 yield cpb.FetchMetadataResponse(
                     error=common_pb2.Error(
                         code=common_pb2.NOT_CONTROLLER, message="fetch from the leader"
@@ -191,9 +196,35 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             if code != common_pb2.NONE:
                 response.error.code = code
                 response.error.message = f"offset {offset} outside [{start}, {high_watermark}]"
+                ended_here.set()
                 yield response
                 return
             yield response
+
+    def _track_stream(self, broker_id: int, context: Any, ended_here: threading.Event) -> None:
+        """Tell the runtime when a broker's last metadata stream drops from its side.
+
+        A stream that reaches its deadline was ended by the broker's own timer
+        (it reconnects at once) and is not a loss; one that ends well before it,
+        without the server ending it, is: the broker's process died or its
+        connection broke. Streams are counted, so a reconnect that overtakes
+        the old stream's end does not leave the broker suspect.
+        """
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        with self._lock:
+            self._streams[broker_id] = self._streams.get(broker_id, 0) + 1
+            self.runtime.broker_connection(broker_id, opened=True)
+
+        def on_done() -> None:
+            with self._lock:
+                left = self._streams.get(broker_id, 1) - 1
+                self._streams[broker_id] = left
+                early = deadline is None or time.monotonic() < deadline - 0.25
+                if left == 0 and early and not ended_here.is_set() and not self._stopping.is_set():
+                    self.runtime.broker_connection(broker_id, opened=False)
+
+        context.add_callback(on_done)
 
     def _observe(self, replica_id: int, next_offset: int, high_watermark: int) -> None:
         if replica_id < 0:

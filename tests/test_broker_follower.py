@@ -537,9 +537,10 @@ def test_controlled_shutdown_times_out_without_controller(make_cluster, make_bro
 # -- BrokerNode ----------------------------------------------------------------
 
 
-def test_broker_node_serves_describe_and_tracks_leadership(make_cluster, cleanup):
+def test_broker_node_serves_describe_and_tracks_leadership(make_cluster, cleanup, tmp_path):
     cluster = make_cluster(base_records(topics=2), controllers=(10, 11))
-    node = BrokerNode(broker_config(cluster), controlled_shutdown_timeout_s=5.0)
+    config = broker_config(cluster, **{"log.dirs": str(tmp_path / "data")})
+    node = BrokerNode(config, controlled_shutdown_timeout_s=5.0)
     node.start()
     cleanup(lambda: node.stop(controlled=False))
     channel = grpc.insecure_channel(f"127.0.0.1:{node.port}")

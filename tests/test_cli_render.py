@@ -24,6 +24,7 @@ from client.admin import (
     PartitionInfo,
     QuorumInfo,
     ReplicaInfo,
+    ReplicaLog,
     TopicInfo,
 )
 from client.errors import error_for
@@ -188,6 +189,15 @@ class FakeAdmin:
     def list_topics(self) -> list[str]:
         return sorted(self.topics)
 
+    def describe_replica_logs(self):
+        self.calls.append(("describe_replica_logs", None))
+        return {
+            ("orders", 0): (
+                ReplicaLog(100, "leader", 3, 5, 42, 40, 4096),
+                ReplicaLog(101, "follower", 3, 5, 40, 40, 4000),
+            )
+        }
+
     def create_topic(self, name, num_partitions=-1, replication_factor=-1, configs=None, **kw):
         self.calls.append(("create_topic", (name, num_partitions, replication_factor, configs)))
         if name in self.topics:
@@ -250,7 +260,16 @@ def test_topic_describe_json(cli):
     (topic,) = json.loads(result.stdout)
     assert [p["partition"] for p in topic["partitions"]] == [0, 1, 2]
     assert set(topic["partitions"][0]) >= {"partition", "leader", "replicas", "isr", "leader_epoch"}
-    assert cli.admins[0].calls == [("describe_topics", ["orders"])]
+    first, second, _ = topic["partitions"]
+    # The leader's own log gives the partition's offsets; every replica is listed.
+    assert (first["log_start_offset"], first["log_end_offset"], first["high_watermark"]) == (
+        5,
+        42,
+        40,
+    )
+    assert [r["broker_id"] for r in first["replica_logs"]] == [100, 101]
+    assert second["high_watermark"] is None and second["replica_logs"] == []
+    assert cli.admins[0].calls == [("describe_topics", ["orders"]), ("describe_replica_logs", None)]
 
 
 def test_topic_create_parses_configs(cli):

@@ -30,6 +30,32 @@ def test_a_touch_renews_the_session():
     assert manager.metadata_offset(1) == 3
 
 
+def test_a_dropped_connection_expires_the_session_after_the_grace():
+    manager = BrokerHeartbeatManager(session_timeout_ms=9_000)
+    manager.touch(1, 5, now_ms=0, metadata_offset=0)
+    manager.touch(2, 6, now_ms=0, metadata_offset=0)
+    manager.connection_lost(1, now_ms=1_000, grace_ms=500)
+    assert manager.expired(1_500) == []
+    assert manager.expired(1_501) == [(1, 5)]
+
+
+def test_a_broker_that_reconnects_or_heartbeats_within_the_grace_stays():
+    manager = BrokerHeartbeatManager(session_timeout_ms=9_000)
+    manager.touch(1, 5, now_ms=0, metadata_offset=0)
+    manager.touch(2, 6, now_ms=0, metadata_offset=0)
+    manager.connection_lost(1, now_ms=1_000, grace_ms=500)
+    manager.connection_opened(1)
+    manager.connection_lost(2, now_ms=1_000, grace_ms=500)
+    manager.touch(2, 6, now_ms=1_200, metadata_offset=0)
+    assert manager.expired(2_000) == []
+    # A negative grace keeps Kafka's behaviour: only the session timeout fences.
+    manager.connection_lost(1, now_ms=2_000, grace_ms=-1)
+    assert manager.expired(8_999) == []
+    # An unknown broker has no session to make suspect.
+    manager.connection_lost(7, now_ms=2_000, grace_ms=0)
+    assert manager.expired(3_000) == []
+
+
 def test_reset_all_gives_every_unfenced_broker_a_fresh_session():
     cluster = Cluster()
     cluster.start_brokers(1, 2, 3)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.record_batch import (
+    BatchHeader,
     BatchTooLargeError,
+    Compression,
+    CorruptBatchError,
     Record,
+    TimestampType,
     encode_batch,
     iter_batches,
     patch_batch,
@@ -19,13 +24,16 @@ from broker.record_batch import (
 from broker.storage import (
     LOG_START_CHECKPOINT,
     RECOVERY_POINT_CHECKPOINT,
+    CorruptCheckpointError,
     LogConfig,
     LogSegment,
     OffsetOutOfRangeError,
     PartitionLog,
     read_offset_checkpoint,
+    read_partition_offsets,
     segment_file_name,
     write_offset_checkpoint,
+    write_partition_offsets,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -247,7 +255,9 @@ def test_out_of_range(tmp_path: Path) -> None:
         assert read_header(log.read(start, 1)).base_offset == start - 1
 
 
-def test_truncate_to_every_batch_boundary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside", [0, 1, 2])
+def test_truncate_to_every_batch_boundary(tmp_path: Path, inside: int) -> None:
+    """Truncating at a batch's base, or inside it (Kafka: cut at the batch's start)."""
     pristine = tmp_path / "pristine"
     with PartitionLog(pristine, SMALL) as log:
         batches = fill(log, 25, records=3, value_bytes=30)
@@ -256,12 +266,7 @@ def test_truncate_to_every_batch_boundary(tmp_path: Path) -> None:
         work = tmp_path / f"t{k}"
         shutil.copytree(pristine, work)
         log = PartitionLog(work, SMALL)
-        # Mid-batch offsets are refused and change nothing.
-        for mid in (base + 1, base + 2):
-            with pytest.raises(ValueError, match="boundary"):
-                log.truncate_to(mid)
-            assert log.log_end_offset == 75
-        removed = log.truncate_to(base)
+        removed = log.truncate_to(base + inside)
         assert removed == sum(map(len, batches[k:]))
         assert log.log_end_offset == base
         assert read_all(log) == b"".join(batches[:k])
@@ -515,3 +520,201 @@ def test_torn_or_corrupt_tail_recovers_preceding_batches(
         mutated = bytearray(full)
         mutated[i] ^= 0x5A
         check(bytes(mutated), f"byte {i} flipped")
+
+
+# --------------------------------------------------------------------------- follower append
+
+
+def leader_log(path: Path, count: int, config: LogConfig = SMALL) -> list[bytes]:
+    """A leader's log of ``count`` 2-record batches stamped with epochs 0, 0, 1, 1, ..."""
+    with PartitionLog(path, config) as log:
+        batches = []
+        for i in range(count):
+            batch = patch_batch(make_batch(0, records=2, ts=1000 + i), 2 * i, i // 2)
+            log.append(batch, now_ms=0)
+            batches.append(batch)
+    return batches
+
+
+def test_append_batches_copies_the_leader(tmp_path: Path) -> None:
+    batches = leader_log(tmp_path / "leader", 20)
+    with PartitionLog(tmp_path / "follower", SMALL) as log:
+        assert log.append_batches(b"") == 0
+        assert log.append_batches(b"".join(batches[:7]), now_ms=0) == 14
+        assert log.append_batches(b"".join(batches[7:]), now_ms=0) == 40
+        assert len(log.segments) > 3
+        assert read_all(log) == b"".join(batches)
+        assert log.leader_epoch_cache.entries() == [(e, 4 * e) for e in range(10)]
+    with PartitionLog(tmp_path / "follower", SMALL) as log:
+        assert read_all(log) == b"".join(batches)
+
+
+def test_append_batches_is_all_or_nothing(tmp_path: Path) -> None:
+    """A bad second batch (CRC, torn, gap, overlap) appends nothing, not even the first."""
+    batches = leader_log(tmp_path / "leader", 6)
+    bad_crc = bytearray(batches[2])
+    bad_crc[-1] ^= 0x01
+    bad_magic = bytearray(batches[2])
+    bad_magic[16] = 1
+    second_batches: dict[str, tuple[bytes, type[Exception], str]] = {
+        "CRC": (bytes(bad_crc), CorruptBatchError, "CRC"),
+        "magic": (bytes(bad_magic), CorruptBatchError, "magic"),
+        "torn": (batches[2][:-3], CorruptBatchError, "needs"),
+        "gap": (batches[3], ValueError, "batch 1 starts at offset 6, expected 4"),
+        "overlap": (batches[1], ValueError, "batch 1 starts at offset 2, expected 4"),
+    }
+    with PartitionLog(tmp_path / "follower", SMALL) as log:
+        log.append_batches(batches[0], now_ms=0)
+        before = read_all(log)
+        for name, (second, error, message) in second_batches.items():
+            with pytest.raises(error, match=message):
+                log.append_batches(batches[1] + second, now_ms=0)
+            assert log.log_end_offset == 2, name
+            assert read_all(log) == before, name
+            assert log.leader_epoch_cache.entries() == [(0, 0)], name
+        with pytest.raises(ValueError, match="expected 2"):
+            log.append_batches(batches[0])
+        assert log.append_batches(b"".join(batches[1:]), now_ms=0) == 12
+        assert log.leader_epoch_cache.entries() == [(0, 0), (1, 4), (2, 8)]
+    with PartitionLog(tmp_path / "tiny", LogConfig(segment_bytes=100)) as log:
+        with pytest.raises(BatchTooLargeError):
+            log.append_batches(batches[0])
+        assert log.log_end_offset == 0
+
+
+def test_append_batches_undoes_a_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = leader_log(tmp_path / "leader", 8)
+    with PartitionLog(tmp_path / "follower", SMALL) as log:
+        log.append_batches(batches[0], now_ms=0)
+        calls = 0
+        original = LogSegment.append
+
+        def failing(self: LogSegment, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+            nonlocal calls
+            calls += 1
+            if calls == 4:
+                raise OSError("disk full")
+            return original(self, batch, now_ms)
+
+        monkeypatch.setattr(LogSegment, "append", failing)
+        with pytest.raises(OSError, match="disk full"):
+            log.append_batches(b"".join(batches[1:]), now_ms=0)
+        monkeypatch.undo()
+        assert log.log_end_offset == 2
+        assert read_all(log) == batches[0]
+        assert log.leader_epoch_cache.entries() == [(0, 0)]
+
+
+# --------------------------------------------------------------------------- consumer reads
+
+
+def test_read_up_to_max_offset(tmp_path: Path) -> None:
+    with PartitionLog(tmp_path, SMALL) as log:
+        batches = fill(log, 12, records=3)  # batch k holds [3k, 3k + 3)
+        first = log.segments[0]
+        in_first = first.next_offset // 3
+        assert log.read(0, 1 << 20, max_offset=0) == b""
+        assert log.read(0, 1 << 20, max_offset=2) == b""  # the first batch straddles 2
+        assert log.read(0, 1 << 20, max_offset=3) == batches[0]
+        assert log.read(1, 1 << 20, max_offset=8) == batches[0] + batches[1]
+        assert log.read(0, 1 << 20, max_offset=1000) == b"".join(batches[:in_first])
+        assert log.read(0, 1, max_offset=1000) == batches[0]  # KIP-74 still holds
+        assert log.read(6, 1 << 20, max_offset=6) == b""
+        assert log.read(36, 1 << 20, max_offset=36) == b""
+        assert (
+            log.read(first.next_offset, 1 << 20, max_offset=first.next_offset + 3)
+            == (batches[in_first])
+        )
+        with pytest.raises(OffsetOutOfRangeError):
+            log.read(37, 100, max_offset=40)
+
+
+def timed_batch(base_offset: int, stamps: list[int], **kwargs: Any) -> bytes:
+    records = [Record(b"k%d" % i, b"v", timestamp_ms=ts) for i, ts in enumerate(stamps)]
+    return patch_batch(encode_batch(records, **kwargs), base_offset, 0)
+
+
+def test_offset_for_timestamp(tmp_path: Path) -> None:
+    """Against a brute force of Kafka's rule, for every target around every timestamp.
+
+    Record timestamps are out of order within and across batches, and the log spans
+    several segments with sparse time indexes.
+    """
+    config = LogConfig(segment_bytes=400, index_interval_bytes=50)
+    pattern = [[100, 300, 200], [250, 260], [400, 350, 500], [500, 600], [50, 700]]
+    batches = [[t + 1000 * round_ for t in stamps] for round_ in range(3) for stamps in pattern]
+    records: list[tuple[int, int]] = []  # (offset, timestamp)
+    spans: list[list[tuple[int, int]]] = []  # the records of each batch
+    with PartitionLog(tmp_path, config) as log:
+        for stamps in batches:
+            base = log.log_end_offset
+            log.append(timed_batch(base, stamps))
+            spans.append([(base + i, ts) for i, ts in enumerate(stamps)])
+            records += spans[-1]
+        assert len(log.segments) > 3
+        for target in sorted({ts + d for _, ts in records for d in (-1, 0, 1)}):
+            # Kafka: the first batch whose max timestamp reaches the target, then the first
+            # of its records that does.
+            span = next((s for s in spans if max(ts for _, ts in s) >= target), None)
+            expected = next(r for r in span if r[1] >= target) if span else None
+            assert log.offset_for_timestamp(target) == expected, target
+        largest = max(ts for _, ts in records)
+        assert log.max_timestamp_offset() == next(r for r in records if r[1] == largest)
+
+
+def test_offset_for_timestamp_respects_log_start(tmp_path: Path) -> None:
+    with PartitionLog(tmp_path) as log:
+        log.append(timed_batch(0, [10, 20, 30]))
+        log.append(timed_batch(3, [40]))
+        assert log.offset_for_timestamp(15) == (1, 20)
+        log.delete_before(2)
+        assert log.offset_for_timestamp(15) == (2, 30)
+        assert log.offset_for_timestamp(41) is None
+        assert log.max_timestamp_offset() == (3, 40)
+
+
+def test_timestamps_of_compressed_and_log_append_time_batches(tmp_path: Path) -> None:
+    with PartitionLog(tmp_path) as log:
+        assert log.offset_for_timestamp(0) is None
+        assert log.max_timestamp_offset() is None
+        log.append(timed_batch(0, [10, 90, 30], compression=Compression.ZSTD))
+        log.append(
+            timed_batch(
+                3,
+                [1, 2],
+                timestamp_type=TimestampType.LOG_APPEND_TIME,
+                max_timestamp=50,
+            )
+        )
+        assert log.offset_for_timestamp(20) == (1, 90)
+        assert log.offset_for_timestamp(91) is None
+        assert log.max_timestamp_offset() == (1, 90)
+        log.append(timed_batch(5, [5, 95, 95]))
+        assert log.max_timestamp_offset() == (6, 95)
+    with PartitionLog(tmp_path) as log:
+        assert log.max_timestamp_offset() == (6, 95)
+
+
+# --------------------------------------------------------------------------- partition offsets
+
+
+def test_partition_offsets_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "replication-offset-checkpoint"
+    assert read_partition_offsets(path) == {}
+    offsets = {("orders", 1): 987, ("orders", 0): 1234, ("__consumer_offsets", 7): 0}
+    write_partition_offsets(path, offsets)
+    assert path.read_text() == "0\n3\n__consumer_offsets 7 0\norders 0 1234\norders 1 987\n"
+    assert read_partition_offsets(path) == offsets
+    write_partition_offsets(path, {})
+    assert read_partition_offsets(path) == {}
+    with pytest.raises(ValueError, match="whitespace"):
+        write_partition_offsets(path, {("bad topic", 0): 1})
+    with pytest.raises(ValueError, match="negative"):
+        write_partition_offsets(path, {("t", 0): -1})
+    assert read_partition_offsets(path) == {}  # A refused write leaves the old file.
+    for bad in ("0\n1\nt 0\n", "0\n1\nt x 5\n", "0\n2\nt 0 5\nt 0 6\n", "1\n0\n", "0\n1\n"):
+        path.write_text(bad)
+        with pytest.raises(CorruptCheckpointError, match="replication-offset-checkpoint"):
+            read_partition_offsets(path)

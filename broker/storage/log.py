@@ -19,6 +19,26 @@ rebuilt. If a segment before the last is cut, later segments follow a hole and a
 
 ``log_start_offset`` (first offset a reader may fetch) is persisted in
 ``log-start-offset-checkpoint`` when retention or ``delete_before`` moves it.
+
+Leader epochs
+-------------
+``leader_epoch_cache`` (``broker.storage.leader_epoch``) records where each leader epoch
+starts. As in Kafka's ``UnifiedLog``, every append (leader or follower) whose batch epoch
+is above the latest cached one adds an entry at the batch's base offset; truncating the
+tail truncates the cache from the end, moving the log start truncates it from the start.
+On open the checkpoint is read and the batches of every recovered segment are replayed
+into it (a crash may have hit between an append and its checkpoint write); without a
+readable checkpoint the cache is rebuilt from all batch headers. It is then truncated at
+the log start and the log end, as Kafka's ``LogLoader`` does.
+
+Segment swaps (compaction)
+--------------------------
+``replace_segments`` swaps a run of segments for one cleaned file, with Kafka's
+crash-safe renames: the cleaner writes ``<base>.log.cleaned``; renaming it to
+``<base>.log.swap`` is the commit point; then the old segments are deleted and the swap
+file is renamed to ``<base>.log``. On open, ``.cleaned`` files (an unfinished clean) are
+deleted and ``.swap`` files (a committed swap) are completed: the segments they cover are
+deleted and the file is renamed into place.
 """
 
 from __future__ import annotations
@@ -28,22 +48,37 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from broker.record_batch import BatchHeader, BatchTooLargeError, read_header
+from broker.record_batch import (
+    BatchHeader,
+    BatchTooLargeError,
+    CorruptBatchError,
+    iter_batches,
+    read_header,
+)
 from broker.storage.checkpoint import (
+    CorruptCheckpointError,
     fsync_dir,
     read_offset_checkpoint,
     write_offset_checkpoint,
 )
-from broker.storage.segment import LogSegment
+from broker.storage.leader_epoch import (
+    LEADER_EPOCH_CHECKPOINT,
+    UNDEFINED_EPOCH,
+    EpochEntry,
+    LeaderEpochCache,
+)
+from broker.storage.segment import LogSegment, scan_batch_file, segment_file_name
 
 __all__ = [
+    "CLEANED_SUFFIX",
     "LOG_START_CHECKPOINT",
     "RECOVERY_POINT_CHECKPOINT",
+    "SWAP_SUFFIX",
     "LogConfig",
     "OffsetOutOfRangeError",
     "PartitionLog",
@@ -53,9 +88,15 @@ logger = logging.getLogger(__name__)
 
 RECOVERY_POINT_CHECKPOINT = "recovery-point-offset-checkpoint"
 LOG_START_CHECKPOINT = "log-start-offset-checkpoint"
+CLEANED_SUFFIX = ".cleaned"
+"""Suffix of a cleaned segment being written: ``<base>.log.cleaned`` (not yet committed)."""
+SWAP_SUFFIX = ".swap"
+"""Suffix of a committed cleaned segment whose swap into the log may be unfinished."""
 _SEGMENT_LOG = re.compile(r"^(\d{20})\.log$")
+_SWAP_LOG = re.compile(r"^(\d{20})\.log\.swap$")
 _INDEX_SUFFIXES = (".index", ".timeindex")
 _INT32_MAX = (1 << 31) - 1
+_UINT32_MAX = (1 << 32) - 1
 
 _SegmentPredicate = Callable[[LogSegment], bool]
 
@@ -103,6 +144,29 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _check_cleaned_file(path: Path, base_offset: int, next_offset: int) -> None:
+    """A cleaned segment must be whole and cover exactly [base_offset, next_offset)."""
+    expected = base_offset
+    size = 0
+    for _, header, batch in scan_batch_file(path):
+        if header.base_offset != expected:
+            raise ValueError(
+                f"{path}: batch at offset {header.base_offset} where {expected} was expected"
+            )
+        expected = header.next_offset
+        size += len(batch)
+        if header.last_offset - base_offset > _UINT32_MAX or size > _UINT32_MAX:
+            raise ValueError(f"{path}: offsets or size exceed one segment's range")
+    if expected != next_offset:
+        raise ValueError(f"{path}: ends at offset {expected}, the segments at {next_offset}")
+
+
+def _delete_segment_files(directory: Path, base_offset: int) -> None:
+    """Remove a closed segment's files, the ``.log`` first: it defines the segment."""
+    for suffix in (".log", *_INDEX_SUFFIXES):
+        (directory / segment_file_name(base_offset, suffix)).unlink(missing_ok=True)
+
+
 class PartitionLog:
     """The log of one partition replica in ``directory``; see the module docstring.
 
@@ -121,6 +185,8 @@ class PartitionLog:
         self._recovery_point = 0
         self._checkpointed_recovery_point: int | None = None  # What the file holds.
         self._log_start_offset = 0
+        self.leader_epoch_cache = LeaderEpochCache(self.directory / LEADER_EPOCH_CHECKPOINT)
+        """Where each leader epoch starts in this log; see the module docstring."""
         try:
             self._load()
         except BaseException:
@@ -131,6 +197,7 @@ class PartitionLog:
     # ------------------------------------------------------------------ open
 
     def _load(self) -> None:
+        self._finish_interrupted_swaps()
         bases: list[int] = []
         for entry in os.listdir(self.directory):
             path = self.directory / entry
@@ -152,6 +219,7 @@ class PartitionLog:
         self._checkpointed_recovery_point = checkpoint
         recovery_point = checkpoint if checkpoint is not None else 0
         start_checkpoint = read_offset_checkpoint(self.directory / LOG_START_CHECKPOINT)
+        first_recovered: int | None = None
         for i, base in enumerate(bases):
             is_last = i == len(bases) - 1
             needs_recovery = is_last or bases[i + 1] > recovery_point
@@ -162,6 +230,8 @@ class PartitionLog:
                 recover=needs_recovery,
             )
             self._add_segment(segment)
+            if needs_recovery and first_recovered is None:
+                first_recovered = i
             if segment.truncated_on_recovery and not is_last:
                 logger.warning(
                     "%s: segment %d had a corrupt tail; deleting %d later segments",
@@ -184,8 +254,72 @@ class PartitionLog:
             fsync_dir(self.directory)
         first_base = self._segments[0].base_offset
         self._log_start_offset = min(max(start_checkpoint or 0, first_base), self.log_end_offset)
+        self._load_leader_epoch_cache(first_recovered if first_recovered is not None else 0)
         # Recovered bytes may exist only in the page cache: make them durable now.
         self.flush()
+
+    def _load_leader_epoch_cache(self, first_recovered: int) -> None:
+        """Read the checkpoint, replay recovered segments into it, cut it to the log.
+
+        ``first_recovered`` is the slot of the first segment opened by a full scan; the
+        checkpoint may lack the epochs of its batches. A missing or unreadable checkpoint
+        is rebuilt from every segment (the batch headers carry all it records).
+        """
+        path = self.directory / LEADER_EPOCH_CHECKPOINT
+        loaded: list[EpochEntry] | None = None
+        try:
+            if path.exists():
+                loaded = LeaderEpochCache.load(path).entries()
+        except CorruptCheckpointError as e:
+            logger.warning("%s; rebuilding it from the log", e)
+        entries = list(loaded) if loaded is not None else []
+        latest = entries[-1].epoch if entries else UNDEFINED_EPOCH
+        for segment in self._segments[first_recovered if loaded is not None else 0 :]:
+            for _, header in segment.batches():
+                if header.partition_leader_epoch > latest:
+                    latest = header.partition_leader_epoch
+                    entries.append(EpochEntry(latest, header.base_offset))
+        cache = LeaderEpochCache(path, entries)
+        # As Kafka's LogLoader: entries before the start or past the recovered end are
+        # stale. The end goes last so that no entry starts at or past it, even when the log
+        # is empty (start == end), which makes the result what the batches alone give.
+        cache.truncate_from_start(self._log_start_offset)
+        cache.truncate_from_end(self.log_end_offset)
+        if cache.entries() != loaded:
+            cache.flush()
+        self.leader_epoch_cache = cache
+
+    def _finish_interrupted_swaps(self) -> None:
+        """Discard uncommitted cleaned files and complete committed swaps (see the module
+        docstring). A ``.swap`` file that is not whole raises ``CorruptBatchError``: it was
+        fsynced before its commit rename, so this is disk corruption, not a crash."""
+        changed = False
+        swaps: list[tuple[int, Path]] = []
+        for entry in sorted(os.listdir(self.directory)):
+            path = self.directory / entry
+            if entry.endswith(CLEANED_SUFFIX):
+                logger.info("%s: deleting %s of an unfinished clean", self.directory, entry)
+                path.unlink(missing_ok=True)
+                changed = True
+            match = _SWAP_LOG.match(entry)
+            if match:
+                swaps.append((int(match.group(1)), path))
+        for base, swap in swaps:
+            end = base
+            for _, header, _ in scan_batch_file(swap):
+                end = header.next_offset
+            logger.info("%s: completing the swap of %s (to offset %d)", self.directory, swap, end)
+            for entry in os.listdir(self.directory):
+                match = _SEGMENT_LOG.match(entry)
+                # The segment at the swap's base and every one it covers were replaced.
+                if match and (base <= int(match.group(1)) < max(end, base + 1)):
+                    _delete_segment_files(self.directory, int(match.group(1)))
+            for suffix in _INDEX_SUFFIXES:  # Indexes of the replaced segment at ``base``.
+                (self.directory / segment_file_name(base, suffix)).unlink(missing_ok=True)
+            os.replace(swap, self.directory / segment_file_name(base, ".log"))
+            changed = True
+        if changed:
+            fsync_dir(self.directory)
 
     def _add_segment(self, segment: LogSegment) -> None:
         self._segments.append(segment)
@@ -219,6 +353,11 @@ class PartitionLog:
     def active_segment(self) -> LogSegment:
         return self._segments[-1]
 
+    @property
+    def latest_epoch(self) -> int:
+        """The newest leader epoch in the epoch cache; -1 when it is empty."""
+        return self.leader_epoch_cache.latest_epoch
+
     # ------------------------------------------------------------------ append
 
     def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
@@ -226,30 +365,95 @@ class PartitionLog:
 
         Rolls first when the batch would push the active segment past ``segment_bytes``
         or ``segment_ms`` has passed since its first append. ``now_ms`` defaults to the
-        wall clock. Returns the batch header.
+        wall clock. A batch epoch above the latest cached one starts a new epoch-cache
+        entry. Returns the batch header.
         """
         self._check_open()
-        now = _now_ms() if now_ms is None else now_ms
         header = read_header(batch)
         if header.base_offset != self.log_end_offset:
             raise ValueError(
                 f"batch base offset {header.base_offset} != log end offset {self.log_end_offset}"
             )
+        self._check_batch_size(header)
+        self._append_checked(batch, header, _now_ms() if now_ms is None else now_ms)
+        return header
+
+    def append_batches(self, data: bytes, now_ms: int | None = None) -> int:
+        """Append batches that already carry their offsets (a follower copying its leader).
+
+        ``data`` is whole batches back to back, as a leader's fetch response holds them.
+        Every batch is checked before anything is written: magic 2, CRC-32C, size, and
+        offsets contiguous with this log (the first base offset is ``log_end_offset``, each
+        next one follows the previous batch's last offset). Any failure raises
+        (``CorruptBatchError``, ``BatchTooLargeError`` or ``ValueError``) and appends
+        nothing. Batches are stored as they are (header-level only; records are never
+        decoded), rolling segments as ``append`` does. If a write fails part way, the
+        batches already written are truncated away again. Returns the new log end offset.
+        """
+        self._check_open()
+        checked = self._check_replica_batches(data)
+        now = _now_ms() if now_ms is None else now_ms
+        end_before = self.log_end_offset
+        try:
+            for position, header in checked:
+                self._append_checked(data[position : position + header.size_bytes], header, now)
+        except BaseException:
+            self._undo_appends(end_before)
+            raise
+        return self.log_end_offset
+
+    def _check_replica_batches(self, data: bytes) -> list[tuple[int, BatchHeader]]:
+        batches = iter_batches(data)
+        found = list(batches)
+        if batches.error is not None:
+            raise CorruptBatchError(f"batch {len(found)} of the data: {batches.error}")
+        expected = self.log_end_offset
+        for index, (_, header) in enumerate(found):
+            if header.base_offset != expected:
+                raise ValueError(
+                    f"batch {index} starts at offset {header.base_offset}, expected {expected} "
+                    f"(log end offset {self.log_end_offset}): not contiguous"
+                )
+            if header.last_offset_delta < 0:
+                raise CorruptBatchError(
+                    f"batch {index} has lastOffsetDelta {header.last_offset_delta}"
+                )
+            self._check_batch_size(header)
+            expected = header.next_offset
+        return found
+
+    def _check_batch_size(self, header: BatchHeader) -> None:
         if header.size_bytes > self.config.segment_bytes:
             raise BatchTooLargeError(
                 f"batch of {header.size_bytes} bytes exceeds segment_bytes "
                 f"{self.config.segment_bytes}"
             )
-        if self._should_roll(header, now):
+
+    def _append_checked(self, batch: bytes, header: BatchHeader, now_ms: int) -> None:
+        """Roll if due, write, update the epoch cache, flush per the policy."""
+        if self._should_roll(header, now_ms):
             self.roll()
-        self.active_segment.append(batch, now)
+        self.active_segment.append(batch, now_ms)
+        epoch = header.partition_leader_epoch
+        # As Kafka, leader and follower appends alike; only a newer epoch is assigned (the
+        # rule of Kafka's LogSegment.recover), so a stray older one never rewrites the cache.
+        if epoch > self.leader_epoch_cache.latest_epoch:
+            self.leader_epoch_cache.assign(epoch, header.base_offset)
         self._unflushed_messages += header.records_count
         config = self.config
         if (
             config.flush_messages is not None and self._unflushed_messages >= config.flush_messages
-        ) or (config.flush_ms is not None and now - self._last_flush_ms >= config.flush_ms):
-            self.flush(now)
-        return header
+        ) or (config.flush_ms is not None and now_ms - self._last_flush_ms >= config.flush_ms):
+            self.flush(now_ms)
+
+    def _undo_appends(self, log_end_offset: int) -> None:
+        """Best effort after a failed write: cut back to ``log_end_offset``."""
+        if self._closed or self.log_end_offset <= log_end_offset:
+            return
+        try:
+            self.truncate_to(log_end_offset)
+        except Exception:
+            logger.exception("%s: cannot undo a partial append", self.directory)
 
     def _should_roll(self, header: BatchHeader, now_ms: int) -> bool:
         active = self.active_segment
@@ -282,34 +486,72 @@ class PartitionLog:
 
     # ------------------------------------------------------------------ read
 
-    def read(self, offset: int, max_bytes: int) -> bytes:
+    def read(self, offset: int, max_bytes: int, max_offset: int | None = None) -> bytes:
         """Whole batches from the one containing ``offset``, from a single segment.
 
         At most ``max_bytes``, except that the first batch is always whole (KIP-74).
-        Empty at ``log_end_offset``; ``OffsetOutOfRangeError`` outside
-        ``[log_start_offset, log_end_offset]``.
+        ``max_offset`` (a consumer's bound, the high watermark) limits the result to
+        batches whose last offset is below it; a batch straddling it is not returned.
+        Empty when nothing qualifies, e.g. at ``log_end_offset``;
+        ``OffsetOutOfRangeError`` outside ``[log_start_offset, log_end_offset]``.
         """
         self._check_open()
         if offset < self._log_start_offset or offset > self.log_end_offset:
             raise OffsetOutOfRangeError(offset, self._log_start_offset, self.log_end_offset)
+        if max_offset is not None and offset >= max_offset:
+            return b""
         slot = max(bisect.bisect_right(self._bases, offset) - 1, 0)
         for segment in self._segments[slot:]:
-            data = segment.read(offset, max_bytes)
-            if data:
+            data = segment.read(offset, max_bytes, max_offset)
+            if data or segment.next_offset > offset:
                 return data
         return b""
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """``(offset, timestamp)`` of the first record with timestamp ``>= timestamp_ms``.
+
+        ListOffsets by time, as Kafka's ``fetchOffsetByTimestamp``: the first segment whose
+        largest timestamp reaches the target, its time index, then batch headers; only the
+        one batch found is decoded to return the exact record. Records below
+        ``log_start_offset`` are skipped. None when no record qualifies.
+        """
+        self._check_open()
+        for segment in self._segments:
+            if segment.max_timestamp_ms >= timestamp_ms:
+                found = segment.find_offset_by_timestamp(timestamp_ms, self._log_start_offset)
+                if found is not None:
+                    return found
+        return None
+
+    def max_timestamp_offset(self) -> tuple[int, int] | None:
+        """``(offset, timestamp)`` of the record with the largest timestamp (ListOffsets
+        spec -3, ``MAX_TIMESTAMP``); the first such record on ties. None when empty."""
+        self._check_open()
+        best: LogSegment | None = None
+        for segment in self._segments:
+            if not segment.is_empty and (
+                best is None or segment.max_timestamp_ms > best.max_timestamp_ms
+            ):
+                best = segment
+        return best.max_timestamp_offset() if best is not None else None
 
     # ------------------------------------------------------------------ truncate
 
     def truncate_to(self, offset: int) -> int:
         """Drop everything at and after ``offset`` (a follower matching its leader).
 
-        ``offset`` must be a batch boundary (``ValueError`` otherwise, and nothing
-        changes) and not below ``log_start_offset``; at or past ``log_end_offset`` this is a
-        no-op. Whole segments are deleted and one is cut. Returns the bytes removed.
+        As Kafka's ``truncateTo``, an ``offset`` inside a batch cuts at the start of that
+        batch, so ``log_end_offset`` may end below ``offset``; callers read it afterwards.
+        ``offset`` must not be below ``log_start_offset`` (``ValueError``, nothing
+        changes); if the cut lands below it, the log start follows the log end. Whole
+        segments are deleted and one is cut. The epoch cache is truncated at the new log
+        end, and so is it when ``offset`` is at or past the log end (KAFKA-10706: a leader
+        that wrote nothing leaves an entry at the log end that may conflict with the new
+        leader's). Returns the bytes removed.
         """
         self._check_open()
         if offset >= self.log_end_offset:
+            self.leader_epoch_cache.truncate_from_end(self.log_end_offset)
             return 0
         if offset < self._log_start_offset:
             raise ValueError(
@@ -318,10 +560,6 @@ class PartitionLog:
             )
         slot = max(bisect.bisect_right(self._bases, offset) - 1, 0)
         target = self._segments[slot]
-        if offset != target.base_offset:
-            found = target.find_position(offset)
-            if found is None or found[1].base_offset != offset:
-                raise ValueError(f"offset {offset} is not a batch boundary")
         removed = 0
         # Keep the segment the offset falls in, even when it becomes empty, so the log
         # always has an active segment whose base is at or below the log end offset.
@@ -332,12 +570,19 @@ class PartitionLog:
         del self._bases[slot + 1 :]
         removed += target.truncate_to(offset)
         fsync_dir(self.directory)
-        self._recovery_point = min(self._recovery_point, offset)
+        log_end = self.log_end_offset
+        self.leader_epoch_cache.truncate_from_end(log_end)
+        if log_end < self._log_start_offset:
+            self._set_log_start_offset(log_end)
+        self._recovery_point = min(self._recovery_point, log_end)
         self.flush()
         return removed
 
     def truncate_fully_and_start_at(self, offset: int) -> None:
-        """Delete every segment and restart empty at ``offset`` (start and end)."""
+        """Delete every segment and restart empty at ``offset`` (start and end).
+
+        The epoch cache is cleared.
+        """
         self._check_open()
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -345,6 +590,7 @@ class PartitionLog:
             segment.delete()
         self._segments.clear()
         self._bases.clear()
+        self.leader_epoch_cache.clear()
         self._add_segment(
             LogSegment.open(
                 self.directory, offset, index_interval_bytes=self.config.index_interval_bytes
@@ -360,7 +606,9 @@ class PartitionLog:
     def delete_before(self, offset: int) -> list[int]:
         """Advance ``log_start_offset`` to ``offset`` and delete segments wholly below it.
 
-        Never deletes the active segment. Returns the base offsets of deleted segments.
+        Never deletes the active segment. The epoch cache is truncated from the start (the
+        entry covering ``offset`` now starts there). Returns the base offsets of deleted
+        segments.
         """
         self._check_open()
         if offset > self.log_end_offset:
@@ -421,8 +669,82 @@ class PartitionLog:
         return deleted
 
     def _set_log_start_offset(self, offset: int) -> None:
+        """Move and persist the log start; the epoch cache forgets what lies below it."""
         self._log_start_offset = offset
         write_offset_checkpoint(self.directory / LOG_START_CHECKPOINT, offset)
+        self.leader_epoch_cache.truncate_from_start(offset)
+
+    # ------------------------------------------------------------------ compaction
+
+    def cleaned_path(self, base_offset: int) -> Path:
+        """Where a cleaner writes the segment that will replace those from ``base_offset``."""
+        return self.directory / (segment_file_name(base_offset, ".log") + CLEANED_SUFFIX)
+
+    def replace_segments(self, old: Sequence[LogSegment], cleaned: Path) -> LogSegment:
+        """Swap the consecutive, non-active segments ``old`` for the file ``cleaned``.
+
+        ``cleaned`` must be ``cleaned_path(old[0].base_offset)``, holding whole batches
+        that cover exactly the offsets of ``old`` (contiguous from the first base offset to
+        the last segment's next offset): compaction rewrites batches but never moves or
+        drops offsets. It is checked (CRC, contiguity) and fsynced; a bad file is deleted
+        and raises ``ValueError`` or ``CorruptBatchError`` with the log unchanged.
+
+        Then, crash-safe as Kafka's ``replaceSegments``: rename to ``.swap`` (the commit
+        point; an open completes the swap from there), delete the old segments, rename the
+        swap file to ``<base>.log``, rebuild its indexes. A failure after the commit point
+        closes this log and re-raises: reopening it finishes the swap. Returns the new
+        segment, which takes the place of ``old``.
+        """
+        self._check_open()
+        slot = self._check_replaceable(old)
+        base, end = old[0].base_offset, old[-1].next_offset
+        try:
+            if cleaned != self.cleaned_path(base):
+                raise ValueError(f"{cleaned} is not {self.cleaned_path(base)}")
+            _check_cleaned_file(cleaned, base, end)
+            fd = os.open(cleaned, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            cleaned.unlink(missing_ok=True)
+            raise
+        swap = cleaned.with_name(segment_file_name(base, ".log") + SWAP_SUFFIX)
+        os.replace(cleaned, swap)
+        fsync_dir(self.directory)  # Committed: an open from here on completes the swap.
+        try:
+            for segment in old:
+                segment.delete()
+            os.replace(swap, self.directory / segment_file_name(base, ".log"))
+            fsync_dir(self.directory)
+            segment = LogSegment.open(
+                self.directory, base, index_interval_bytes=self.config.index_interval_bytes
+            )
+            segment.flush()
+        except BaseException:
+            logger.exception("%s: segment swap failed; closing the log", self.directory)
+            self._close_segments()
+            raise
+        self._segments[slot : slot + len(old)] = [segment]
+        self._bases[slot : slot + len(old)] = [base]
+        return segment
+
+    def _check_replaceable(self, old: Sequence[LogSegment]) -> int:
+        """The slot of ``old`` in this log; ``ValueError`` unless it may be replaced."""
+        if not old:
+            raise ValueError("no segments to replace")
+        try:
+            slot = next(i for i, s in enumerate(self._segments) if s is old[0])
+        except StopIteration:
+            raise ValueError(f"{old[0]!r} is not a segment of {self!r}") from None
+        if any(a is not b for a, b in zip(self._segments[slot:], old, strict=False)) or (
+            slot + len(old) > len(self._segments)
+        ):
+            raise ValueError(f"{list(old)} are not consecutive segments of {self!r}")
+        if slot + len(old) == len(self._segments):
+            raise ValueError("the active segment cannot be replaced")
+        return slot
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -448,9 +770,12 @@ class PartitionLog:
         try:
             self.flush()
         finally:
-            self._closed = True
-            for segment in self._segments:
-                segment.close()
+            self._close_segments()
+
+    def _close_segments(self) -> None:
+        self._closed = True
+        for segment in self._segments:
+            segment.close()
 
     def __enter__(self) -> PartitionLog:
         return self

@@ -25,17 +25,19 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from broker.record_batch import (
     RECORD_BATCH_OVERHEAD,
     BatchHeader,
     CorruptBatchError,
+    decode_records,
     iter_batches,
     read_header,
 )
 
-__all__ = ["LogSegment", "segment_file_name"]
+__all__ = ["LogSegment", "scan_batch_file", "segment_file_name"]
 
 _OFFSET_ENTRY = struct.Struct(">II")
 _TIME_ENTRY = struct.Struct(">qI")
@@ -45,6 +47,31 @@ _UINT32_MAX = (1 << 32) - 1
 def segment_file_name(base_offset: int, suffix: str) -> str:
     """``00000000000000000042.log`` for base offset 42 and suffix ``.log``."""
     return f"{base_offset:020d}{suffix}"
+
+
+def scan_batch_file(path: Path) -> Iterator[tuple[int, BatchHeader, bytes]]:
+    """``(position, header, batch)`` for each batch of a segment-format file, one at a time.
+
+    Every batch is CRC-checked; a torn or corrupt one raises ``CorruptBatchError`` naming
+    the file. Used for files that must be whole (cleaned segments before and during the
+    swap), not for recovery, which cuts a bad tail instead.
+    """
+    with open(path, "rb") as f:
+        position = 0
+        while True:
+            head = f.read(RECORD_BATCH_OVERHEAD)
+            if not head:
+                return
+            try:
+                header = read_header(head)
+                batch = head + f.read(max(header.size_bytes - len(head), 0))
+                checked = iter_batches(batch)
+                if next(checked, None) is None or checked.valid_bytes != len(batch):
+                    raise checked.error or CorruptBatchError("not a whole batch")
+            except CorruptBatchError as e:
+                raise CorruptBatchError(f"{path}: batch at position {position}: {e}") from None
+            yield position, header, batch
+            position += len(batch)
 
 
 def _open_fd(path: Path) -> int:
@@ -260,25 +287,99 @@ class LogSegment:
             position += header.size_bytes
         return None
 
-    def read(self, offset: int, max_bytes: int) -> bytes:
+    def read(self, offset: int, max_bytes: int, max_offset: int | None = None) -> bytes:
         """Whole batches from the one containing ``offset``, up to ``max_bytes``.
 
         The first batch is returned even when it alone exceeds ``max_bytes`` (KIP-74), so
-        a consumer can always make progress. Empty when ``offset >= next_offset``.
+        a consumer can always make progress. With ``max_offset`` (a consumer's high
+        watermark), only batches that end below it are returned: reading stops before the
+        first batch whose ``next_offset`` exceeds it. Empty when nothing qualifies.
         """
-        if offset >= self._next_offset:
+        limit = self._next_offset if max_offset is None else min(max_offset, self._next_offset)
+        if offset >= limit:
             return b""
         found = self.find_position(offset)
-        if found is None:
+        if found is None or found[1].next_offset > limit:
             return b""
         start, header = found
         end = start + header.size_bytes
         while end < self._size:
             header = self._header_at(end)
-            if end + header.size_bytes - start > max_bytes:
+            if end + header.size_bytes - start > max_bytes or header.next_offset > limit:
                 break
             end += header.size_bytes
         return _pread_exact(self._log_fd, end - start, start)
+
+    def batches(self, start_position: int = 0) -> Iterator[tuple[int, BatchHeader]]:
+        """``(position, header)`` of each batch from ``start_position`` on, headers only.
+
+        Reads one header per batch, so memory stays small for any segment size. The
+        segment must not change while the iterator is in use.
+        """
+        self._check_open()
+        position = start_position
+        while position < self._size:
+            header = self._header_at(position)
+            yield position, header
+            position += header.size_bytes
+
+    def read_batch(self, position: int, header: BatchHeader) -> bytes:
+        """The whole batch at ``position`` whose header is ``header``."""
+        self._check_open()
+        data = _pread_exact(self._log_fd, header.size_bytes, position)
+        if len(data) != header.size_bytes:
+            raise CorruptBatchError(f"{self.log_path}: batch at {position} is cut short")
+        return data
+
+    # ------------------------------------------------------------------ timestamps
+
+    def find_offset_by_timestamp(
+        self, timestamp_ms: int, starting_offset: int = 0
+    ) -> tuple[int, int] | None:
+        """``(offset, timestamp)`` of the first record at or after ``starting_offset`` whose
+        timestamp is ``>= timestamp_ms``; None when the segment has none.
+
+        Kafka's ``LogSegment.findOffsetByTimestamp``: the time index gives where to start
+        (its last entry with a timestamp ``<= timestamp_ms`` points at the first batch that
+        reached that timestamp; every earlier batch has a smaller max), batch headers are
+        scanned for the first whose max timestamp reaches the target, and only that batch's
+        records are decoded. If none of them qualifies at or after ``starting_offset`` (the
+        log start may fall inside the batch), the scan goes on.
+        """
+        self._check_open()
+        if self._max_timestamp < timestamp_ms:
+            return None
+        slot = bisect.bisect_right(self._time_stamps, timestamp_ms) - 1
+        from_offset = self._time_offsets[slot] if slot >= 0 else self.base_offset
+        position = self._lookup(max(from_offset, starting_offset))
+        for batch_position, header in self.batches(position):
+            if header.max_timestamp < timestamp_ms or header.next_offset <= starting_offset:
+                continue
+            for record in decode_records(self.read_batch(batch_position, header)):
+                offset = header.base_offset + record.offset_delta
+                if record.timestamp_ms >= timestamp_ms and offset >= starting_offset:
+                    return offset, record.timestamp_ms
+        return None
+
+    def max_timestamp_offset(self) -> tuple[int, int] | None:
+        """``(offset, timestamp)`` of the first record carrying the segment's largest
+        timestamp (ListOffsets ``MAX_TIMESTAMP``, KAFKA-16310); None when empty.
+
+        The batch that first reached the maximum is decoded. If its records no longer
+        hold that timestamp (compaction removed the record), the batch's last offset is
+        returned with the header's timestamp.
+        """
+        self._check_open()
+        if self._size == 0:
+            return None
+        found = self.find_position(self._offset_of_max_timestamp)
+        if found is None:
+            return None
+        position, header = found
+        for record in decode_records(self.read_batch(position, header)):
+            if record.timestamp_ms == header.max_timestamp:
+                return header.base_offset + record.offset_delta, record.timestamp_ms
+        return header.last_offset, header.max_timestamp
 
     # ------------------------------------------------------------------ open / recover
 
@@ -391,23 +492,23 @@ class LogSegment:
     # ------------------------------------------------------------------ truncate
 
     def truncate_to(self, offset: int) -> int:
-        """Drop every batch at and after ``offset``, a batch boundary; returns bytes cut.
+        """Drop every batch at and after ``offset``; returns the bytes cut.
 
-        Raises ``ValueError`` when ``offset`` falls inside a batch. No-op at or past
-        ``next_offset``.
+        As Kafka's ``LogSegment.truncateTo``: when ``offset`` falls inside a batch the
+        whole batch goes, so ``next_offset`` becomes that batch's base offset, which is
+        below ``offset``. No-op at or past ``next_offset``; ``ValueError`` below the
+        segment's base offset.
         """
         self._check_open()
         if offset >= self._next_offset:
             return 0
-        if offset <= self.base_offset:
-            if offset < self.base_offset:
-                raise ValueError(f"offset {offset} is below segment base {self.base_offset}")
-            cut = 0
-        else:
-            found = self.find_position(offset)
-            if found is None or found[1].base_offset != offset:
-                raise ValueError(f"offset {offset} is not a batch boundary")
-            cut = found[0]
+        if offset < self.base_offset:
+            raise ValueError(f"offset {offset} is below segment base {self.base_offset}")
+        found = self.find_position(offset)
+        if found is None:  # Impossible for base <= offset < next_offset.
+            raise CorruptBatchError(f"{self.log_path}: no batch holds offset {offset}")
+        cut, cut_header = found
+        new_next_offset = cut_header.base_offset
         removed = self._size - cut
         os.ftruncate(self._log_fd, cut)
         self._size = cut
@@ -415,7 +516,7 @@ class LogSegment:
         keep = bisect.bisect_left(self._index_positions, cut)
         del self._index_offsets[keep:]
         del self._index_positions[keep:]
-        keep = bisect.bisect_left(self._time_offsets, offset)
+        keep = bisect.bisect_left(self._time_offsets, new_next_offset)
         del self._time_stamps[keep:]
         del self._time_offsets[keep:]
         self._max_timestamp = self._time_stamps[-1] if self._time_stamps else -1

@@ -72,6 +72,9 @@ class RuntimeSettings:
     # timeout, so such a request is refused (split it) instead.
     max_records_per_request: int = 20_000
     session_check_interval_s: float = 0.1
+    # How long a broker whose metadata stream dropped has to come back before
+    # it is fenced; negative: wait for the session timeout as Kafka does.
+    connection_loss_grace_ms: int = 500
     defaults: dict[str, int] = field(
         default_factory=lambda: {
             "num.partitions": 1,
@@ -153,6 +156,23 @@ class ControllerRuntime:
         future: Future[Any] = Future()
         self.log.call_soon(lambda: self._handle(kind, request, future))
         return future
+
+    def broker_connection(self, broker_id: int, opened: bool) -> None:
+        """A broker's metadata stream opened or dropped (from any thread)."""
+        self.log.call_soon(lambda: self._broker_connection(broker_id, opened))
+
+    def _broker_connection(self, broker_id: int, opened: bool) -> None:
+        if not self.active:
+            return
+        if opened:
+            self.sessions.connection_opened(broker_id)
+        elif broker_id in self.sessions:
+            log.info("broker %d dropped its metadata stream", broker_id)
+            self.sessions.connection_lost(
+                broker_id,
+                int(self._monotonic() * 1000),
+                self.settings.connection_loss_grace_ms,
+            )
 
     def response_type(self, kind: str) -> type:
         return self._handlers[kind][1]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from raftka.v1 import common_pb2 as raftka_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16raftka/v1/broker.proto\x12\traftka.v1\x1a\x16raftka/v1/common.proto\"\x17\n\x15\x44\x65scribeBrokerRequest\"f\n\x0eLocalPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x05 \x01(\x05\"\xae\x02\n\x16\x44\x65scribeBrokerResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x11\n\tbroker_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62roker_epoch\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\x12\x17\n\x0fmetadata_offset\x18\x05 \x01(\x03\x12\x18\n\x10\x63ontroller_epoch\x18\x06 \x01(\x03\x12-\n\npartitions\x18\x07 \x03(\x0b\x32\x19.raftka.v1.LocalPartition\x12\x15\n\rregistrations\x18\x08 \x01(\x05\x12!\n\x19metadata_snapshots_loaded\x18\t \x01(\x05\x12\x1f\n\x17metadata_high_watermark\x18\n \x01(\x03\x32_\n\x06\x42roker\x12U\n\x0e\x44\x65scribeBroker\x12 .raftka.v1.DescribeBrokerRequest\x1a!.raftka.v1.DescribeBrokerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16raftka/v1/broker.proto\x12\traftka.v1\x1a\x16raftka/v1/common.proto\"\x17\n\x15\x44\x65scribeBrokerRequest\"\xd1\x01\n\x0eLocalPartition\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x05 \x01(\x05\x12\x18\n\x10log_start_offset\x18\x06 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x07 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x08 \x01(\x03\x12\x0b\n\x03isr\x18\t \x03(\x05\x12\x12\n\nsize_bytes\x18\n \x01(\x03\"\xae\x02\n\x16\x44\x65scribeBrokerResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x11\n\tbroker_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62roker_epoch\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\x12\x17\n\x0fmetadata_offset\x18\x05 \x01(\x03\x12\x18\n\x10\x63ontroller_epoch\x18\x06 \x01(\x03\x12-\n\npartitions\x18\x07 \x03(\x0b\x32\x19.raftka.v1.LocalPartition\x12\x15\n\rregistrations\x18\x08 \x01(\x05\x12!\n\x19metadata_snapshots_loaded\x18\t \x01(\x05\x12\x1f\n\x17metadata_high_watermark\x18\n \x01(\x03\"!\n\x0fMetadataRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\"M\n\x0e\x42rokerEndpoint\x12\x11\n\tbroker_id\x18\x01 \x01(\x05\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x0c\n\x04rack\x18\x04 \x01(\t\"\xa6\x01\n\x11PartitionMetadata\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x0e\n\x06leader\x18\x03 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x04 \x01(\x05\x12\x10\n\x08replicas\x18\x05 \x03(\x05\x12\x0b\n\x03isr\x18\x06 \x03(\x05\x12\x18\n\x10offline_replicas\x18\x07 \x03(\x05\"\x82\x01\n\rTopicMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08topic_id\x18\x02 \x01(\t\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x30\n\npartitions\x18\x04 \x03(\x0b\x32\x1c.raftka.v1.PartitionMetadata\"\xac\x01\n\x10MetadataResponse\x12*\n\x07\x62rokers\x18\x01 \x03(\x0b\x32\x19.raftka.v1.BrokerEndpoint\x12(\n\x06topics\x18\x02 \x03(\x0b\x32\x18.raftka.v1.TopicMetadata\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x15\n\rcontroller_id\x18\x04 \x01(\x05\x12\x17\n\x0fmetadata_offset\x18\x05 \x01(\x03\";\n\x10LeaderIdAndEpoch\x12\x11\n\tleader_id\x18\x01 \x01(\x05\x12\x14\n\x0cleader_epoch\x18\x02 \x01(\x05\"_\n\x0eProduceRequest\x12\x0c\n\x04\x61\x63ks\x18\x01 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x05\x12+\n\x06topics\x18\x03 \x03(\x0b\x32\x1b.raftka.v1.TopicProduceData\"V\n\x10TopicProduceData\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x33\n\npartitions\x18\x02 \x03(\x0b\x32\x1f.raftka.v1.PartitionProduceData\":\n\x14PartitionProduceData\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0f\n\x07records\x18\x02 \x01(\x0c\"B\n\x0fProduceResponse\x12/\n\x06topics\x18\x01 \x03(\x0b\x32\x1f.raftka.v1.TopicProduceResponse\"^\n\x14TopicProduceResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x37\n\npartitions\x18\x02 \x03(\x0b\x32#.raftka.v1.PartitionProduceResponse\"\xce\x01\n\x18PartitionProduceResponse\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x13\n\x0b\x62\x61se_offset\x18\x03 \x01(\x03\x12\x1a\n\x12log_append_time_ms\x18\x04 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12\x33\n\x0e\x63urrent_leader\x18\x06 \x01(\x0b\x32\x1b.raftka.v1.LeaderIdAndEpoch\"\x9b\x01\n\x0c\x46\x65tchRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12\x15\n\rreplica_epoch\x18\x02 \x01(\x03\x12\x13\n\x0bmax_wait_ms\x18\x03 \x01(\x05\x12\x11\n\tmin_bytes\x18\x04 \x01(\x05\x12\x11\n\tmax_bytes\x18\x05 \x01(\x05\x12%\n\x06topics\x18\x06 \x03(\x0b\x32\x15.raftka.v1.FetchTopic\"\\\n\nFetchTopic\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x08topic_id\x18\x02 \x01(\t\x12-\n\npartitions\x18\x03 \x03(\x0b\x32\x19.raftka.v1.FetchPartition\"\xaa\x01\n\x0e\x46\x65tchPartition\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1c\n\x14\x63urrent_leader_epoch\x18\x02 \x01(\x05\x12\x14\n\x0c\x66\x65tch_offset\x18\x03 \x01(\x03\x12\x1a\n\x12last_fetched_epoch\x18\x04 \x01(\x05\x12\x18\n\x10log_start_offset\x18\x05 \x01(\x03\x12\x1b\n\x13partition_max_bytes\x18\x06 \x01(\x05\"_\n\rFetchResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.raftka.v1.Error\x12-\n\x06topics\x18\x02 \x03(\x0b\x32\x1d.raftka.v1.FetchTopicResponse\"Z\n\x12\x46\x65tchTopicResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x35\n\npartitions\x18\x02 \x03(\x0b\x32!.raftka.v1.FetchPartitionResponse\"3\n\x0e\x45pochEndOffset\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x12\n\nend_offset\x18\x02 \x01(\x03\"\x90\x02\n\x16\x46\x65tchPartitionResponse\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x16\n\x0ehigh_watermark\x18\x03 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x04 \x01(\x03\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x03\x12\x32\n\x0f\x64iverging_epoch\x18\x06 \x01(\x0b\x32\x19.raftka.v1.EpochEndOffset\x12\x33\n\x0e\x63urrent_leader\x18\x07 \x01(\x0b\x32\x1b.raftka.v1.LeaderIdAndEpoch\x12\x0f\n\x07records\x18\x08 \x01(\x0c\"U\n\x12ListOffsetsRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\x05\x12+\n\x06topics\x18\x02 \x03(\x0b\x32\x1b.raftka.v1.ListOffsetsTopic\"V\n\x10ListOffsetsTopic\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x33\n\npartitions\x18\x02 \x03(\x0b\x32\x1f.raftka.v1.ListOffsetsPartition\"Z\n\x14ListOffsetsPartition\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1c\n\x14\x63urrent_leader_epoch\x18\x02 \x01(\x05\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\"J\n\x13ListOffsetsResponse\x12\x33\n\x06topics\x18\x01 \x03(\x0b\x32#.raftka.v1.ListOffsetsTopicResponse\"f\n\x18ListOffsetsTopicResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12;\n\npartitions\x18\x02 \x03(\x0b\x32\'.raftka.v1.ListOffsetsPartitionResponse\"\x8b\x01\n\x1cListOffsetsPartitionResponse\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.raftka.v1.Error\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x14\n\x0cleader_epoch\x18\x05 \x01(\x05\x32\xf0\x02\n\x06\x42roker\x12U\n\x0e\x44\x65scribeBroker\x12 .raftka.v1.DescribeBrokerRequest\x1a!.raftka.v1.DescribeBrokerResponse\x12\x43\n\x08Metadata\x12\x1a.raftka.v1.MetadataRequest\x1a\x1b.raftka.v1.MetadataResponse\x12@\n\x07Produce\x12\x19.raftka.v1.ProduceRequest\x1a\x1a.raftka.v1.ProduceResponse\x12:\n\x05\x46\x65tch\x12\x17.raftka.v1.FetchRequest\x1a\x18.raftka.v1.FetchResponse\x12L\n\x0bListOffsets\x12\x1d.raftka.v1.ListOffsetsRequest\x1a\x1e.raftka.v1.ListOffsetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DESCRIBEBROKERREQUEST']._serialized_start=61
   _globals['_DESCRIBEBROKERREQUEST']._serialized_end=84
-  _globals['_LOCALPARTITION']._serialized_start=86
-  _globals['_LOCALPARTITION']._serialized_end=188
-  _globals['_DESCRIBEBROKERRESPONSE']._serialized_start=191
-  _globals['_DESCRIBEBROKERRESPONSE']._serialized_end=493
-  _globals['_BROKER']._serialized_start=495
-  _globals['_BROKER']._serialized_end=590
+  _globals['_LOCALPARTITION']._serialized_start=87
+  _globals['_LOCALPARTITION']._serialized_end=296
+  _globals['_DESCRIBEBROKERRESPONSE']._serialized_start=299
+  _globals['_DESCRIBEBROKERRESPONSE']._serialized_end=601
+  _globals['_METADATAREQUEST']._serialized_start=603
+  _globals['_METADATAREQUEST']._serialized_end=636
+  _globals['_BROKERENDPOINT']._serialized_start=638
+  _globals['_BROKERENDPOINT']._serialized_end=715
+  _globals['_PARTITIONMETADATA']._serialized_start=718
+  _globals['_PARTITIONMETADATA']._serialized_end=884
+  _globals['_TOPICMETADATA']._serialized_start=887
+  _globals['_TOPICMETADATA']._serialized_end=1017
+  _globals['_METADATARESPONSE']._serialized_start=1020
+  _globals['_METADATARESPONSE']._serialized_end=1192
+  _globals['_LEADERIDANDEPOCH']._serialized_start=1194
+  _globals['_LEADERIDANDEPOCH']._serialized_end=1253
+  _globals['_PRODUCEREQUEST']._serialized_start=1255
+  _globals['_PRODUCEREQUEST']._serialized_end=1350
+  _globals['_TOPICPRODUCEDATA']._serialized_start=1352
+  _globals['_TOPICPRODUCEDATA']._serialized_end=1438
+  _globals['_PARTITIONPRODUCEDATA']._serialized_start=1440
+  _globals['_PARTITIONPRODUCEDATA']._serialized_end=1498
+  _globals['_PRODUCERESPONSE']._serialized_start=1500
+  _globals['_PRODUCERESPONSE']._serialized_end=1566
+  _globals['_TOPICPRODUCERESPONSE']._serialized_start=1568
+  _globals['_TOPICPRODUCERESPONSE']._serialized_end=1662
+  _globals['_PARTITIONPRODUCERESPONSE']._serialized_start=1665
+  _globals['_PARTITIONPRODUCERESPONSE']._serialized_end=1871
+  _globals['_FETCHREQUEST']._serialized_start=1874
+  _globals['_FETCHREQUEST']._serialized_end=2029
+  _globals['_FETCHTOPIC']._serialized_start=2031
+  _globals['_FETCHTOPIC']._serialized_end=2123
+  _globals['_FETCHPARTITION']._serialized_start=2126
+  _globals['_FETCHPARTITION']._serialized_end=2296
+  _globals['_FETCHRESPONSE']._serialized_start=2298
+  _globals['_FETCHRESPONSE']._serialized_end=2393
+  _globals['_FETCHTOPICRESPONSE']._serialized_start=2395
+  _globals['_FETCHTOPICRESPONSE']._serialized_end=2485
+  _globals['_EPOCHENDOFFSET']._serialized_start=2487
+  _globals['_EPOCHENDOFFSET']._serialized_end=2538
+  _globals['_FETCHPARTITIONRESPONSE']._serialized_start=2541
+  _globals['_FETCHPARTITIONRESPONSE']._serialized_end=2813
+  _globals['_LISTOFFSETSREQUEST']._serialized_start=2815
+  _globals['_LISTOFFSETSREQUEST']._serialized_end=2900
+  _globals['_LISTOFFSETSTOPIC']._serialized_start=2902
+  _globals['_LISTOFFSETSTOPIC']._serialized_end=2988
+  _globals['_LISTOFFSETSPARTITION']._serialized_start=2990
+  _globals['_LISTOFFSETSPARTITION']._serialized_end=3080
+  _globals['_LISTOFFSETSRESPONSE']._serialized_start=3082
+  _globals['_LISTOFFSETSRESPONSE']._serialized_end=3156
+  _globals['_LISTOFFSETSTOPICRESPONSE']._serialized_start=3158
+  _globals['_LISTOFFSETSTOPICRESPONSE']._serialized_end=3260
+  _globals['_LISTOFFSETSPARTITIONRESPONSE']._serialized_start=3263
+  _globals['_LISTOFFSETSPARTITIONRESPONSE']._serialized_end=3402
+  _globals['_BROKER']._serialized_start=3405
+  _globals['_BROKER']._serialized_end=3773
 # @@protoc_insertion_point(module_scope)

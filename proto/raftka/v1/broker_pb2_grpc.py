@@ -39,12 +39,57 @@ class BrokerStub:
                 request_serializer=raftka_dot_v1_dot_broker__pb2.DescribeBrokerRequest.SerializeToString,
                 response_deserializer=raftka_dot_v1_dot_broker__pb2.DescribeBrokerResponse.FromString,
                 _registered_method=True)
+        self.Metadata = channel.unary_unary(
+                '/raftka.v1.Broker/Metadata',
+                request_serializer=raftka_dot_v1_dot_broker__pb2.MetadataRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_broker__pb2.MetadataResponse.FromString,
+                _registered_method=True)
+        self.Produce = channel.unary_unary(
+                '/raftka.v1.Broker/Produce',
+                request_serializer=raftka_dot_v1_dot_broker__pb2.ProduceRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_broker__pb2.ProduceResponse.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/raftka.v1.Broker/Fetch',
+                request_serializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
+                _registered_method=True)
+        self.ListOffsets = channel.unary_unary(
+                '/raftka.v1.Broker/ListOffsets',
+                request_serializer=raftka_dot_v1_dot_broker__pb2.ListOffsetsRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_broker__pb2.ListOffsetsResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def DescribeBroker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Metadata(self, request, context):
+        """Brokers, topics and partition leaders as this broker's metadata image has them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Produce(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOffsets(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +102,26 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.DescribeBroker,
                     request_deserializer=raftka_dot_v1_dot_broker__pb2.DescribeBrokerRequest.FromString,
                     response_serializer=raftka_dot_v1_dot_broker__pb2.DescribeBrokerResponse.SerializeToString,
+            ),
+            'Metadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metadata,
+                    request_deserializer=raftka_dot_v1_dot_broker__pb2.MetadataRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_broker__pb2.MetadataResponse.SerializeToString,
+            ),
+            'Produce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Produce,
+                    request_deserializer=raftka_dot_v1_dot_broker__pb2.ProduceRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_broker__pb2.ProduceResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.SerializeToString,
+            ),
+            'ListOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOffsets,
+                    request_deserializer=raftka_dot_v1_dot_broker__pb2.ListOffsetsRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_broker__pb2.ListOffsetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +151,114 @@ class Broker:
             '/raftka.v1.Broker/DescribeBroker',
             raftka_dot_v1_dot_broker__pb2.DescribeBrokerRequest.SerializeToString,
             raftka_dot_v1_dot_broker__pb2.DescribeBrokerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftka.v1.Broker/Metadata',
+            raftka_dot_v1_dot_broker__pb2.MetadataRequest.SerializeToString,
+            raftka_dot_v1_dot_broker__pb2.MetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Produce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftka.v1.Broker/Produce',
+            raftka_dot_v1_dot_broker__pb2.ProduceRequest.SerializeToString,
+            raftka_dot_v1_dot_broker__pb2.ProduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftka.v1.Broker/Fetch',
+            raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
+            raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftka.v1.Broker/ListOffsets',
+            raftka_dot_v1_dot_broker__pb2.ListOffsetsRequest.SerializeToString,
+            raftka_dot_v1_dot_broker__pb2.ListOffsetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

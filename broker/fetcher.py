@@ -1,0 +1,253 @@
+"""Followers pull from leaders: one fetcher thread per leader broker.
+
+A fetcher keeps one long-poll Fetch in flight to its leader covering every
+partition this broker follows there, with the follower's log end offset as
+the fetch offset (which is also how the leader learns what the follower has)
+and the epoch of its last batch, so the leader can answer a divergence
+(KIP-320): the follower then cuts its log and fetches again. When the set of
+partitions changes, the call in flight is cancelled and a new one goes out at
+once, so a new follower starts replicating without waiting out a long poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
+
+from broker.partition import Partition, PartitionError
+
+log = logging.getLogger(__name__)
+
+GRPC_MESSAGE_BYTES = 128 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
+]
+
+_BACKOFF_CODES = {
+    common_pb2.NOT_LEADER_OR_FOLLOWER,
+    common_pb2.FENCED_LEADER_EPOCH,
+    common_pb2.UNKNOWN_LEADER_EPOCH,
+    common_pb2.UNKNOWN_TOPIC_OR_PARTITION,
+    common_pb2.UNKNOWN_TOPIC_ID,
+    common_pb2.KAFKA_STORAGE_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FetcherSettings:
+    max_wait_ms: int = 500
+    partition_max_bytes: int = 1048576
+    response_max_bytes: int = 10485760
+    backoff_ms: int = 100
+
+
+@dataclass(slots=True)
+class _Entry:
+    partition: Partition
+    leader_epoch: int
+    delayed_until: float = 0.0
+
+
+class ReplicaFetcher:
+    """Replicates the partitions this broker follows from one leader broker."""
+
+    def __init__(
+        self,
+        broker_id: int,
+        broker_epoch: Callable[[], int],
+        source_id: int,
+        address: str,
+        settings: FetcherSettings,
+    ):
+        self.broker_id = broker_id
+        self.source_id = source_id
+        self.address = address
+        self.settings = settings
+        self._broker_epoch = broker_epoch
+        self._entries: dict[tuple[str, int], _Entry] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        self._thread = threading.Thread(
+            target=self._run, name=f"fetcher-{broker_id}-from-{source_id}", daemon=True
+        )
+        self.fetches = 0
+        self._last_rpc_error: object = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self._channel.close()
+
+    def add(self, partition: Partition, leader_epoch: int) -> None:
+        with self._lock:
+            self._entries[(partition.topic, partition.index)] = _Entry(partition, leader_epoch)
+        self._wake.set()
+
+    def remove(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            removed = self._entries.pop(key, None) is not None
+        if removed:
+            self._wake.set()
+        return removed
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._entries
+
+    # ------------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._fetch_once()
+            except Exception:  # The loop must survive anything one answer brings.
+                log.exception("fetcher %d<-%d failed; backing off", self.broker_id, self.source_id)
+                self._stopped.wait(self.settings.backoff_ms / 1000)
+
+    def _fetch_once(self) -> None:
+        self._wake.clear()
+        now = time.monotonic()
+        with self._lock:
+            entries = {k: e for k, e in self._entries.items() if e.delayed_until <= now}
+            next_due = min((e.delayed_until for e in self._entries.values()), default=None)
+        if not entries:
+            wait = 1.0 if next_due is None else max(0.0, next_due - now)
+            self._wake.wait(min(wait, 1.0))
+            return
+        request, sent = self._build_request(entries)
+        call = self._stub.Fetch.future(request, timeout=self.settings.max_wait_ms / 1000 + 10)
+        call.add_done_callback(lambda _: self._wake.set())
+        self._wake.wait()
+        if not call.done():
+            call.cancel()  # The partition set changed: ask again with the new one.
+            return
+        try:
+            response = call.result()
+        except grpc.FutureCancelledError:
+            return
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code == grpc.StatusCode.CANCELLED and self._stopped.is_set():
+                return
+            if code != self._last_rpc_error:
+                log.info("fetch from broker %d failed: %s", self.source_id, code)
+            self._last_rpc_error = code
+            self._stopped.wait(self.settings.backoff_ms / 1000)
+            return
+        self._last_rpc_error = None
+        self.fetches += 1
+        self._handle(response, sent)
+
+    def _build_request(
+        self, entries: dict[tuple[str, int], _Entry]
+    ) -> tuple[broker_pb2.FetchRequest, dict[tuple[str, int], _Entry]]:
+        by_topic: dict[str, list[broker_pb2.FetchPartition]] = {}
+        topic_ids: dict[str, str] = {}
+        for (topic, index), entry in sorted(entries.items()):
+            offset, last_epoch, log_start = entry.partition.fetch_position()
+            by_topic.setdefault(topic, []).append(
+                broker_pb2.FetchPartition(
+                    partition=index,
+                    current_leader_epoch=entry.leader_epoch,
+                    fetch_offset=offset,
+                    last_fetched_epoch=last_epoch,
+                    log_start_offset=log_start,
+                    partition_max_bytes=self.settings.partition_max_bytes,
+                )
+            )
+            topic_ids[topic] = entry.partition.topic_id
+        request = broker_pb2.FetchRequest(
+            replica_id=self.broker_id,
+            replica_epoch=self._broker_epoch(),
+            max_wait_ms=self.settings.max_wait_ms,
+            min_bytes=1,
+            max_bytes=self.settings.response_max_bytes,
+            topics=[
+                broker_pb2.FetchTopic(topic=t, topic_id=topic_ids[t], partitions=parts)
+                for t, parts in by_topic.items()
+            ],
+        )
+        return request, entries
+
+    def _handle(
+        self, response: broker_pb2.FetchResponse, sent: dict[tuple[str, int], _Entry]
+    ) -> None:
+        if response.error.code != common_pb2.NONE:
+            log.info("fetch from broker %d refused: %s", self.source_id, response.error.message)
+            self._delay(sent, self.settings.backoff_ms)
+            return
+        for topic in response.topics:
+            for part in topic.partitions:
+                key = (topic.topic, part.partition)
+                entry = sent.get(key)
+                if entry is None:
+                    continue
+                with self._lock:
+                    if self._entries.get(key) is not entry:
+                        continue  # Removed or replaced while the fetch was out.
+                try:
+                    self._handle_partition(entry, part)
+                except (PartitionError, ValueError, OSError) as e:
+                    log.warning(
+                        "%s-%d: cannot take what broker %d sent: %s",
+                        *key,
+                        self.source_id,
+                        e,
+                    )
+                    self._delay({key: entry}, self.settings.backoff_ms)
+
+    def _handle_partition(self, entry: _Entry, part: broker_pb2.FetchPartitionResponse) -> None:
+        partition = entry.partition
+        code = part.error.code
+        if code == common_pb2.NONE:
+            if part.HasField("diverging_epoch"):
+                partition.truncate_for_divergence(
+                    entry.leader_epoch, part.diverging_epoch.epoch, part.diverging_epoch.end_offset
+                )
+                return
+            partition.append_as_follower(
+                part.records, entry.leader_epoch, part.high_watermark, part.log_start_offset
+            )
+        elif code == common_pb2.OFFSET_OUT_OF_RANGE:
+            partition.reset_to_leader_range(
+                entry.leader_epoch, part.log_start_offset, part.log_end_offset
+            )
+        elif code in _BACKOFF_CODES:
+            log.debug(
+                "%s-%d: broker %d answers %s",
+                partition.topic,
+                partition.index,
+                self.source_id,
+                common_pb2.ErrorCode.Name(code),
+            )
+            self._delay({(partition.topic, partition.index): entry}, self.settings.backoff_ms)
+        else:
+            log.warning(
+                "%s-%d: fetch from broker %d: %s %s",
+                partition.topic,
+                partition.index,
+                self.source_id,
+                common_pb2.ErrorCode.Name(code),
+                part.error.message,
+            )
+            self._delay({(partition.topic, partition.index): entry}, self.settings.backoff_ms)
+
+    def _delay(self, entries: dict[tuple[str, int], _Entry], ms: int) -> None:
+        until = time.monotonic() + ms / 1000
+        with self._lock:
+            for entry in entries.values():
+                entry.delayed_until = until

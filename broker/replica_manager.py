@@ -1,0 +1,690 @@
+"""The broker's data plane: hosted partitions, produce, fetch, list offsets, ISR changes.
+
+Metadata changes arrive as ``LocalChanges`` (on the metadata follower's
+thread); requests arrive on gRPC threads and wait here when they must
+(``acks=all`` for the in-sync replicas, long-poll fetch for data). Background
+threads: the ISR manager (asks the controller to shrink or expand ISRs), the
+high watermark checkpointer, and log maintenance (retention, compaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from raftka.v1 import broker_pb2, common_pb2, controller_pb2
+
+from broker.fetcher import FetcherSettings, ReplicaFetcher
+from broker.local_changes import LocalChanges, TopicPartition
+from broker.log_manager import LogManager
+from broker.partition import (
+    LEADER,
+    AppendResult,
+    IsrChange,
+    Partition,
+    PartitionError,
+    PartitionSettings,
+    now_ms,
+)
+from broker.storage.log import LogConfig
+from client.errors import RaftkaError
+from quorum.config import NodeConfig
+from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
+
+log = logging.getLogger(__name__)
+
+CONSUMER = -1
+
+
+def _error(code: str | int, message: str = "") -> common_pb2.Error:
+    value = common_pb2.ErrorCode.Value(code) if isinstance(code, str) else code
+    return common_pb2.Error(code=value, message=message)
+
+
+_OK = common_pb2.Error()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The broker-level defaults the data plane reads, from a ``NodeConfig``."""
+
+    log_config: LogConfig
+    partition: PartitionSettings
+    fetcher: FetcherSettings
+    replica_lag_time_max_ms: int
+    retention_ms: int
+    retention_bytes: int
+    retention_check_interval_ms: int
+    hw_checkpoint_interval_ms: int
+    cleanup_policy: str
+    delete_retention_ms: int
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> BrokerSettings:
+        flush_messages = config["log.flush.interval.messages"]
+        flush_ms = config["log.flush.interval.ms"]
+        return cls(
+            log_config=LogConfig(
+                segment_bytes=config["log.segment.bytes"],
+                segment_ms=config["log.roll.ms"],
+                flush_messages=flush_messages or None,
+                flush_ms=flush_ms or None,
+            ),
+            partition=PartitionSettings(
+                min_insync_replicas=config["min.insync.replicas"],
+                max_message_bytes=config["message.max.bytes"],
+                log_append_time=config["log.message.timestamp.type"] == "LogAppendTime",
+                unclean_leader_election=bool(config["unclean.leader.election.enable"]),
+            ),
+            fetcher=FetcherSettings(
+                max_wait_ms=config["replica.fetch.wait.max.ms"],
+                partition_max_bytes=config["replica.fetch.max.bytes"],
+                response_max_bytes=config["replica.fetch.response.max.bytes"],
+                backoff_ms=config["replica.fetch.backoff.ms"],
+            ),
+            replica_lag_time_max_ms=config["replica.lag.time.max.ms"],
+            retention_ms=config["log.retention.ms"],
+            retention_bytes=config["log.retention.bytes"],
+            retention_check_interval_ms=config["log.retention.check.interval.ms"],
+            hw_checkpoint_interval_ms=config["replica.high.watermark.checkpoint.interval.ms"],
+            cleanup_policy=str(config["log.cleanup.policy"]),
+            delete_retention_ms=config["log.cleaner.delete.retention.ms"],
+        )
+
+
+def log_config_for(configs: dict[str, str] | None, default: LogConfig) -> LogConfig:
+    configs = configs or {}
+
+    def number(name: str, fallback: int | None) -> int | None:
+        value = configs.get(name)
+        return fallback if value is None else int(value)
+
+    return LogConfig(
+        segment_bytes=number("segment.bytes", default.segment_bytes) or default.segment_bytes,
+        segment_ms=number("segment.ms", default.segment_ms) or default.segment_ms,
+        index_interval_bytes=default.index_interval_bytes,
+        flush_messages=number("flush.messages", default.flush_messages),
+        flush_ms=number("flush.ms", default.flush_ms),
+    )
+
+
+class ReplicaManager:
+    def __init__(
+        self,
+        broker_id: int,
+        settings: BrokerSettings,
+        logs: LogManager,
+        *,
+        image: Callable[[], MetadataImage],
+        broker_epoch: Callable[[], int],
+        alter_partition: Callable[
+            [controller_pb2.AlterPartitionRequest], controller_pb2.AlterPartitionResponse
+        ],
+    ):
+        self.broker_id = broker_id
+        self.settings = settings
+        self.logs = logs
+        self._image = image
+        self._broker_epoch = broker_epoch
+        self._alter_partition = alter_partition
+        self._partitions: dict[TopicPartition, Partition] = {}
+        self._lock = threading.RLock()
+        self._fetchers: dict[tuple[int, str], ReplicaFetcher] = {}
+        self._following: dict[TopicPartition, tuple[int, str]] = {}
+        self._stopped = threading.Event()
+        self._isr_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.isr_changes_sent = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.logs.load()
+        for target, name in (
+            (self._isr_loop, "isr"),
+            (self._checkpoint_loop, "hw-checkpoint"),
+            (self._maintenance_loop, "log-maintenance"),
+        ):
+            thread = threading.Thread(
+                target=target, name=f"broker-{self.broker_id}-{name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._isr_wake.set()
+        with self._lock:
+            fetchers = list(self._fetchers.values())
+            self._fetchers.clear()
+        for fetcher in fetchers:
+            fetcher.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._checkpoint_hws()
+        with self._lock:
+            for partition in self._partitions.values():
+                try:
+                    partition.close()
+                except (OSError, ValueError) as e:
+                    log.warning("closing %s: %s", partition, e)
+            self._partitions.clear()
+        self.logs.close()
+
+    def partitions(self) -> dict[TopicPartition, Partition]:
+        with self._lock:
+            return dict(self._partitions)
+
+    def get(self, topic: str, index: int) -> Partition | None:
+        return self._partitions.get((topic, index))
+
+    # ------------------------------------------------------------------ metadata
+
+    def apply(self, changes: LocalChanges, image: MetadataImage) -> None:
+        """Apply partition changes for this broker (on the metadata follower's thread)."""
+        with self._lock:
+            for key in sorted(changes.deletes):
+                self._stop_following(key)
+                partition = self._partitions.pop(key, None)
+                if partition is not None:
+                    partition.close()
+                self.logs.delete(*key)
+            for key, reg in sorted(changes.leaders.items()):
+                partition = self._partition(key, changes.topic_ids[key[0]], image)
+                if partition is None:
+                    continue
+                self._stop_following(key)
+                if partition.become_leader(reg, self._partition_settings(image, key[0])):
+                    log.debug("%s-%d: leader at epoch %d", *key, reg.leader_epoch)
+            for key, reg in sorted(changes.followers.items()):
+                partition = self._partition(key, changes.topic_ids[key[0]], image)
+                if partition is None:
+                    continue
+                changed = partition.become_follower(reg, self._partition_settings(image, key[0]))
+                if changed or key not in self._following:
+                    self._follow(key, partition, reg, image)
+            self._drop_idle_fetchers()
+        self._isr_wake.set()
+
+    def _partition(
+        self, key: TopicPartition, topic_id: str, image: MetadataImage
+    ) -> Partition | None:
+        partition = self._partitions.get(key)
+        if partition is not None and partition.topic_id == topic_id:
+            return partition
+        if partition is not None:  # The topic was re-created under its name.
+            self._stop_following(key)
+            partition.close()
+            self.logs.delete(*key)
+        configs = dict(image.topic_configs(key[0]))
+        try:
+            partition_log = self.logs.get_or_create(
+                key[0],
+                key[1],
+                topic_id,
+                log_config_for(configs, self.settings.log_config),
+            )
+        except (OSError, ValueError) as e:
+            log.error("%s-%d: cannot open the log: %s", *key, e)
+            return None
+        partition = Partition(
+            key[0],
+            key[1],
+            topic_id,
+            partition_log,
+            self.broker_id,
+            self._partition_settings(image, key[0]),
+            replica_lag_time_max_ms=self.settings.replica_lag_time_max_ms,
+        )
+        saved = self.logs.saved_high_watermark(key)
+        partition.high_watermark = min(saved, partition_log.log_end_offset)
+        self._partitions[key] = partition
+        return partition
+
+    def _partition_settings(self, image: MetadataImage, topic: str) -> PartitionSettings:
+        return PartitionSettings.from_configs(image.topic_configs(topic), self.settings.partition)
+
+    def _follow(
+        self,
+        key: TopicPartition,
+        partition: Partition,
+        reg: PartitionRegistration,
+        image: MetadataImage,
+    ) -> None:
+        self._stop_following(key)
+        if reg.leader == NO_LEADER or reg.leader == self.broker_id:
+            return
+        broker = image.brokers.get(reg.leader)
+        endpoint = None if broker is None else broker.endpoint()
+        if endpoint is None:
+            log.warning("%s-%d: leader %d has no listener", *key, reg.leader)
+            return
+        source = (reg.leader, f"{endpoint.host}:{endpoint.port}")
+        fetcher = self._fetchers.get(source)
+        if fetcher is None:
+            fetcher = ReplicaFetcher(
+                self.broker_id, self._broker_epoch, source[0], source[1], self.settings.fetcher
+            )
+            fetcher.start()
+            self._fetchers[source] = fetcher
+        fetcher.add(partition, reg.leader_epoch)
+        self._following[key] = source
+
+    def _stop_following(self, key: TopicPartition) -> None:
+        source = self._following.pop(key, None)
+        if source is not None:
+            fetcher = self._fetchers.get(source)
+            if fetcher is not None:
+                fetcher.remove(key)
+
+    def _drop_idle_fetchers(self) -> None:
+        for source, fetcher in list(self._fetchers.items()):
+            if fetcher.is_empty():
+                del self._fetchers[source]
+                threading.Thread(target=fetcher.stop, daemon=True).start()
+
+    # ------------------------------------------------------------------ produce
+
+    def produce(self, request: broker_pb2.ProduceRequest) -> broker_pb2.ProduceResponse:
+        acks = request.acks
+        if acks not in (-1, 0, 1):
+            error = _error("INVALID_REQUIRED_ACKS", f"acks must be -1 (all), 0 or 1, not {acks}")
+            return _produce_errors(request, error)
+        appended: list[tuple[broker_pb2.PartitionProduceResponse, Partition, AppendResult]] = []
+        response = broker_pb2.ProduceResponse()
+        for topic_data in request.topics:
+            topic_response = response.topics.add(topic=topic_data.topic)
+            for part in topic_data.partitions:
+                answer = topic_response.partitions.add(
+                    partition=part.partition, base_offset=-1, log_append_time_ms=-1
+                )
+                partition = self._partitions.get((topic_data.topic, part.partition))
+                if partition is None:
+                    self._set_unknown(answer, topic_data.topic, part.partition)
+                    continue
+                try:
+                    result = partition.append_as_leader(part.records, acks)
+                except PartitionError as e:
+                    _fill_error(answer, e)
+                    continue
+                answer.base_offset = result.base_offset
+                answer.log_append_time_ms = result.log_append_time_ms
+                answer.log_start_offset = partition.log.log_start_offset
+                appended.append((answer, partition, result))
+        if acks == -1 and appended:
+            self._isr_wake.set()
+            self._await_replication(appended, request.timeout_ms)
+        return response
+
+    def _await_replication(
+        self,
+        appended: list[tuple[broker_pb2.PartitionProduceResponse, Partition, AppendResult]],
+        timeout_ms: int,
+    ) -> None:
+        deadline = time.monotonic() + max(timeout_ms, 0) / 1000
+        event = threading.Event()
+        waiting = list(appended)
+        for _, partition, _ in waiting:
+            partition.add_waiter(event)
+        try:
+            while waiting:
+                event.clear()
+                still = []
+                for item in waiting:
+                    answer, partition, result = item
+                    outcome = partition.acks_reached(result.last_offset, result.leader_epoch)
+                    if outcome is None:
+                        still.append(item)
+                    elif outcome != "NONE":
+                        answer.error.CopyFrom(_error(outcome, _ACK_MESSAGES[outcome]))
+                        answer.base_offset = -1
+                waiting = still
+                remaining = deadline - time.monotonic()
+                if not waiting:
+                    break
+                if remaining <= 0:
+                    for answer, partition, result in waiting:
+                        answer.error.CopyFrom(
+                            _error(
+                                "REQUEST_TIMED_OUT",
+                                f"the in-sync replicas of {partition.topic}-{partition.index} "
+                                f"did not reach offset {result.last_offset} within {timeout_ms} ms",
+                            )
+                        )
+                        answer.base_offset = -1
+                    break
+                event.wait(remaining)
+        finally:
+            for _, partition, _ in appended:
+                partition.remove_waiter(event)
+
+    def _set_unknown(
+        self,
+        answer: broker_pb2.PartitionProduceResponse
+        | broker_pb2.FetchPartitionResponse
+        | broker_pb2.ListOffsetsPartitionResponse,
+        topic: str,
+        index: int,
+    ) -> None:
+        image = self._image()
+        t = image.topic_by_name(topic)
+        reg = None if t is None else t.partitions.get(index)
+        if reg is None:
+            answer.error.CopyFrom(
+                _error("UNKNOWN_TOPIC_OR_PARTITION", f"this broker does not know {topic}-{index}")
+            )
+        else:
+            answer.error.CopyFrom(
+                _error(
+                    "NOT_LEADER_OR_FOLLOWER",
+                    f"broker {self.broker_id} does not host {topic}-{index} (leader {reg.leader})",
+                )
+            )
+            if hasattr(answer, "current_leader"):
+                answer.current_leader.leader_id = reg.leader
+                answer.current_leader.leader_epoch = reg.leader_epoch
+
+    # ------------------------------------------------------------------ fetch
+
+    def fetch(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
+        replica_id = request.replica_id
+        if replica_id != CONSUMER:
+            refusal = self._check_replica(replica_id, request.replica_epoch)
+            if refusal is not None:
+                return broker_pb2.FetchResponse(error=refusal)
+        deadline = time.monotonic() + max(request.max_wait_ms, 0) / 1000
+        max_bytes = request.max_bytes if request.max_bytes > 0 else 50 * 1024 * 1024
+        targets: list[
+            tuple[broker_pb2.FetchPartitionResponse, Partition | None, broker_pb2.FetchPartition]
+        ] = []
+        response = broker_pb2.FetchResponse()
+        for topic in request.topics:
+            topic_response = response.topics.add(topic=topic.topic)
+            for part in topic.partitions:
+                answer = topic_response.partitions.add(partition=part.partition)
+                partition = self._partitions.get((topic.topic, part.partition))
+                if partition is None:
+                    self._set_unknown(answer, topic.topic, part.partition)
+                elif topic.topic_id and topic.topic_id != partition.topic_id:
+                    answer.error.CopyFrom(
+                        _error(
+                            "UNKNOWN_TOPIC_ID", f"{topic.topic} is not topic id {topic.topic_id}"
+                        )
+                    )
+                    partition = None
+                targets.append((answer, partition, part))
+        event = threading.Event()
+        live = [p for _, p, _ in targets if p is not None]
+        for partition in live:
+            partition.add_waiter(event)
+        try:
+            first = True
+            while True:
+                event.clear()
+                total, stop = self._read_all(targets, replica_id, max_bytes, first)
+                first = False
+                remaining = deadline - time.monotonic()
+                if stop or total >= max(request.min_bytes, 1) or remaining <= 0:
+                    break
+                event.wait(remaining)
+        finally:
+            for partition in live:
+                partition.remove_waiter(event)
+        return response
+
+    def _read_all(
+        self,
+        targets: list[
+            tuple[broker_pb2.FetchPartitionResponse, Partition | None, broker_pb2.FetchPartition]
+        ],
+        replica_id: int,
+        max_bytes: int,
+        first: bool,
+    ) -> tuple[int, bool]:
+        """Read every partition once; (bytes read, whether to answer now regardless)."""
+        total = 0
+        stop = False
+        for answer, partition, part in targets:
+            if partition is None:
+                stop = True
+                continue
+            budget = min(part.partition_max_bytes or max_bytes, max_bytes - total)
+            if budget <= 0 and total > 0:
+                answer.records = b""
+                continue
+            budget = max(budget, 1)
+            try:
+                if replica_id == CONSUMER:
+                    data, hw, log_start, leo = partition.read_for_consumer(
+                        part.fetch_offset, part.current_leader_epoch, budget
+                    )
+                    answer.records = data
+                    answer.high_watermark = hw
+                    answer.log_start_offset = log_start
+                    answer.log_end_offset = leo
+                else:
+                    read = partition.read_for_follower(
+                        replica_id,
+                        part.fetch_offset,
+                        part.last_fetched_epoch,
+                        part.current_leader_epoch,
+                        part.log_start_offset,
+                        budget,
+                        update_state=first,
+                    )
+                    answer.records = read.records
+                    answer.high_watermark = read.high_watermark
+                    answer.log_start_offset = read.log_start_offset
+                    answer.log_end_offset = read.log_end_offset
+                    if read.diverging is not None:
+                        answer.diverging_epoch.epoch = read.diverging[0]
+                        answer.diverging_epoch.end_offset = read.diverging[1]
+                        stop = True
+                    if first:
+                        self._isr_wake.set()
+                answer.ClearField("error")
+                total += len(answer.records)
+            except PartitionError as e:
+                _fill_error(answer, e)
+                answer.log_start_offset = partition.log.log_start_offset
+                answer.log_end_offset = partition.log.log_end_offset
+                answer.high_watermark = partition.high_watermark
+                stop = True
+        return total, stop
+
+    def _check_replica(self, replica_id: int, replica_epoch: int) -> common_pb2.Error | None:
+        broker = self._image().brokers.get(replica_id)
+        if broker is None:
+            return _error("BROKER_ID_NOT_REGISTERED", f"broker {replica_id} is not registered")
+        if replica_epoch >= 0 and replica_epoch < broker.broker_epoch:
+            return _error(
+                "STALE_BROKER_EPOCH",
+                f"broker {replica_id} fetches as epoch {replica_epoch}, "
+                f"registered as {broker.broker_epoch}",
+            )
+        return None
+
+    # ------------------------------------------------------------------ list offsets
+
+    def list_offsets(
+        self, request: broker_pb2.ListOffsetsRequest
+    ) -> broker_pb2.ListOffsetsResponse:
+        response = broker_pb2.ListOffsetsResponse()
+        for topic in request.topics:
+            topic_response = response.topics.add(topic=topic.topic)
+            for part in topic.partitions:
+                answer = topic_response.partitions.add(
+                    partition=part.partition, timestamp=-1, offset=-1
+                )
+                partition = self._partitions.get((topic.topic, part.partition))
+                if partition is None:
+                    self._set_unknown(answer, topic.topic, part.partition)
+                    continue
+                try:
+                    stamp, offset, epoch = partition.list_offset(
+                        part.timestamp, part.current_leader_epoch, request.replica_id != CONSUMER
+                    )
+                except PartitionError as e:
+                    _fill_error(answer, e)
+                    continue
+                answer.timestamp = stamp
+                answer.offset = offset
+                answer.leader_epoch = epoch
+        return response
+
+    # ------------------------------------------------------------------ ISR
+
+    def _isr_loop(self) -> None:
+        interval = max(self.settings.replica_lag_time_max_ms / 4000, 0.05)
+        while not self._stopped.is_set():
+            self._isr_wake.wait(interval)
+            self._isr_wake.clear()
+            if self._stopped.is_set():
+                return
+            try:
+                self._send_isr_changes()
+            except Exception:
+                log.exception("ISR manager failed; retrying")
+                self._stopped.wait(0.5)
+
+    def _send_isr_changes(self) -> None:
+        image = self._image()
+        eligible = [
+            b.broker_id
+            for b in image.brokers.values()
+            if not b.fenced and not b.in_controlled_shutdown
+        ]
+        now = now_ms()
+        for partition in list(self._partitions.values()):
+            if partition.role != LEADER:
+                continue
+            change = partition.isr_change_due(now, eligible)
+            if change is not None:
+                self._send_isr_change(partition, change)
+
+    def _send_isr_change(self, partition: Partition, change: IsrChange) -> None:
+        request = controller_pb2.AlterPartitionRequest(
+            broker_id=self.broker_id,
+            broker_epoch=self._broker_epoch(),
+            topic=change.topic,
+            topic_id=change.topic_id,
+            partition=change.partition,
+            leader_epoch=change.leader_epoch,
+            partition_epoch=change.partition_epoch,
+            new_isr=list(change.new_isr),
+        )
+        self.isr_changes_sent += 1
+        log.info(
+            "%s-%d: asking the controller for ISR %s (was %s)",
+            change.topic,
+            change.partition,
+            list(change.new_isr),
+            list(partition.isr),
+        )
+        try:
+            answer = self._alter_partition(request)
+        except RaftkaError as e:
+            log.info("%s-%d: ISR change refused: %s", change.topic, change.partition, e)
+            partition.isr_change_done(change, None, -1)
+            return
+        except Exception as e:  # Unreachable controller: try again next round.
+            log.info("%s-%d: ISR change failed: %s", change.topic, change.partition, e)
+            partition.isr_change_done(change, None, -1)
+            return
+        if answer.error.code != common_pb2.NONE:
+            log.info(
+                "%s-%d: ISR change refused: %s",
+                change.topic,
+                change.partition,
+                answer.error.message,
+            )
+            partition.isr_change_done(change, None, -1)
+            return
+        partition.isr_change_done(change, tuple(answer.isr), answer.partition_epoch)
+
+    # ------------------------------------------------------------------ background
+
+    def high_watermarks(self) -> dict[TopicPartition, int]:
+        return {key: p.high_watermark for key, p in self.partitions().items() if not p.closed}
+
+    def _checkpoint_hws(self) -> None:
+        try:
+            self.logs.checkpoint_high_watermarks(self.high_watermarks())
+        except OSError as e:
+            log.warning("cannot checkpoint high watermarks: %s", e)
+
+    def _checkpoint_loop(self) -> None:
+        interval = self.settings.hw_checkpoint_interval_ms / 1000
+        while not self._stopped.wait(interval):
+            self._checkpoint_hws()
+
+    def _maintenance_loop(self) -> None:
+        interval = self.settings.retention_check_interval_ms / 1000
+        while not self._stopped.wait(interval):
+            try:
+                self.run_log_maintenance(now_ms())
+            except Exception:
+                log.exception("log maintenance failed")
+
+    def run_log_maintenance(self, now: int) -> None:
+        """Apply retention (and compaction) to every hosted partition once."""
+        image = self._image()
+        for key, partition in self.partitions().items():
+            configs = image.topic_configs(key[0])
+            policy = configs.get("cleanup.policy", self.settings.cleanup_policy)
+            retention_ms = int(configs.get("retention.ms", self.settings.retention_ms))
+            retention_bytes = int(configs.get("retention.bytes", self.settings.retention_bytes))
+            if "delete" in policy:
+                partition.apply_retention(now, retention_ms, retention_bytes)
+
+    # ------------------------------------------------------------------ describe
+
+    def describe(self) -> list[broker_pb2.LocalPartition]:
+        out = []
+        for (topic, index), partition in sorted(self.partitions().items()):
+            snap = partition.snapshot()
+            out.append(
+                broker_pb2.LocalPartition(
+                    topic=topic,
+                    partition=index,
+                    role=snap.role,
+                    leader=snap.leader,
+                    leader_epoch=snap.leader_epoch,
+                    log_start_offset=snap.log_start_offset,
+                    log_end_offset=snap.log_end_offset,
+                    high_watermark=snap.high_watermark,
+                    isr=list(snap.isr),
+                    size_bytes=snap.size_bytes,
+                )
+            )
+        return out
+
+
+_ACK_MESSAGES = {
+    "NOT_LEADER_OR_FOLLOWER": "leadership moved before the in-sync replicas had the records; "
+    "they may or may not survive",
+    "NOT_ENOUGH_REPLICAS_AFTER_APPEND": "appended, but the ISR shrank below min.insync.replicas",
+}
+
+
+def _fill_error(answer: object, e: PartitionError) -> None:
+    answer.error.CopyFrom(_error(e.code, e.message))  # type: ignore[attr-defined]
+    if e.leader != NO_LEADER and hasattr(answer, "current_leader"):
+        answer.current_leader.leader_id = e.leader  # type: ignore[attr-defined]
+        answer.current_leader.leader_epoch = e.leader_epoch  # type: ignore[attr-defined]
+
+
+def _produce_errors(
+    request: broker_pb2.ProduceRequest, error: common_pb2.Error
+) -> broker_pb2.ProduceResponse:
+    response = broker_pb2.ProduceResponse()
+    for topic in request.topics:
+        t = response.topics.add(topic=topic.topic)
+        for part in topic.partitions:
+            t.partitions.add(
+                partition=part.partition, error=error, base_offset=-1, log_append_time_ms=-1
+            )
+    return response
