@@ -31,6 +31,7 @@ from broker.record_batch import (
     set_log_append_time,
     validate_batch,
 )
+from broker.storage.cleaner import CleanResult, compact
 from broker.storage.log import OffsetOutOfRangeError, PartitionLog
 from quorum.image import NO_LEADER, PartitionRegistration
 
@@ -595,6 +596,35 @@ class Partition:
                 log_.delete_before(cut)
                 self._wake()
             return count
+
+    def compact(self, now: int, delete_retention_ms: int) -> CleanResult | None:
+        """One compaction pass (``cleanup.policy=compact``) below the high watermark.
+
+        Holds the partition's lock for the pass: produce and fetch on this
+        partition wait meanwhile (a pass over closed segments of a topic that
+        rolls at the default 1 GiB is rare; Kafka's cleaner threads avoid the
+        wait by swapping under a short lock, which is the next step here).
+        """
+        with self._lock:
+            if self.closed:
+                return None
+            result = compact(
+                self.log,
+                clean_upto_offset=self.high_watermark,
+                delete_retention_ms=delete_retention_ms,
+                now_ms=now,
+            )
+            if result.records_removed:
+                log.info(
+                    "%s-%d: compaction removed %d records (%d tombstones), %d -> %d bytes",
+                    self.topic,
+                    self.index,
+                    result.records_removed,
+                    result.tombstones_removed,
+                    result.bytes_before,
+                    result.bytes_after,
+                )
+            return result
 
     # ------------------------------------------------------------------ describe
 

@@ -639,6 +639,11 @@ class ReplicaManager:
             retention_bytes = int(configs.get("retention.bytes", self.settings.retention_bytes))
             if "delete" in policy:
                 partition.apply_retention(now, retention_ms, retention_bytes)
+            if "compact" in policy:
+                delete_retention_ms = int(
+                    configs.get("delete.retention.ms", self.settings.delete_retention_ms)
+                )
+                partition.compact(now, delete_retention_ms)
 
     # ------------------------------------------------------------------ describe
 
