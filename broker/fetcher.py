@@ -74,6 +74,9 @@ class ReplicaFetcher:
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        # Bumped whenever the partition set changes; a fetch in flight for an older
+        # set is cancelled and sent again.
+        self._generation = 0
         self._stopped = threading.Event()
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
@@ -95,11 +98,14 @@ class ReplicaFetcher:
     def add(self, partition: Partition, leader_epoch: int) -> None:
         with self._lock:
             self._entries[(partition.topic, partition.index)] = _Entry(partition, leader_epoch)
+            self._generation += 1
         self._wake.set()
 
     def remove(self, key: tuple[str, int]) -> bool:
         with self._lock:
             removed = self._entries.pop(key, None) is not None
+            if removed:
+                self._generation += 1
         if removed:
             self._wake.set()
         return removed
@@ -122,6 +128,7 @@ class ReplicaFetcher:
         self._wake.clear()
         now = time.monotonic()
         with self._lock:
+            generation = self._generation
             entries = {k: e for k, e in self._entries.items() if e.delayed_until <= now}
             next_due = min((e.delayed_until for e in self._entries.values()), default=None)
         if not entries:
@@ -131,10 +138,14 @@ class ReplicaFetcher:
         request, sent = self._build_request(entries)
         call = self._stub.Fetch.future(request, timeout=self.settings.max_wait_ms / 1000 + 10)
         call.add_done_callback(lambda _: self._wake.set())
-        self._wake.wait()
-        if not call.done():
-            call.cancel()  # The partition set changed: ask again with the new one.
-            return
+        while not call.done():
+            self._wake.wait()
+            self._wake.clear()
+            # A wake-up can be stale (the callback of a call cancelled earlier);
+            # only a change of the partition set is a reason to cancel this one.
+            if not call.done() and (self._generation != generation or self._stopped.is_set()):
+                call.cancel()
+                return
         try:
             response = call.result()
         except grpc.FutureCancelledError:

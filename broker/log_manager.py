@@ -22,7 +22,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from broker.storage.checkpoint import fsync_dir, read_partition_offsets, write_partition_offsets
+from broker.storage.checkpoint import (
+    fsync_dir,
+    read_partition_offsets,
+    sync_enabled,
+    write_partition_offsets,
+)
 from broker.storage.log import LogConfig, PartitionLog
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,9 @@ def write_topic_id(directory: Path, topic_id: str) -> None:
     tmp = directory / (PARTITION_METADATA + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(f"version: 0\ntopic_id: {topic_id}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        if sync_enabled():
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, directory / PARTITION_METADATA)
     fsync_dir(directory)
 

@@ -27,6 +27,7 @@ from broker.log_manager import LogManager
 from broker.metadata_answer import metadata_response
 from broker.metadata_follower import MetadataFollower
 from broker.replica_manager import BrokerSettings, ReplicaManager
+from broker.storage import checkpoint
 from client._controller import ControllerClient
 from quorum import gc_policy
 from quorum.config import ConfigError, NodeConfig
@@ -80,6 +81,10 @@ class BrokerNode:
             raise ConfigError(f"broker {config.node_id} needs log.dirs")
         log_dirs = [Path(d.strip()) for d in str(config["log.dirs"]).split(",") if d.strip()]
         self.settings = BrokerSettings.from_config(config)
+        # With no flush policy, no broker file is fsynced (see broker/storage/checkpoint.py).
+        checkpoint.set_sync(
+            bool(config["log.flush.interval.messages"] or config["log.flush.interval.ms"])
+        )
         self.replicas = ReplicaManager(
             self.broker_id,
             self.settings,

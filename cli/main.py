@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli import render
+from cli.data import app as data_app
 from cli.localcluster import LocalCluster, LocalClusterError
 from client.admin import Admin
 from client.errors import RaftkaError
@@ -79,6 +80,7 @@ app.add_typer(quorum_app, name="quorum")
 app.add_typer(topic_app, name="topic")
 app.add_typer(metadata_app, name="metadata")
 app.add_typer(bench_app, name="bench")
+app.add_typer(data_app)  # produce, consume (cli/data.py)
 
 DirOpt = Annotated[
     Path | None,

@@ -1,0 +1,942 @@
+"""Producer: batches records per partition and sends them to the partition leaders.
+
+Theory of operation
+-------------------
+``send`` picks a partition (an explicit one; murmur2 of the key, as Kafka's Java client;
+or, for keyless records, a *sticky* partition that is kept until its batch is closed, as
+in KIP-480), encodes the record straight into that partition's open batch
+(``_records.BatchBuilder``) and returns a future. It blocks only to learn a new topic's
+partitions or, when ``buffer_memory`` is used up, for space (both up to ``max_block_ms``).
+
+One sender thread drains the batches. A partition's first batch is *ready* when it is
+closed (full), when ``linger_ms`` passed since it was opened, or during ``flush``/
+``close``. For each leader broker the sender builds one Produce request covering every
+ready partition it leads (taking all of a partition's ready batches, concatenated, up to
+``max_request_size``), and sends the requests to different brokers concurrently, at most
+``max_in_flight_requests_per_connection`` per broker.
+
+Ordering, retries and delivery
+------------------------------
+At most one request per *partition* is in flight. A batch that fails with a retriable
+error (``NOT_LEADER_OR_FOLLOWER``, ``NOT_ENOUGH_REPLICAS``, a lost connection, ...) goes
+back to the front of its partition's queue, the same bytes (the broker stamps the base
+offset), after a backoff of ``retry_backoff_ms`` doubling to ``retry_backoff_max_ms``;
+nothing later in that partition is sent before it. So records of a partition are written
+in ``send`` order even across retries and with several requests in flight per broker,
+with no need for idempotence. Errors that mean the metadata is stale refresh it first.
+Retries stop after ``retries`` (the futures fail with the last error) or once
+``delivery_timeout_ms`` has passed since the batch opened (they fail with a
+``ClientTimeoutError`` that names the last error).
+
+There is no idempotent producer yet, so delivery is at least once: a retry after an
+ambiguous failure (a timeout, a dropped connection, ``NOT_ENOUGH_REPLICAS_AFTER_APPEND``)
+may write the records twice. With ``acks=0`` futures complete (offset -1) when the
+request is sent and errors are only logged.
+
+Futures and callbacks
+---------------------
+Futures are ``concurrent.futures.Future`` objects resolving to ``RecordMetadata``. The
+futures of one batch share one condition variable and are completed together under it,
+which costs a fraction of ``Future.set_result`` per record: the per-record cost of the
+producer is its throughput limit. They cannot be cancelled. Callbacks (``callback=`` of
+``send``, and ``add_done_callback``) run on the sender thread, in offset order within a
+partition; they must be quick and must not call ``flush`` or ``close``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures._base import FINISHED, PENDING
+from typing import Any
+
+import grpc
+from raftka.v1 import broker_pb2, common_pb2
+
+from broker.record_batch import RECORD_BATCH_OVERHEAD, Compression
+from client._brokers import Cluster, rpc_error
+from client._records import BatchBuilder, Header, RecordMetadata, record_size
+from client.errors import (
+    ClientTimeoutError,
+    InvalidMetadataError,
+    NetworkError,
+    RaftkaError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicError,
+    error_for,
+)
+from client.partitioner import partition_for_key
+
+__all__ = ["FutureRecordMetadata", "Producer", "RecordMetadata"]
+
+log = logging.getLogger(__name__)
+
+ACKS: dict[int | str, int] = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
+COMPRESSION_TYPES: dict[str | None, Compression] = {
+    None: Compression.NONE,
+    "none": Compression.NONE,
+    "gzip": Compression.GZIP,
+    "snappy": Compression.SNAPPY,
+    "lz4": Compression.LZ4,
+    "zstd": Compression.ZSTD,
+}
+# The gRPC deadline of a Produce call exceeds the time the leader may wait for its
+# replicas (the request's timeout_ms) by this much, so its answer has time to arrive.
+_RPC_MARGIN_S = 1.0
+# The longest the sender sleeps with nothing to do: a bound, not a synchronisation.
+_IDLE_WAIT_S = 1.0
+
+_Callback = Callable[[RecordMetadata | None, BaseException | None], Any]
+_new_tuple = tuple.__new__
+
+
+class FutureRecordMetadata(Future[RecordMetadata]):
+    """The future ``send`` returns. A ``concurrent.futures.Future`` whose condition is
+    shared with the other records of its batch (see the module docstring)."""
+
+    def __init__(self, condition: threading.Condition):
+        # Future.__init__ would make a condition per record; this one is the batch's.
+        self._condition = condition
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks: list[Callable[[Future[RecordMetadata]], object]] = []
+
+    def cancel(self) -> bool:
+        """A record handed to the producer cannot be taken back: always False."""
+        return False
+
+
+class _Batch:
+    """One producer batch of one partition and the futures of its records."""
+
+    __slots__ = (
+        "topic",
+        "partition",
+        "builder",
+        "futures",
+        "timestamps",
+        "callbacks",
+        "condition",
+        "created_s",
+        "reserved_bytes",
+        "attempts",
+        "retry_at_s",
+        "alone",
+        "done",
+        "last_error",
+    )
+
+    def __init__(self, topic: str, partition: int, builder: BatchBuilder, reserved: int):
+        self.topic = topic
+        self.partition = partition
+        self.builder = builder
+        self.futures: list[FutureRecordMetadata] = []
+        self.timestamps: list[int] = []
+        self.callbacks: list[tuple[int, _Callback]] = []
+        self.condition = threading.Condition()
+        self.created_s = time.monotonic()
+        self.reserved_bytes = reserved
+        self.attempts = 0
+        self.retry_at_s = 0.0
+        self.alone = False  # Send without other batches of its partition (after too-large).
+        self.done = False
+        self.last_error: RaftkaError | None = None
+
+
+class _PartitionQueue:
+    __slots__ = ("topic", "partition", "batches", "open", "in_flight")
+
+    def __init__(self, topic: str, partition: int):
+        self.topic = topic
+        self.partition = partition
+        self.batches: deque[_Batch] = deque()
+        self.open: _Batch | None = None  # The last batch, while it takes records.
+        self.in_flight = False
+
+
+class _TopicState:
+    __slots__ = ("queues", "sticky", "sticky_batch")
+
+    def __init__(self, topic: str, partitions: int):
+        self.queues = [_PartitionQueue(topic, p) for p in range(partitions)]
+        self.sticky = -1
+        self.sticky_batch: _Batch | None = None
+
+
+class _Request:
+    """One Produce request to one broker: partitions and their batches."""
+
+    __slots__ = ("broker_id", "address", "parts", "size_bytes", "call")
+
+    def __init__(self, broker_id: int, address: str):
+        self.broker_id = broker_id
+        self.address = address
+        self.parts: list[tuple[_PartitionQueue, list[_Batch]]] = []
+        self.size_bytes = 0
+        self.call: Any = None
+
+
+# A partition's part of an answer: an error, or (base offset, log append time ms).
+_Outcome = tuple[_PartitionQueue, list[_Batch], RaftkaError | tuple[int, int]]
+
+
+class Producer:
+    """A Kafka-style producer. Thread-safe: share one between threads.
+
+    ``bootstrap_servers`` is one or more broker addresses (``"host:port,..."`` or a list);
+    any one leads to the others. The options keep Kafka's names and defaults:
+
+    * ``acks``: ``"all"``/-1 (every in-sync replica, at least min.insync.replicas), 1 (the
+      leader), 0 (no answer awaited).
+    * ``linger_ms``: how long a batch waits for more records before it is sent.
+    * ``batch_size``: bytes per partition batch (uncompressed size, header included).
+    * ``compression_type``: None, ``"gzip"``, ``"snappy"``, ``"lz4"`` or ``"zstd"``.
+    * ``retries``, ``retry_backoff_ms``, ``retry_backoff_max_ms``, ``delivery_timeout_ms``:
+      see the module docstring. ``request_timeout_ms`` bounds each request.
+    * ``max_in_flight_requests_per_connection``: Produce requests in flight per broker
+      (ordering holds at any value: one request per partition is in flight).
+    * ``buffer_memory``, ``max_block_ms``: bytes of batches held before ``send`` blocks,
+      and how long it may block (for space or for a new topic's metadata).
+    * ``max_request_size``: the largest record (in its batch) and request.
+    * ``partitioner``: ``f(key, num_partitions) -> partition`` for keyed records;
+      default murmur2 as Kafka's Java client.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        *,
+        acks: int | str = "all",
+        linger_ms: float = 5,
+        batch_size: int = 16384,
+        compression_type: str | None = None,
+        retries: int = 2**31 - 1,
+        retry_backoff_ms: int = 100,
+        retry_backoff_max_ms: int = 1000,
+        delivery_timeout_ms: int = 120000,
+        request_timeout_ms: int = 30000,
+        max_in_flight_requests_per_connection: int = 5,
+        buffer_memory: int = 32 * 1024 * 1024,
+        max_block_ms: int = 60000,
+        max_request_size: int = 1024 * 1024,
+        metadata_max_age_ms: int = 300000,
+        partitioner: Callable[[bytes, int], int] | None = None,
+    ):
+        if acks not in ACKS:
+            raise ValueError(f"acks must be 'all', -1, 0 or 1, not {acks!r}")
+        if compression_type not in COMPRESSION_TYPES:
+            names = ", ".join(repr(c) for c in COMPRESSION_TYPES if c)
+            raise ValueError(f"compression_type must be None or one of {names}")
+        _check_positive(
+            batch_size=batch_size,
+            request_timeout_ms=request_timeout_ms,
+            max_in_flight_requests_per_connection=max_in_flight_requests_per_connection,
+            buffer_memory=buffer_memory,
+            max_request_size=max_request_size,
+        )
+        if linger_ms < 0 or retries < 0 or max_block_ms < 0 or retry_backoff_ms < 0:
+            raise ValueError("linger_ms, retries, max_block_ms and retry_backoff_ms must be >= 0")
+        if delivery_timeout_ms < linger_ms + request_timeout_ms:
+            raise ValueError(
+                "delivery_timeout_ms must be at least linger_ms + request_timeout_ms "
+                f"({linger_ms + request_timeout_ms}), as in Kafka"
+            )
+        self.acks = ACKS[acks]
+        self.compression = COMPRESSION_TYPES[compression_type]
+        self._linger_s = linger_ms / 1000
+        self._batch_size = batch_size
+        self._retries = retries
+        self._backoff_s = (
+            retry_backoff_ms / 1000,
+            max(retry_backoff_max_ms, retry_backoff_ms) / 1000,
+        )
+        self._delivery_timeout_s = delivery_timeout_ms / 1000
+        self._request_timeout_ms = request_timeout_ms
+        self._max_in_flight = max_in_flight_requests_per_connection
+        self._buffer_memory = buffer_memory
+        self._max_block_s = max_block_ms / 1000
+        self._max_request_size = max_request_size
+        self._partitioner = partitioner
+        self._cluster = Cluster(
+            bootstrap_servers,
+            request_timeout_ms=request_timeout_ms,
+            retry_backoff_ms=retry_backoff_ms,
+            retry_backoff_max_ms=retry_backoff_max_ms,
+            metadata_max_age_ms=metadata_max_age_ms,
+        )
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # The sender waits on it.
+        self._space = threading.Condition(self._lock)  # send() waits for buffer space.
+        self._progress = threading.Condition(self._lock)  # flush() waits for batches.
+        self._topics: dict[str, _TopicState] = {}
+        self._nonempty: dict[_PartitionQueue, None] = {}  # Queues holding batches, in order.
+        self._incomplete: set[_Batch] = set()
+        self._buffered_bytes = 0
+        self._space_waiters = 0
+        self._flushing = 0
+        self._responses: deque[_Request] = deque()
+        self._broker_in_flight: dict[int, int] = {}
+        self._requests_in_flight: set[_Request] = set()
+        self._closing = False
+        self._aborting = False
+        self._view_seen = self._cluster.view
+        self._sender = threading.Thread(target=self._run, name="raftka-producer", daemon=True)
+        self._sender.start()
+
+    # -- public API ----------------------------------------------------------
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[Header] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        callback: _Callback | None = None,
+    ) -> FutureRecordMetadata:
+        """Queue a record for ``topic``; return a future of its ``RecordMetadata``.
+
+        ``value`` and ``key`` are bytes (or None: a null key, or a tombstone value);
+        ``headers`` a sequence of ``(str, bytes | None)``. ``callback(metadata,
+        exception)`` runs on the sender thread when the record is delivered or failed.
+        Raises ``TypeError``/``ValueError`` for bad arguments, ``RecordTooLargeError``
+        for a record over ``max_request_size``, ``ClientTimeoutError`` when the topic's
+        metadata or buffer space did not come within ``max_block_ms``, and
+        ``RuntimeError`` after ``close``.
+        """
+        if value is not None and type(value) is not bytes:
+            value = _as_bytes(value, "value")
+        if key is not None and type(key) is not bytes:
+            key = _as_bytes(key, "key")
+        if headers:
+            headers = _check_headers(headers)
+        record_bytes = (len(value) if value else 0) + (len(key) if key else 0) + 21
+        if headers or record_bytes + RECORD_BATCH_OVERHEAD > self._max_request_size:
+            record_bytes = record_size(key, value, headers or ())
+            self._check_record_size(record_bytes)
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        if partition is not None and (type(partition) is not int or partition < 0):
+            raise ValueError(f"partition must be an int >= 0, not {partition!r}")
+        state = self._topics.get(topic)
+        if state is None:
+            if self._closing:
+                raise RuntimeError("cannot send: the producer is closed")
+            state = self._add_topic(topic)
+        if partition is None:
+            if key is not None:
+                partition = self._partition_for_key(key, len(state.queues))
+        elif partition >= len(state.queues):
+            self._check_partition(topic, state, partition)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("cannot send: the producer is closed")
+            sticky = partition is None
+            if partition is None:
+                partition = state.sticky
+                if partition < 0 or (
+                    state.sticky_batch is not None
+                    and state.sticky_batch is not state.queues[partition].open
+                ):
+                    partition = self._next_sticky_partition(topic, state)
+            queue = state.queues[partition]
+            batch = queue.open
+            if batch is None or batch.builder.try_append(timestamp_ms, key, value, headers) < 0:
+                batch = self._append_to_new_batch(
+                    queue, record_bytes, timestamp_ms, key, value, headers
+                )
+            if sticky and state.sticky_batch is None:
+                state.sticky_batch = batch
+            future = FutureRecordMetadata(batch.condition)
+            batch.futures.append(future)
+            batch.timestamps.append(timestamp_ms)
+            if callback is not None:
+                batch.callbacks.append((len(batch.futures) - 1, callback))
+            if batch.builder.is_full:
+                queue.open = None
+                self._wakeup.notify()
+            return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send every record queued so far at once (ignoring ``linger_ms``) and wait
+        until each is delivered or failed. Raises ``ClientTimeoutError`` after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            pending = set(self._incomplete)
+            self._flushing += 1
+            self._wakeup.notify()
+            try:
+                while pending:
+                    pending = {b for b in pending if not b.done}
+                    if not pending:
+                        break
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise ClientTimeoutError(
+                            common_pb2.REQUEST_TIMED_OUT,
+                            f"flush: {sum(len(b.futures) for b in pending)} record(s) "
+                            f"not delivered after {timeout} s",
+                        )
+                    self._progress.wait(remaining)
+            finally:
+                self._flushing -= 1
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new records, deliver the queued ones (up to ``timeout`` seconds), then
+        stop. Records still undelivered at the timeout fail with ``ClientTimeoutError``.
+        Idempotent."""
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        self._sender.join(timeout)
+        if self._sender.is_alive():
+            with self._lock:
+                self._aborting = True
+                calls = [r.call for r in self._requests_in_flight if r.call is not None]
+                self._wakeup.notify()
+            for call in calls:
+                call.cancel()
+            # Queued batches fail at once and in-flight calls are cancelled, so this is
+            # quick unless a metadata refresh is under way (bounded by its timeout).
+            self._sender.join(self._request_timeout_ms / 1000 + _RPC_MARGIN_S)
+        self._cluster.close()
+
+    def partitions_for(self, topic: str) -> list[int]:
+        """The topic's partition numbers (waits up to ``max_block_ms`` for metadata)."""
+        return list(range(len(self._cluster.wait_for_topic(topic, self._max_block_s))))
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- send() helpers --------------------------------------------------------
+
+    def _partition_for_key(self, key: bytes, count: int) -> int:
+        if self._partitioner is None:
+            return partition_for_key(key, count)
+        partition = self._partitioner(key, count)
+        if type(partition) is not int or not 0 <= partition < count:
+            raise ValueError(f"the partitioner chose {partition!r}, not in 0..{count - 1}")
+        return partition
+
+    def _check_record_size(self, record_bytes: int) -> None:
+        if record_bytes + RECORD_BATCH_OVERHEAD > self._max_request_size:
+            raise RecordTooLargeError(
+                common_pb2.MESSAGE_TOO_LARGE,
+                f"the record takes {record_bytes + RECORD_BATCH_OVERHEAD} bytes in its batch, "
+                f"more than max_request_size ({self._max_request_size})",
+            )
+        if record_bytes > self._buffer_memory:
+            raise RecordTooLargeError(
+                common_pb2.MESSAGE_TOO_LARGE,
+                f"the record takes {record_bytes} bytes, more than buffer_memory "
+                f"({self._buffer_memory})",
+            )
+
+    def _add_topic(self, topic: str) -> _TopicState:
+        if not isinstance(topic, str) or not topic:
+            raise TypeError(f"topic must be a non-empty str, not {topic!r}")
+        partitions = self._cluster.wait_for_topic(topic, self._max_block_s)
+        with self._lock:
+            state = self._topics.get(topic)
+            if state is None:
+                state = self._topics[topic] = _TopicState(topic, len(partitions))
+            return state
+
+    def _check_partition(self, topic: str, state: _TopicState, partition: int) -> None:
+        """A partition beyond those known: refresh, as the topic may have grown."""
+        self._cluster.request_update()
+        try:
+            self._cluster.update(timeout_s=self._max_block_s)
+        except RaftkaError as e:
+            log.debug("metadata refresh for %s failed: %s", topic, e)
+        self._grow_topics()
+        if partition >= len(state.queues):
+            raise UnknownTopicError(
+                common_pb2.UNKNOWN_TOPIC_OR_PARTITION,
+                f"partition {partition} of {topic!r} does not exist: "
+                f"it has {len(state.queues)} partitions",
+            )
+
+    def _next_sticky_partition(self, topic: str, state: _TopicState) -> int:
+        """Kafka's sticky partitioning (KIP-480): keyless records stay on one partition
+        until the batch they were filling is closed (``send`` checks that); then they
+        move to another partition that has a leader, at random."""
+        count = len(state.queues)
+        leaders = self._cluster.view.partitions(topic) or ()
+        available = [p for p, leader in enumerate(leaders[:count]) if leader.leader >= 0]
+        choices = [p for p in (available or range(count)) if p != state.sticky] or [state.sticky]
+        state.sticky = random.choice(choices)
+        state.sticky_batch = None
+        return state.sticky
+
+    def _append_to_new_batch(
+        self,
+        queue: _PartitionQueue,
+        record_bytes: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[Header] | None,
+    ) -> _Batch:
+        """Close the partition's open batch and start one with this record (under the
+        lock). Waits for buffer space, releasing the lock, up to ``max_block_ms``."""
+        reserve = max(self._batch_size, record_bytes + RECORD_BATCH_OVERHEAD)
+        deadline = time.monotonic() + self._max_block_s
+        if queue.open is not None:  # It has no room for this record: close it.
+            queue.open = None
+            self._wakeup.notify()
+        while self._buffered_bytes + reserve > self._buffer_memory:
+            remaining = deadline - time.monotonic()
+            if self._closing:
+                raise RuntimeError("cannot send: the producer is closed")
+            if remaining <= 0:
+                raise ClientTimeoutError(
+                    common_pb2.REQUEST_TIMED_OUT,
+                    f"no buffer space for the record within {self._max_block_s * 1000:.0f} ms "
+                    f"(buffer_memory {self._buffer_memory} bytes in use)",
+                )
+            self._space_waiters += 1
+            try:
+                self._space.wait(remaining)
+            finally:
+                self._space_waiters -= 1
+            open_batch = queue.open
+            if open_batch is not None:
+                # Another thread opened a batch while we waited: it may have room.
+                if open_batch.builder.try_append(timestamp_ms, key, value, headers) >= 0:
+                    return open_batch
+                queue.open = None
+        builder = BatchBuilder(self.compression, self._batch_size)
+        batch = _Batch(queue.topic, queue.partition, builder, reserve)
+        builder.try_append(timestamp_ms, key, value, headers)
+        self._buffered_bytes += reserve
+        self._incomplete.add(batch)
+        queue.batches.append(batch)
+        queue.open = batch
+        if queue not in self._nonempty:
+            self._nonempty[queue] = None
+        self._wakeup.notify()
+        return batch
+
+    # -- the sender thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._run_once():
+                pass
+        except BaseException as e:  # A bug here must not leave futures pending forever.
+            log.exception("the producer's sender thread failed")
+            with self._lock:
+                self._closing = True
+                batches = list(self._incomplete)
+            failure = RaftkaError(common_pb2.UNKNOWN_SERVER_ERROR, f"producer sender failed: {e}")
+            for batch in batches:
+                self._finish(batch, failure)
+            self._release(batches)
+
+    def _run_once(self) -> bool:
+        """One round: refresh metadata if due, handle answers, expire, send. False at
+        the end of ``close``."""
+        self._cluster.maybe_update()
+        with self._lock:
+            while True:
+                if self._cluster.view is not self._view_seen:
+                    self._grow_topics_locked()
+                now = time.monotonic()
+                responses = list(self._responses)
+                self._responses.clear()
+                expired, requests, wake_at = self._collect(now)
+                if responses or expired or requests:
+                    break
+                if self._closing and (self._aborting or not self._incomplete):
+                    if not self._requests_in_flight:
+                        return False
+                if self._cluster.update_due():
+                    return True
+                self._wakeup.wait(max(0.0, min(wake_at - now, _IDLE_WAIT_S)))
+        for request in responses:
+            self._handle_answer(request)
+        for batch, error in expired:
+            self._finish(batch, error)
+            self._release([batch])
+        for request in requests:
+            self._send(request)
+        return True
+
+    def _collect(
+        self, now: float
+    ) -> tuple[list[tuple[_Batch, RaftkaError]], list[_Request], float]:
+        """Under the lock: batches past their delivery timeout, the requests to send now,
+        and when to look again."""
+        expired: list[tuple[_Batch, RaftkaError]] = []
+        requests: dict[int, _Request] = {}
+        wake_at = now + _IDLE_WAIT_S
+        view = self._cluster.view
+        final = self._flushing > 0 or self._closing
+        for queue in list(self._nonempty):
+            if queue.in_flight:
+                continue
+            batches = queue.batches
+            while batches and (
+                self._aborting or now - batches[0].created_s >= self._delivery_timeout_s
+            ):
+                batch = batches.popleft()
+                if batch is queue.open:
+                    queue.open = None
+                expired.append((batch, self._expiry_error(batch, now)))
+            if not batches:
+                del self._nonempty[queue]
+                continue
+            first = batches[0]
+            if first.retry_at_s > now:
+                wake_at = min(wake_at, first.retry_at_s)
+                continue
+            if first is queue.open and not final and now < first.created_s + self._linger_s:
+                wake_at = min(wake_at, first.created_s + self._linger_s)
+                continue
+            leader = view.leader_address(queue.topic, queue.partition)
+            if leader is None:
+                first.last_error = first.last_error or error_for(
+                    view.topic_errors.get(queue.topic, common_pb2.LEADER_NOT_AVAILABLE),
+                    f"no leader known for {queue.topic}-{queue.partition}",
+                )
+                self._cluster.request_update()
+                wake_at = min(wake_at, now + self._backoff_s[0])
+                continue
+            broker_id, address = leader
+            request = requests.get(broker_id)
+            if request is None:
+                if self._broker_in_flight.get(broker_id, 0) >= self._max_in_flight:
+                    continue  # An answer from that broker wakes us.
+                request = requests[broker_id] = _Request(broker_id, address)
+            if request.parts and request.size_bytes + first.builder.size_bytes > (
+                self._max_request_size
+            ):
+                wake_at = now  # Full: another request to that broker can go next round.
+                continue
+            request.parts.append((queue, self._drain(queue, request, now, final)))
+            queue.in_flight = True
+        for request in requests.values():
+            self._broker_in_flight[request.broker_id] = (
+                self._broker_in_flight.get(request.broker_id, 0) + 1
+            )
+            self._requests_in_flight.add(request)
+        return expired, list(requests.values()), wake_at
+
+    def _drain(
+        self, queue: _PartitionQueue, request: _Request, now: float, final: bool
+    ) -> list[_Batch]:
+        """Take the partition's ready batches from the front, within the request size."""
+        taken: list[_Batch] = []
+        batches = queue.batches
+        while batches:
+            batch = batches[0]
+            size = batch.builder.size_bytes
+            if taken and (
+                batch.alone
+                or taken[0].alone
+                or batch.retry_at_s > now
+                or request.size_bytes + size > self._max_request_size
+                or (batch is queue.open and not final and now < batch.created_s + self._linger_s)
+            ):
+                break
+            batches.popleft()
+            if batch is queue.open:
+                queue.open = None
+            taken.append(batch)
+            request.size_bytes += size
+        if not batches:
+            del self._nonempty[queue]
+        return taken
+
+    def _expiry_error(self, batch: _Batch, now: float) -> RaftkaError:
+        if self._aborting:
+            return ClientTimeoutError(
+                common_pb2.REQUEST_TIMED_OUT, "the producer was closed before delivery"
+            )
+        last = f"; last error: {batch.last_error}" if batch.last_error else ""
+        return ClientTimeoutError(
+            common_pb2.REQUEST_TIMED_OUT,
+            f"{len(batch.futures)} record(s) for {batch.topic}-{batch.partition} expired: "
+            f"{(now - batch.created_s) * 1000:.0f} ms since the batch was created "
+            f"(delivery_timeout_ms {self._delivery_timeout_s * 1000:.0f}){last}",
+        )
+
+    def _send(self, request: _Request) -> None:
+        by_topic: dict[str, list[broker_pb2.PartitionProduceData]] = {}
+        for queue, batches in request.parts:
+            records = b"".join(b.builder.build() for b in batches)
+            by_topic.setdefault(queue.topic, []).append(
+                broker_pb2.PartitionProduceData(partition=queue.partition, records=records)
+            )
+        message = broker_pb2.ProduceRequest(
+            acks=self.acks,
+            timeout_ms=self._request_timeout_ms,
+            topics=[
+                broker_pb2.TopicProduceData(topic=topic, partitions=parts)
+                for topic, parts in by_topic.items()
+            ],
+        )
+        timeout_s = self._request_timeout_ms / 1000 + _RPC_MARGIN_S
+        try:
+            call = self._cluster.stub(request.address).Produce.future(message, timeout=timeout_s)
+        except Exception as e:  # The channel is closed, or cannot be opened.
+            request.call = _FailedCall(e)
+            self._on_done(request)
+            return
+        request.call = call
+        if self.acks == 0:
+            for _, batches in request.parts:
+                for batch in batches:
+                    self._complete(batch, -1, -1)
+        call.add_done_callback(lambda _call: self._on_done(request))
+
+    def _on_done(self, request: _Request) -> None:
+        """Called on a gRPC thread: hand the answer to the sender."""
+        with self._lock:
+            self._responses.append(request)
+            self._wakeup.notify()
+
+    def _handle_answer(self, request: _Request) -> None:
+        outcomes: list[_Outcome]
+        try:
+            response = request.call.result()
+        except grpc.RpcError as exc:
+            error = rpc_error(exc, f"Produce to broker {request.broker_id} at {request.address}")
+            outcomes = [(queue, batches, error) for queue, batches in request.parts]
+        except concurrent.futures.CancelledError:
+            error = NetworkError(f"Produce to broker {request.broker_id}: cancelled")
+            outcomes = [(queue, batches, error) for queue, batches in request.parts]
+        except Exception as exc:
+            error = RaftkaError(common_pb2.UNKNOWN_SERVER_ERROR, f"Produce: {exc}")
+            outcomes = [(queue, batches, error) for queue, batches in request.parts]
+        else:
+            outcomes = self._outcomes(request, response)
+        retry: list[tuple[_PartitionQueue, list[_Batch]]] = []
+        finished: list[_Batch] = []
+        now = time.monotonic()
+        for queue, batches, outcome in outcomes:
+            if isinstance(outcome, RaftkaError):
+                again = self._retry_or_fail(batches, outcome, now)
+                if again:
+                    retry.append((queue, again))
+                finished += [b for b in batches if b.done]
+            else:
+                base_offset, append_time_ms = outcome
+                if self.acks != 0:
+                    for batch in batches:
+                        self._complete(batch, base_offset, append_time_ms)
+                        base_offset += batch.builder.record_count
+                finished += batches
+        with self._lock:
+            self._requests_in_flight.discard(request)
+            self._broker_in_flight[request.broker_id] -= 1
+            for queue, _ in request.parts:
+                queue.in_flight = False
+            for queue, batches in retry:
+                queue.batches.extendleft(reversed(batches))
+                if queue not in self._nonempty:
+                    self._nonempty[queue] = None
+        self._release(finished)
+
+    def _outcomes(self, request: _Request, response: broker_pb2.ProduceResponse) -> list[_Outcome]:
+        answers = {(t.topic, p.partition): p for t in response.topics for p in t.partitions}
+        outcomes: list[_Outcome] = []
+        for queue, batches in request.parts:
+            answer = answers.get((queue.topic, queue.partition))
+            outcome: RaftkaError | tuple[int, int]
+            if answer is None:
+                outcome = RaftkaError(
+                    common_pb2.UNKNOWN_SERVER_ERROR,
+                    f"broker {request.broker_id} did not answer for "
+                    f"{queue.topic}-{queue.partition}",
+                )
+            elif answer.error.code != common_pb2.NONE:
+                outcome = error_for(
+                    answer.error.code,
+                    f"{queue.topic}-{queue.partition} at broker {request.broker_id}"
+                    + (f": {answer.error.message}" if answer.error.message else ""),
+                )
+                if answer.HasField("current_leader") and answer.current_leader.leader_id >= 0:
+                    self._cluster.note_leader(
+                        queue.topic,
+                        queue.partition,
+                        answer.current_leader.leader_id,
+                        answer.current_leader.leader_epoch,
+                    )
+            else:
+                outcome = (answer.base_offset, answer.log_append_time_ms)
+            outcomes.append((queue, batches, outcome))
+        return outcomes
+
+    def _retry_or_fail(self, batches: list[_Batch], error: RaftkaError, now: float) -> list[_Batch]:
+        """Fail the batches that cannot be retried; return the others, scheduled."""
+        if isinstance(error, InvalidMetadataError):
+            self._cluster.request_update()
+        too_large = isinstance(error, RecordTooLargeError | RecordListTooLargeError)
+        if too_large and len(batches) > 1:
+            # The broker refused the batches together: send each on its own.
+            for batch in batches:
+                batch.alone = True
+            return batches
+        again = []
+        for batch in batches:
+            batch.last_error = error
+            backoff_s = min(self._backoff_s[0] * 2**batch.attempts, self._backoff_s[1])
+            retry_at = now + backoff_s * random.uniform(0.8, 1.2)
+            if self._aborting:
+                self._finish(batch, self._expiry_error(batch, now))
+            elif self.acks == 0:
+                log.warning(
+                    "acks=0 produce to %s-%s failed: %s", batch.topic, batch.partition, error
+                )
+                self._finish(batch, error)
+            elif not error.retriable or batch.attempts >= self._retries:
+                self._finish(batch, error)
+            elif retry_at - batch.created_s >= self._delivery_timeout_s:
+                self._finish(batch, self._expiry_error(batch, now))
+            else:
+                batch.attempts += 1
+                batch.retry_at_s = retry_at
+                again.append(batch)
+        return again
+
+    # -- completing futures -------------------------------------------------------
+
+    def _complete(self, batch: _Batch, base_offset: int, append_time_ms: int) -> None:
+        """Resolve the batch's futures with their offsets (-1 with acks=0)."""
+        if batch.done:
+            return
+        topic, partition = batch.topic, batch.partition
+        futures = batch.futures
+        with batch.condition:
+            for index, (future, timestamp) in enumerate(
+                zip(futures, batch.timestamps, strict=True)
+            ):
+                future._result = _new_tuple(
+                    RecordMetadata,
+                    (
+                        topic,
+                        partition,
+                        base_offset + index if base_offset >= 0 else -1,
+                        append_time_ms if append_time_ms >= 0 else timestamp,
+                    ),
+                )
+                future._state = FINISHED
+                for waiter in future._waiters:
+                    waiter.add_result(future)
+            batch.done = True
+            batch.condition.notify_all()
+        self._run_callbacks(batch, None)
+
+    def _finish(self, batch: _Batch, error: BaseException) -> None:
+        """Fail the batch's futures with ``error`` (each gets the same exception)."""
+        if batch.done:
+            return
+        with batch.condition:
+            for future in batch.futures:
+                future._exception = error
+                future._state = FINISHED
+                for waiter in future._waiters:
+                    waiter.add_exception(future)
+            batch.done = True
+            batch.condition.notify_all()
+        self._run_callbacks(batch, error)
+
+    def _run_callbacks(self, batch: _Batch, error: BaseException | None) -> None:
+        for future in batch.futures:
+            for fn in future._done_callbacks:
+                try:
+                    fn(future)
+                except Exception:
+                    log.exception("a future's done callback raised")
+        for index, callback in batch.callbacks:
+            try:
+                callback(None if error else batch.futures[index]._result, error)
+            except Exception:
+                log.exception("a send() callback raised")
+
+    def _release(self, batches: list[_Batch]) -> None:
+        """Give back the buffer space of done batches and wake whoever waits for it."""
+        done = [b for b in batches if b.done]
+        if not done:
+            return
+        with self._lock:
+            for batch in done:
+                if batch in self._incomplete:
+                    self._incomplete.discard(batch)
+                    self._buffered_bytes -= batch.reserved_bytes
+            if self._space_waiters:
+                self._space.notify_all()
+            if self._flushing:
+                self._progress.notify_all()
+
+    # -- metadata -------------------------------------------------------------------
+
+    def _grow_topics(self) -> None:
+        with self._lock:
+            self._grow_topics_locked()
+
+    def _grow_topics_locked(self) -> None:
+        """Add queues for partitions a topic gained since it was first seen."""
+        view = self._view_seen = self._cluster.view
+        for topic, state in self._topics.items():
+            partitions = view.partitions(topic)
+            if partitions is not None and len(partitions) > len(state.queues):
+                state.queues += [
+                    _PartitionQueue(topic, p) for p in range(len(state.queues), len(partitions))
+                ]
+
+
+class _FailedCall:
+    """Stands in for a gRPC call that could not even be started."""
+
+    def __init__(self, error: Exception):
+        self._error = error
+
+    def result(self) -> Any:
+        raise self._error
+
+    def cancel(self) -> bool:
+        return False
+
+
+def _as_bytes(value: Any, what: str) -> bytes:
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    hint = " (encode a str first, e.g. value.encode())" if isinstance(value, str) else ""
+    raise TypeError(f"{what} must be bytes or None, not {type(value).__name__}{hint}")
+
+
+def _check_headers(headers: Sequence[Header]) -> list[Header]:
+    checked = []
+    for item in headers:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise TypeError(f"a header must be a (str, bytes | None) pair, not {item!r}")
+        name, value = item
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be str, not {type(name).__name__}")
+        if value is not None and type(value) is not bytes:
+            value = _as_bytes(value, f"header {name!r}")
+        checked.append((name, value))
+    return checked
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, not {value!r}")

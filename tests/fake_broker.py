@@ -1,0 +1,398 @@
+"""An in-memory cluster of fake brokers that serve the Broker gRPC service on loopback.
+
+Test helper for the producer, consumer and CLI: each broker is a real gRPC server bound
+to 127.0.0.1 port 0, all sharing one in-memory log per partition (replication is
+perfect and instant, so the high watermark is the log end). It answers Metadata, Produce,
+Fetch (long-polling on a condition variable, ``min_bytes``/``max_wait_ms``) and
+ListOffsets with Kafka's semantics and error codes, stores batches as the producer sent
+them (checked with ``validate_batch``, base offset and leader epoch patched), and lets a
+test move leaders, inject errors and truncate the log start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
+
+from broker.record_batch import (
+    InvalidBatchError,
+    decode_records,
+    iter_batches,
+    patch_batch,
+    validate_batch,
+)
+
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+def _error(code: int = common_pb2.NONE, message: str = "") -> common_pb2.Error:
+    return common_pb2.Error(code=code, message=message)
+
+
+@dataclass
+class FakePartition:
+    leader: int
+    leader_epoch: int = 0
+    log_start_offset: int = 0
+    log_end_offset: int = 0
+    # (base offset, last offset, max timestamp, batch bytes as stored)
+    batches: list[tuple[int, int, int, bytes]] = field(default_factory=list)
+    # Errors to answer the next produce/fetch requests with, oldest first.
+    produce_errors: deque[int] = field(default_factory=deque)
+    fetch_errors: deque[int] = field(default_factory=deque)
+
+
+class FakeCluster:
+    """``brokers`` fake brokers with ids 1..n. Use as a context manager."""
+
+    def __init__(self, brokers: int = 1, *, workers: int = 8):
+        self.broker_ids = list(range(1, brokers + 1))
+        self.addresses: dict[int, str] = {}
+        self.partitions: dict[tuple[str, int], FakePartition] = {}
+        self.requests: list[tuple[int, str, Any]] = []
+        self.down: set[int] = set()  # Brokers that answer UNAVAILABLE.
+        # Produce requests wait here (bounded) before they are handled: clear it to hold
+        # them in the broker, set it to let them through.
+        self.produce_gate = threading.Event()
+        self.produce_gate.set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stopped = False
+        self._servers: list[tuple[grpc.Server, futures.ThreadPoolExecutor]] = []
+        self._workers = workers
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> FakeCluster:
+        for broker_id in self.broker_ids:
+            executor = futures.ThreadPoolExecutor(max_workers=self._workers)
+            server = grpc.server(executor)
+            broker_pb2_grpc.add_BrokerServicer_to_server(_Servicer(self, broker_id), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            self._servers.append((server, executor))
+            self.addresses[broker_id] = f"127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.produce_gate.set()
+        with self._lock:
+            self._stopped = True
+            self._changed.notify_all()
+        for server, executor in self._servers:
+            server.stop(grace=None).wait(5)
+            executor.shutdown(wait=True)
+        self._servers.clear()
+
+    def __enter__(self) -> FakeCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(self.addresses[b] for b in self.broker_ids)
+
+    # -- what a test changes -----------------------------------------------
+
+    def create_topic(self, name: str, partitions: int = 1, leaders: list[int] | None = None):
+        with self._lock:
+            for p in range(partitions):
+                leader = leaders[p] if leaders else self.broker_ids[p % len(self.broker_ids)]
+                self.partitions[(name, p)] = FakePartition(leader=leader)
+
+    def move_leader(self, topic: str, partition: int, leader: int) -> None:
+        with self._lock:
+            state = self.partitions[(topic, partition)]
+            state.leader = leader
+            state.leader_epoch += 1
+            self._changed.notify_all()
+
+    def fail_produce(self, topic: str, partition: int, *codes: int) -> None:
+        with self._lock:
+            self.partitions[(topic, partition)].produce_errors.extend(codes)
+
+    def fail_fetch(self, topic: str, partition: int, *codes: int) -> None:
+        with self._lock:
+            self.partitions[(topic, partition)].fetch_errors.extend(codes)
+
+    def delete_records(self, topic: str, partition: int, before_offset: int) -> None:
+        """Advance the log start, dropping whole batches below it (like retention)."""
+        with self._lock:
+            state = self.partitions[(topic, partition)]
+            state.batches = [b for b in state.batches if b[1] >= before_offset]
+            state.log_start_offset = before_offset
+
+    def append(self, topic: str, partition: int, batch: bytes) -> int:
+        """Append a batch directly, as the leader would; returns its base offset."""
+        with self._lock:
+            return self._append(self.partitions[(topic, partition)], batch)
+
+    # -- what a test reads -------------------------------------------------
+
+    def records(self, topic: str, partition: int) -> list[tuple[int, Any]]:
+        """``(offset, Record)`` for every record in the partition's log."""
+        with self._lock:
+            batches = list(self.partitions[(topic, partition)].batches)
+        out = []
+        for base, _, _, data in batches:
+            out += [(base + r.offset_delta, r) for r in decode_records(data)]
+        return out
+
+    def calls(self, method: str) -> list[tuple[int, Any]]:
+        with self._lock:
+            return [(b, r) for b, m, r in self.requests if m == method]
+
+    def wait_for_calls(self, method: str, count: int, timeout_s: float = 5.0) -> None:
+        """Block until the brokers received ``count`` calls of ``method``."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while sum(1 for _, m, _ in self.requests if m == method) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"fewer than {count} {method} calls in {timeout_s} s")
+                self._changed.wait(remaining)
+
+    # -- the service, under the lock -----------------------------------------
+
+    def _append(self, state: FakePartition, batch: bytes) -> int:
+        header = validate_batch(batch, max_batch_bytes=MAX_BATCH_BYTES)
+        base = state.log_end_offset
+        stored = patch_batch(batch, base, state.leader_epoch)
+        state.batches.append((base, base + header.last_offset_delta, header.max_timestamp, stored))
+        state.log_end_offset = base + header.last_offset_delta + 1
+        self._changed.notify_all()
+        return base
+
+
+class _Servicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, cluster: FakeCluster, broker_id: int):
+        self.cluster = cluster
+        self.broker_id = broker_id
+
+    def _enter(self, method: str, request: Any, context: grpc.ServicerContext) -> None:
+        cluster = self.cluster
+        with cluster._lock:
+            cluster.requests.append((self.broker_id, method, request))
+            cluster._changed.notify_all()
+            down = self.broker_id in cluster.down
+        if down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"broker {self.broker_id} is down")
+
+    def DescribeBroker(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return broker_pb2.DescribeBrokerResponse(broker_id=self.broker_id, state="running")
+
+    def Metadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("Metadata", request, context)
+        cluster = self.cluster
+        with cluster._lock:
+            brokers = [
+                broker_pb2.BrokerEndpoint(
+                    broker_id=b, host=a.rsplit(":", 1)[0], port=int(a.rsplit(":", 1)[1])
+                )
+                for b, a in cluster.addresses.items()
+            ]
+            names = list(request.topics) or sorted({t for t, _ in cluster.partitions})
+            topics = []
+            for name in names:
+                parts = sorted((p, s) for (t, p), s in cluster.partitions.items() if t == name)
+                if not parts:
+                    topics.append(
+                        broker_pb2.TopicMetadata(
+                            name=name, error=_error(common_pb2.UNKNOWN_TOPIC_OR_PARTITION)
+                        )
+                    )
+                    continue
+                topics.append(
+                    broker_pb2.TopicMetadata(
+                        name=name,
+                        topic_id=f"id-{name}",
+                        partitions=[
+                            broker_pb2.PartitionMetadata(
+                                partition=p,
+                                leader=s.leader,
+                                leader_epoch=s.leader_epoch,
+                                replicas=cluster.broker_ids,
+                                isr=cluster.broker_ids,
+                                error=_error(
+                                    common_pb2.NONE
+                                    if s.leader >= 0
+                                    else common_pb2.LEADER_NOT_AVAILABLE
+                                ),
+                            )
+                            for p, s in parts
+                        ],
+                    )
+                )
+        return broker_pb2.MetadataResponse(
+            brokers=brokers, topics=topics, cluster_id="fake", controller_id=-1
+        )
+
+    def _leader_error(self, state: FakePartition | None, epoch: int = -1) -> int:
+        if state is None:
+            return common_pb2.UNKNOWN_TOPIC_OR_PARTITION
+        if state.leader != self.broker_id:
+            return common_pb2.NOT_LEADER_OR_FOLLOWER
+        if epoch >= 0 and epoch < state.leader_epoch:
+            return common_pb2.FENCED_LEADER_EPOCH
+        if epoch > state.leader_epoch:
+            return common_pb2.UNKNOWN_LEADER_EPOCH
+        return common_pb2.NONE
+
+    def Produce(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("Produce", request, context)
+        cluster = self.cluster
+        cluster.produce_gate.wait(10)
+        topics = []
+        with cluster._lock:
+            for topic in request.topics:
+                answers = []
+                for part in topic.partitions:
+                    state = cluster.partitions.get((topic.topic, part.partition))
+                    answers.append(self._produce_one(request.acks, topic.topic, part, state))
+                topics.append(
+                    broker_pb2.TopicProduceResponse(topic=topic.topic, partitions=answers)
+                )
+        return broker_pb2.ProduceResponse(topics=topics)
+
+    def _produce_one(
+        self, acks: int, topic: str, part: Any, state: FakePartition | None
+    ) -> broker_pb2.PartitionProduceResponse:
+        answer = broker_pb2.PartitionProduceResponse(partition=part.partition, base_offset=-1)
+        code = self._leader_error(state)
+        if acks not in (-1, 0, 1):
+            code = common_pb2.INVALID_REQUIRED_ACKS
+        elif code == common_pb2.NONE and state is not None and state.produce_errors:
+            code = state.produce_errors.popleft()
+        if code != common_pb2.NONE:
+            answer.error.CopyFrom(_error(code, f"fake broker {self.broker_id}"))
+            if state is not None and code == common_pb2.NOT_LEADER_OR_FOLLOWER:
+                answer.current_leader.CopyFrom(
+                    broker_pb2.LeaderIdAndEpoch(
+                        leader_id=state.leader, leader_epoch=state.leader_epoch
+                    )
+                )
+            return answer
+        assert state is not None
+        batches = iter_batches(part.records)
+        whole = [bytes(part.records[pos : pos + h.size_bytes]) for pos, h in batches]
+        if batches.error is not None or not whole:
+            answer.error.CopyFrom(_error(common_pb2.CORRUPT_MESSAGE, str(batches.error)))
+            return answer
+        try:
+            for batch in whole:
+                validate_batch(batch, max_batch_bytes=MAX_BATCH_BYTES)
+        except InvalidBatchError as e:
+            answer.error.CopyFrom(_error(common_pb2.CORRUPT_MESSAGE, str(e)))
+            return answer
+        answer.base_offset = state.log_end_offset
+        for batch in whole:
+            self.cluster._append(state, batch)
+        answer.log_append_time_ms = -1
+        answer.log_start_offset = state.log_start_offset
+        return answer
+
+    def Fetch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("Fetch", request, context)
+        cluster = self.cluster
+        deadline = time.monotonic() + request.max_wait_ms / 1000
+        with cluster._lock:
+            while True:
+                response, size, errors = self._fetch_once(request)
+                remaining = deadline - time.monotonic()
+                if errors or size >= request.min_bytes or remaining <= 0 or cluster._stopped:
+                    return response
+                cluster._changed.wait(remaining)
+
+    def _fetch_once(self, request: Any) -> tuple[Any, int, bool]:
+        cluster = self.cluster
+        size = 0
+        errors = False
+        topics = []
+        for topic in request.topics:
+            answers = []
+            for part in topic.partitions:
+                state = cluster.partitions.get((topic.topic, part.partition))
+                answer = broker_pb2.FetchPartitionResponse(partition=part.partition)
+                code = self._leader_error(state, part.current_leader_epoch)
+                if code == common_pb2.NONE and state is not None and state.fetch_errors:
+                    code = state.fetch_errors.popleft()
+                if (
+                    code == common_pb2.NONE
+                    and state is not None
+                    and not (state.log_start_offset <= part.fetch_offset <= state.log_end_offset)
+                ):
+                    code = common_pb2.OFFSET_OUT_OF_RANGE
+                if code != common_pb2.NONE:
+                    errors = True
+                    answer.error.CopyFrom(_error(code))
+                    answers.append(answer)
+                    continue
+                assert state is not None
+                data = bytearray()
+                for _base, last, _ts, batch in state.batches:
+                    if last < part.fetch_offset:
+                        continue
+                    if data and len(data) + len(batch) > part.partition_max_bytes:
+                        break
+                    if size + len(data) + len(batch) > request.max_bytes and (data or size):
+                        break
+                    data += batch
+                size += len(data)
+                answer.high_watermark = state.log_end_offset
+                answer.log_start_offset = state.log_start_offset
+                answer.log_end_offset = state.log_end_offset
+                answer.records = bytes(data)
+                answers.append(answer)
+            topics.append(broker_pb2.FetchTopicResponse(topic=topic.topic, partitions=answers))
+        return broker_pb2.FetchResponse(topics=topics), size, errors
+
+    def ListOffsets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("ListOffsets", request, context)
+        cluster = self.cluster
+        topics = []
+        with cluster._lock:
+            for topic in request.topics:
+                answers = []
+                for part in topic.partitions:
+                    state = cluster.partitions.get((topic.topic, part.partition))
+                    answer = broker_pb2.ListOffsetsPartitionResponse(
+                        partition=part.partition, timestamp=-1, offset=-1
+                    )
+                    code = self._leader_error(state, part.current_leader_epoch)
+                    if code != common_pb2.NONE:
+                        answer.error.CopyFrom(_error(code))
+                    else:
+                        assert state is not None
+                        answer.offset, answer.timestamp = _list_offset(state, part.timestamp)
+                        answer.leader_epoch = state.leader_epoch
+                    answers.append(answer)
+                topics.append(
+                    broker_pb2.ListOffsetsTopicResponse(topic=topic.topic, partitions=answers)
+                )
+        return broker_pb2.ListOffsetsResponse(topics=topics)
+
+
+def _list_offset(state: FakePartition, timestamp: int) -> tuple[int, int]:
+    if timestamp == -1:
+        return state.log_end_offset, -1
+    if timestamp == -2:
+        return state.log_start_offset, -1
+    found: tuple[int, int] | None = None
+    for base, _, max_ts, data in state.batches:
+        for record in decode_records(data):
+            offset, ts = base + record.offset_delta, record.timestamp_ms
+            if timestamp == -3:
+                if found is None or ts > found[1]:
+                    found = (offset, ts)
+            elif ts >= timestamp and max_ts >= timestamp:
+                return offset, ts
+    return found if found is not None else (-1, -1)
