@@ -669,6 +669,147 @@ def bench_scale(
     _emit(as_json, lambda: result.to_dict(), lambda: render.format_bench_scale(result.to_dict()))
 
 
+def _brokers_of(bootstrap: str) -> str:
+    from cli.bench_data import broker_bootstrap
+
+    return broker_bootstrap(bootstrap)
+
+
+@bench_app.command("produce")
+@_handles_errors
+def bench_produce(
+    ctx: typer.Context,
+    records: Annotated[int, typer.Option(min=1, help="Records to send.")] = 1_000_000,
+    record_size: Annotated[int, typer.Option(min=0, help="Value bytes per record.")] = 100,
+    acks: Annotated[str, typer.Option(help="all, 1 or 0.")] = "all",
+    partitions: Annotated[int, typer.Option(min=1)] = 6,
+    replication_factor: Annotated[int, typer.Option(min=1)] = 3,
+    min_insync_replicas: Annotated[int, typer.Option(min=1)] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Bytes per partition batch.")] = 262144,
+    linger_ms: Annotated[float, typer.Option(min=0)] = 5,
+    compression: Annotated[str | None, typer.Option(help="gzip, snappy, lz4 or zstd.")] = None,
+    topic: Annotated[str | None, typer.Option(help="Topic (default: a new one).")] = None,
+    bootstrap: BootstrapOpt = None,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Records per second from one producer process (this one)."""
+    from cli.bench_data import run_produce_bench
+
+    address = _bench_bootstrap(ctx, bootstrap, directory)
+    with _progress(records, "records", as_json) as advance:
+        result = run_produce_bench(
+            address,
+            _brokers_of(address),
+            topic=topic,
+            records=records,
+            record_size=record_size,
+            partitions=partitions,
+            replication_factor=replication_factor,
+            min_insync_replicas=min_insync_replicas,
+            acks=acks if acks == "all" else int(acks),
+            batch_size=batch_size,
+            linger_ms=linger_ms,
+            compression=compression,
+            progress=advance,
+        )
+    _emit(
+        as_json, lambda: result, lambda: render.format_bench_figures("raftka bench produce", result)
+    )
+
+
+@bench_app.command("consume")
+@_handles_errors
+def bench_consume(
+    ctx: typer.Context,
+    topic: Annotated[str, typer.Argument(help="Topic to read from the beginning.")],
+    records: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+    bootstrap: BootstrapOpt = None,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Records per second for one consumer reading every partition of TOPIC."""
+    from cli.bench_data import run_consume_bench
+
+    address = _bench_bootstrap(ctx, bootstrap, directory)
+    with _progress(records, "records", as_json) as advance:
+        result = run_consume_bench(_brokers_of(address), topic, records=records, progress=advance)
+    _emit(
+        as_json, lambda: result, lambda: render.format_bench_figures("raftka bench consume", result)
+    )
+
+
+@bench_app.command("latency")
+@_handles_errors
+def bench_latency(
+    ctx: typer.Context,
+    rate: Annotated[int, typer.Option(min=1, help="Records per second.")] = 10_000,
+    seconds: Annotated[float, typer.Option(min=0.1)] = 10.0,
+    acks: Annotated[str, typer.Option(help="all, 1 or 0.")] = "all",
+    linger_ms: Annotated[float, typer.Option(min=0)] = 0,
+    bootstrap: BootstrapOpt = None,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """End-to-end latency (produce to consume) at a fixed rate; the consumer runs in
+    another process."""
+    from cli.bench_data import run_latency_bench
+
+    address = _bench_bootstrap(ctx, bootstrap, directory)
+    result = run_latency_bench(
+        address,
+        _brokers_of(address),
+        rate=rate,
+        seconds=seconds,
+        acks=acks if acks == "all" else int(acks),
+        linger_ms=linger_ms,
+    )
+    _emit(
+        as_json, lambda: result, lambda: render.format_bench_figures("raftka bench latency", result)
+    )
+
+
+@bench_app.command("leader-kill")
+@_handles_errors
+def bench_leader_kill(
+    ctx: typer.Context,
+    runs: Annotated[int, typer.Option(min=1, help="Kills of partition 0's leader.")] = 5,
+    rate: Annotated[int, typer.Option(min=1, help="Records per second sent.")] = 2000,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Kill -9 a partition leader of the local cluster under acks=all load, N times;
+    time until produce succeeds again, then read back every acknowledged record."""
+    from cli.bench_data import run_leader_kill_bench
+
+    cluster = _existing_cluster(ctx, directory)
+    with _progress(runs, "leader kills", as_json) as advance:
+        result = run_leader_kill_bench(cluster, runs=runs, rate=rate, progress=advance)
+    _emit(
+        as_json,
+        lambda: result,
+        lambda: render.format_bench_figures("raftka bench leader-kill", result),
+    )
+
+
+@bench_app.command("memory")
+@_handles_errors
+def bench_memory(
+    ctx: typer.Context,
+    partitions: Annotated[int, typer.Option(min=1, help="Replicas per broker.")] = 1000,
+    directory: DirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resident memory of each broker of the local cluster once it hosts N idle replicas."""
+    from cli.bench_data import run_memory_bench
+
+    cluster = _existing_cluster(ctx, directory)
+    result = run_memory_bench(cluster, partitions=partitions)
+    _emit(
+        as_json, lambda: result, lambda: render.format_bench_figures("raftka bench memory", result)
+    )
+
+
 def main() -> None:
     app()
 

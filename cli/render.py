@@ -466,3 +466,20 @@ def format_bench_scale(result: dict[str, Any]) -> Table:
             ("failover median", "-" if median is None else f"{median:.3f} s"),
         ],
     )
+
+
+def format_bench_figures(title: str, result: dict[str, Any]) -> Table:
+    """Any bench result as a two-column table of its figures (lists and maps inline)."""
+
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3f}".rstrip("0").rstrip(".")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}: {show(v)}" for k, v in value.items())
+        if isinstance(value, list):
+            return ", ".join(show(v) for v in value)
+        return "-" if value is None else str(value)
+
+    return _figures(title, [(key.replace("_", " "), show(value)) for key, value in result.items()])
