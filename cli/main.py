@@ -255,31 +255,92 @@ def cluster_demo(
     directory: DirOpt = None,
     bootstrap: BootstrapOpt = None,
     topic: Annotated[str, typer.Option(help="Topic to create.")] = DEMO_TOPIC,
+    records: Annotated[
+        int, typer.Option(min=0, help="Records to produce (acks=all) and read back.")
+    ] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Show the cluster working: create a topic (3 partitions, 3 replicas) if absent,
-    then describe it and the quorum."""
+    produce records to it with acks=all and read them back, then describe the topic
+    (with each partition's offsets) and the quorum."""
     with _admin(ctx, bootstrap, directory) as admin:
         created = False
+        brokers = [b for b in admin.describe_cluster().brokers if not b.fenced]
         if topic not in admin.list_topics():
-            brokers = [b for b in admin.describe_cluster().brokers if not b.fenced]
             admin.create_topic(topic, 3, max(1, min(3, len(brokers))))
             created = True
+        round_trip = _demo_round_trip(brokers, topic, records) if records else None
         described = admin.describe_topics([topic])
+        logs = admin.describe_replica_logs() if records else None
         quorum = admin.describe_quorum()
     if as_json:
         _print_json(
             {
                 "created": created,
-                "topic": render.topics_json(described)[0],
+                "round_trip": round_trip,
+                "topic": render.topics_json(described, logs)[0],
                 "quorum": render.quorum_json(quorum),
             }
         )
         return
     out = _out()
     out.print(f"{'created' if created else 'found'} topic [bold]{escape(topic)}[/]")
-    out.print(render.format_topics(described))
+    if round_trip is not None:
+        out.print(
+            f"produced {round_trip['produced']} records with acks=all in "
+            f"{round_trip['produce_ms']:.0f} ms, read {round_trip['consumed']} back in "
+            f"{round_trip['consume_ms']:.0f} ms"
+        )
+    out.print(render.format_topics(described, logs))
     out.print(render.format_quorum(quorum, _deps(ctx).now_ms()))
+
+
+def _demo_round_trip(brokers: list[Any], topic: str, records: int) -> dict[str, Any]:
+    """Produce ``records`` keyed records with acks=all, then read exactly those back."""
+    import time
+
+    from client import Consumer, Producer, TopicPartition
+
+    addresses = ",".join(b.address for b in brokers)
+    with Consumer(addresses, auto_offset_reset="earliest") as consumer:
+        partitions = [TopicPartition(topic, p) for p in sorted(_wait_partitions(consumer, topic))]
+        consumer.assign(partitions)
+        start = consumer.end_offsets(partitions)
+        for tp in partitions:
+            consumer.seek(tp, start[tp])
+        t0 = time.perf_counter()
+        with Producer(addresses, acks="all") as producer:
+            for i in range(records):
+                producer.send(topic, f"demo record {i}".encode(), key=f"key-{i % 10}".encode())
+            producer.flush(timeout=60)
+        produce_ms = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        consumed = 0
+        deadline = time.monotonic() + 60
+        while consumed < records and time.monotonic() < deadline:
+            consumed += sum(len(batch) for batch in consumer.poll(timeout_ms=500).values())
+        consume_ms = (time.perf_counter() - t0) * 1000
+    if consumed != records:
+        raise RuntimeError(f"produced {records} records but read {consumed} back")
+    return {
+        "produced": records,
+        "consumed": consumed,
+        "produce_ms": round(produce_ms, 1),
+        "consume_ms": round(consume_ms, 1),
+    }
+
+
+def _wait_partitions(consumer: Any, topic: str, timeout_s: float = 30.0) -> set[int]:
+    """The topic's partitions once the brokers know it (a new topic takes a moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        time.sleep(0.1)
+    raise RuntimeError(f"the brokers do not know topic {topic} after {timeout_s:.0f} s")
 
 
 # -- nodes ------------------------------------------------------------------

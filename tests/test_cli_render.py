@@ -320,7 +320,7 @@ def test_topic_delete_and_metadata_log(cli):
 
 
 def test_cluster_demo_creates_the_topic_once(cli):
-    result = cli.invoke("cluster", "demo", "-b", "h:1", "--json")
+    result = cli.invoke("cluster", "demo", "-b", "h:1", "--records", "0", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["created"] and data["topic"]["name"] == "demo"
