@@ -12,6 +12,7 @@ from raftka.v1 import common_pb2 as c
 from raftka.v1 import controller_pb2 as cpb
 from test_controller_harness import Cluster, picture
 
+from quorum import records as r
 from quorum.controller import brokers, partitions
 
 
@@ -71,6 +72,39 @@ def test_the_last_isr_member_keeps_its_place_when_fenced_and_leads_again_on_unfe
     assert cluster.show("logs") == picture("""
         logs-0 replicas=[1, 2] isr=[1] leader=1 epochs=2/3
     """)
+
+
+def test_a_topic_that_allows_unclean_election_gets_a_leader_outside_the_isr():
+    cluster = Cluster()
+    cluster.start_brokers(1, 2)
+    cluster.create_topic("lossy", partitions=1, rf=2, **{"unclean.leader.election.enable": "true"})
+    cluster.create_topic("safe", partitions=1, rf=2)
+    cluster.fence(2)
+    # The last ISR member goes: the lossy topic stays leaderless only while no
+    # other replica is active.
+    cluster.fence(1)
+    assert cluster.partition("lossy").leader == -1
+    # Broker 2 comes back: it leads the lossy topic alone; the safe one waits for 1.
+    cluster.heartbeat(2)
+    assert cluster.show("lossy") == picture("""
+        lossy-0 replicas=[1, 2] isr=[2] leader=2 epochs=2/3
+    """)
+    assert cluster.partition("safe").leader == -1
+
+
+def test_fencing_the_last_isr_member_elects_an_active_replica_when_unclean_is_allowed():
+    cluster = Cluster()
+    cluster.start_brokers(1, 2, 3)
+    topic_id = cluster.create_topic(
+        "lossy", partitions=1, rf=3, **{"unclean.leader.election.enable": "true"}
+    )
+    leader = cluster.partition("lossy").leader
+    others = [b for b in (1, 2, 3) if b != leader]
+    # Shrink the ISR to the leader alone (followers fell behind), then fence it.
+    cluster.commit([r.partition_change(topic_id, 0, isr=[leader])])
+    cluster.fence(leader)
+    moved = cluster.partition("lossy")
+    assert moved.leader == others[0] and moved.isr == (others[0],)
 
 
 def test_an_unfenced_broker_does_not_take_leaderships_that_others_hold():

@@ -25,7 +25,7 @@ from raftka.v1 import metadata_pb2 as pb
 from quorum import records as r
 from quorum.controller._common import ErrorCode, apply_records, error, ok
 from quorum.controller.heartbeats import BrokerHeartbeatManager
-from quorum.controller.leadership import elect_leaderless, leave_isrs
+from quorum.controller.leadership import elect_leaderless, elect_unclean, leave_isrs
 from quorum.controller.result import ControllerContext, ControllerResult
 from quorum.image import BrokerRegistration, MetadataImage
 
@@ -84,8 +84,14 @@ def fence_broker(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord
 def unfence_broker(
     image: MetadataImage, broker_id: int, broker_epoch: int
 ) -> list[pb.MetadataRecord]:
-    """Unfence the broker and let it lead the leaderless partitions whose ISR it is in."""
-    return [r.unfence_broker(broker_id, broker_epoch), *elect_leaderless(image, broker_id)]
+    """Unfence the broker and let it lead the leaderless partitions whose ISR it is in
+    (or, for topics that allow unclean election, that it replicates with no ISR member
+    active)."""
+    return [
+        r.unfence_broker(broker_id, broker_epoch),
+        *elect_leaderless(image, broker_id),
+        *elect_unclean(image, broker_id),
+    ]
 
 
 def controlled_shutdown(

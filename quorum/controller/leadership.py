@@ -4,7 +4,10 @@ Kafka keeps these rules in one PartitionChangeBuilder so that fencing,
 controlled shutdown, unfencing and re-registration cannot disagree; this
 module plays that part. A leader is always elected in replica order (the
 first replica is the preferred leader), from ISR members that are active:
-registered, unfenced and not in controlled shutdown.
+registered, unfenced and not in controlled shutdown. Only a topic with
+``unclean.leader.election.enable=true`` gets a leader from outside the ISR,
+and only when no ISR member is active; its ISR is then that leader alone
+(records it never had are lost, which is what the topic accepted).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def leave_isrs(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
     out = []
     for topic, index, part in image.partitions_with_isr_member(broker_id):
         if broker_id in part.isr:
-            change = _without(topic.topic_id, index, part, broker_id, active)
+            unclean = unclean_enabled(image, topic.name)
+            change = _without(topic.topic_id, index, part, broker_id, active, unclean)
             if change is not None:
                 out.append(change)
     return out
@@ -54,8 +58,13 @@ def _without(
     part: PartitionRegistration,
     broker_id: int,
     active: Collection[int],
+    unclean: bool = False,
 ) -> pb.MetadataRecord | None:
     isr = tuple(b for b in part.isr if b != broker_id)
+    if part.leader in (broker_id, NO_LEADER) and elect_leader(part.replicas, isr, active) < 0:
+        chosen = elect_leader(part.replicas, part.replicas, active) if unclean else NO_LEADER
+        if chosen != NO_LEADER:
+            return r.partition_change(topic_id, index, leader=chosen, isr=[chosen])
     if not isr:
         if part.leader == NO_LEADER:
             return None
@@ -65,6 +74,41 @@ def _without(
         if leader != part.leader:
             return r.partition_change(topic_id, index, leader=leader, isr=isr)
     return r.partition_change(topic_id, index, isr=isr)
+
+
+def unclean_enabled(image: MetadataImage, topic_name: str) -> bool:
+    value = image.topic_configs(topic_name).get("unclean.leader.election.enable", "false")
+    return value.lower() == "true"
+
+
+def elect_unclean(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
+    """Lead every leaderless partition that ``broker_id`` replicates, of a topic that
+    allows unclean election, when no ISR member is active (``broker_id`` comes back).
+
+    Only topics with the config set are looked at, so the cost is theirs alone.
+    """
+    from quorum.records import CONFIG_TOPIC
+
+    active = active_ids(image) | {broker_id}
+    out = []
+    for (kind, name), configs in image.configs.items():
+        if kind != CONFIG_TOPIC or configs.get("unclean.leader.election.enable", "").lower() != (
+            "true"
+        ):
+            continue
+        topic = image.topic_by_name(name)
+        if topic is None:
+            continue
+        for index, part in sorted(topic.partitions.items()):
+            if (
+                part.leader == NO_LEADER
+                and broker_id in part.replicas
+                and elect_leader(part.replicas, part.isr, active) == NO_LEADER
+            ):
+                out.append(
+                    r.partition_change(topic.topic_id, index, leader=broker_id, isr=[broker_id])
+                )
+    return out
 
 
 def elect_leaderless(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
