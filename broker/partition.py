@@ -7,9 +7,10 @@ ISR) are the pure functions of ``broker.replication``; this class keeps the
 state they need and does the I/O.
 
 Waiting (produce with ``acks=all``, long-poll fetch) is done by the callers
-with ``threading.Event`` objects registered here: every change that may let a
-waiter proceed (an append, a high watermark that moves, a role change) sets
-every registered event, and the waiter checks again.
+with ``Waiter`` objects registered here: every change that may let a waiter
+proceed (an append, a high watermark that moves, a role change) marks this
+partition in every registered waiter and wakes it, and the waiter looks again
+at the partitions marked, not at every partition it waits on.
 """
 
 from __future__ import annotations
@@ -43,6 +44,32 @@ FOLLOWER = "follower"
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class Waiter:
+    """An event plus the partitions that changed since the waiter last looked."""
+
+    __slots__ = ("event", "changed", "_lock")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.changed: set[Partition] = set()
+        self._lock = threading.Lock()
+
+    def notify(self, partition: Partition) -> None:
+        with self._lock:
+            self.changed.add(partition)
+        self.event.set()
+
+    def take(self) -> set[Partition]:
+        """The partitions marked since the last call (and clear the event)."""
+        with self._lock:
+            self.event.clear()
+            changed, self.changed = self.changed, set()
+        return changed
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.event.wait(timeout_s)
 
 
 class PartitionError(Exception):
@@ -108,6 +135,8 @@ class FollowerRead:
     log_end_offset: int
     # (epoch, end offset) when the follower's log diverges from this leader's.
     diverging: tuple[int, int] | None = None
+    # The follower is outside the ISR and has caught up: time to ask for it.
+    may_join_isr: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +181,7 @@ class Partition:
         self.followers: dict[int, replication.FollowerState] = {}
         self.high_watermark = 0
         self._lock = threading.RLock()
-        self._waiters: set[threading.Event] = set()
+        self._waiters: set[Waiter] = set()
         self.closed = False
 
     def __repr__(self) -> str:
@@ -160,17 +189,17 @@ class Partition:
 
     # ------------------------------------------------------------------ waiting
 
-    def add_waiter(self, event: threading.Event) -> None:
+    def add_waiter(self, waiter: Waiter) -> None:
         with self._lock:
-            self._waiters.add(event)
+            self._waiters.add(waiter)
 
-    def remove_waiter(self, event: threading.Event) -> None:
+    def remove_waiter(self, waiter: Waiter) -> None:
         with self._lock:
-            self._waiters.discard(event)
+            self._waiters.discard(waiter)
 
     def _wake(self) -> None:
-        for event in self._waiters:
-            event.set()
+        for waiter in self._waiters:
+            waiter.notify(self)
 
     # ------------------------------------------------------------------ roles
 
@@ -366,12 +395,20 @@ class Partition:
                     f"offset {fetch_offset} is outside [{log_.log_start_offset}, {leo}] "
                     f"of {self.topic}-{self.index}",
                 )
+            may_join = False
             if update_state:
                 state.on_fetch(fetch_offset, follower_log_start, leo, now_ms())
                 if self._maybe_advance_hw():
                     self._wake()
+                may_join = (
+                    replica_id not in self.isr
+                    and self.pending_isr is None
+                    and fetch_offset >= self.high_watermark
+                )
             data = log_.read(fetch_offset, max_bytes) if fetch_offset < leo else b""
-            return FollowerRead(data, self.high_watermark, log_.log_start_offset, leo)
+            return FollowerRead(
+                data, self.high_watermark, log_.log_start_offset, leo, may_join_isr=may_join
+            )
 
     def read_for_consumer(
         self, fetch_offset: int, current_leader_epoch: int, max_bytes: int

@@ -27,6 +27,7 @@ from broker.partition import (
     Partition,
     PartitionError,
     PartitionSettings,
+    Waiter,
     now_ms,
 )
 from broker.storage.log import LogConfig
@@ -315,7 +316,6 @@ class ReplicaManager:
                 answer.log_start_offset = partition.log.log_start_offset
                 appended.append((answer, partition, result))
         if acks == -1 and appended:
-            self._isr_wake.set()
             self._await_replication(appended, request.timeout_ms)
         return response
 
@@ -325,13 +325,13 @@ class ReplicaManager:
         timeout_ms: int,
     ) -> None:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000
-        event = threading.Event()
+        waiter = Waiter()
         waiting = list(appended)
         for _, partition, _ in waiting:
-            partition.add_waiter(event)
+            partition.add_waiter(waiter)
         try:
             while waiting:
-                event.clear()
+                waiter.take()
                 still = []
                 for item in waiting:
                     answer, partition, result = item
@@ -356,10 +356,10 @@ class ReplicaManager:
                         )
                         answer.base_offset = -1
                     break
-                event.wait(remaining)
+                waiter.wait(remaining)
         finally:
             for _, partition, _ in appended:
-                partition.remove_waiter(event)
+                partition.remove_waiter(waiter)
 
     def _set_unknown(
         self,
@@ -416,23 +416,26 @@ class ReplicaManager:
                     )
                     partition = None
                 targets.append((answer, partition, part))
-        event = threading.Event()
+        waiter = Waiter()
         live = [p for _, p, _ in targets if p is not None]
         for partition in live:
-            partition.add_waiter(event)
+            partition.add_waiter(waiter)
+        min_bytes = max(request.min_bytes, 1)
         try:
-            first = True
-            while True:
-                event.clear()
-                total, stop = self._read_all(targets, replica_id, max_bytes, first)
-                first = False
+            total, stop = self._read_all(targets, replica_id, max_bytes, first=True)
+            while not stop and total < min_bytes:
                 remaining = deadline - time.monotonic()
-                if stop or total >= max(request.min_bytes, 1) or remaining <= 0:
+                if remaining <= 0 or not waiter.wait(remaining):
                     break
-                event.wait(remaining)
+                # Read again only what changed since (an append, a moved high
+                # watermark, a role change), not every partition asked for.
+                changed = waiter.take()
+                again = [t for t in targets if t[1] in changed]
+                used = total - sum(len(answer.records) for answer, _, _ in again)
+                total, stop = self._read_all(again, replica_id, max_bytes, first=False, used=used)
         finally:
             for partition in live:
-                partition.remove_waiter(event)
+                partition.remove_waiter(waiter)
         return response
 
     def _read_all(
@@ -443,9 +446,11 @@ class ReplicaManager:
         replica_id: int,
         max_bytes: int,
         first: bool,
+        used: int = 0,
     ) -> tuple[int, bool]:
-        """Read every partition once; (bytes read, whether to answer now regardless)."""
-        total = 0
+        """Read these partitions once; (bytes in the answer, whether to answer now
+        regardless). ``used``: bytes already in the answer from other partitions."""
+        total = used
         stop = False
         for answer, partition, part in targets:
             if partition is None:
@@ -483,7 +488,7 @@ class ReplicaManager:
                         answer.diverging_epoch.epoch = read.diverging[0]
                         answer.diverging_epoch.end_offset = read.diverging[1]
                         stop = True
-                    if first:
+                    if read.may_join_isr:
                         self._isr_wake.set()
                 answer.ClearField("error")
                 total += len(answer.records)
