@@ -218,7 +218,7 @@ def run_latency_bench(
     partitions: int = 6,
     replication_factor: int = 3,
     acks: str | int = "all",
-    linger_ms: float = 0,
+    linger_ms: float = 5,
 ) -> dict[str, Any]:
     """Produce at ``rate`` records/s for ``seconds``; a consumer in another process
     measures each record's produce-to-consume latency (both clocks are this host's)."""

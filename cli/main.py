@@ -807,7 +807,9 @@ def bench_latency(
     rate: Annotated[int, typer.Option(min=1, help="Records per second.")] = 10_000,
     seconds: Annotated[float, typer.Option(min=0.1)] = 10.0,
     acks: Annotated[str, typer.Option(help="all, 1 or 0.")] = "all",
-    linger_ms: Annotated[float, typer.Option(min=0)] = 0,
+    linger_ms: Annotated[
+        float, typer.Option(min=0, help="Producer linger (Kafka's default 5).")
+    ] = 5,
     bootstrap: BootstrapOpt = None,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
