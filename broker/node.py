@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from raftka.v1 import broker_pb2, broker_pb2_grpc
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 from broker.fetcher import CHANNEL_OPTIONS
 from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
@@ -26,9 +26,11 @@ from broker.local_changes import LocalChanges, TopicPartition, local_changes
 from broker.log_manager import LogManager
 from broker.metadata_answer import metadata_response
 from broker.metadata_follower import MetadataFollower
+from broker.producer_ids import ProducerIdManager
 from broker.replica_manager import BrokerSettings, ReplicaManager
 from broker.storage import checkpoint
 from client._controller import ControllerClient
+from client.errors import RaftkaError
 from quorum import gc_policy
 from quorum.config import ConfigError, NodeConfig
 from quorum.image import MetadataImage, PartitionRegistration
@@ -92,6 +94,11 @@ class BrokerNode:
             image=lambda: self.follower.published()[0],
             broker_epoch=lambda: -1 if self.lifecycle is None else self.lifecycle.broker_epoch,
             alter_partition=lambda request: self.client.call("AlterPartition", request),
+        )
+        self.producer_ids = ProducerIdManager(
+            self.broker_id,
+            lambda: -1 if self.lifecycle is None else self.lifecycle.broker_epoch,
+            lambda request: self.client.call("AllocateProducerIds", request),
         )
         self._server_workers = server_workers or int(config["num.rpc.threads"])
         self._server: grpc.Server | None = None
@@ -275,3 +282,23 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.ListOffsetsRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ListOffsetsResponse:
         return self._node.replicas.list_offsets(request)
+
+    def InitProducerId(  # noqa: N802
+        self, request: broker_pb2.InitProducerIdRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.InitProducerIdResponse:
+        if request.transactional_id:
+            return broker_pb2.InitProducerIdResponse(
+                error=common_pb2.Error(
+                    code=common_pb2.UNSUPPORTED_VERSION,
+                    message="transactions are not supported; leave transactional_id empty",
+                )
+            )
+        try:
+            producer_id, epoch = self._node.producer_ids.init_producer_id(
+                request.producer_id, request.producer_epoch
+            )
+        except RaftkaError as e:
+            return broker_pb2.InitProducerIdResponse(
+                error=common_pb2.Error(code=e.code, message=e.message)
+            )
+        return broker_pb2.InitProducerIdResponse(producer_id=producer_id, producer_epoch=epoch)

@@ -19,14 +19,22 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker import replication
+from broker.producer_state import (
+    DUPLICATE,
+    OUT_OF_ORDER,
+    BatchEntry,
+    ProducerStateManager,
+    last_sequence_of,
+)
 from broker.record_batch import (
     BatchHeader,
     BatchTooLargeError,
     InvalidBatchError,
     InvalidRecordError,
+    iter_batches,
     patch_batch,
     read_header,
     set_log_append_time,
@@ -180,9 +188,17 @@ class Partition:
         self.pending_isr: tuple[int, ...] | None = None
         self.followers: dict[int, replication.FollowerState] = {}
         self.high_watermark = 0
+        # Idempotent producers' last batches, rebuilt from the log's batch headers.
+        self.producers = ProducerStateManager()
+        self._rebuild_producers()
         self._lock = threading.RLock()
         self._waiters: set[Waiter] = set()
         self.closed = False
+
+    def _rebuild_producers(self) -> None:
+        self.producers.rebuild(
+            header for segment in self.log.segments for _, header in segment.batches()
+        )
 
     def __repr__(self) -> str:
         return f"Partition({self.topic}-{self.index}, {self.role}, epoch {self.leader_epoch})"
@@ -315,11 +331,13 @@ class Partition:
                         f"({list(self.isr)}), fewer than min.insync.replicas="
                         f"{self.settings.min_insync_replicas}",
                     )
+            to_append, duplicates = self._judge_producers(batches)
             append_time = now_ms()
-            base = self.log.log_end_offset
-            offset = base
+            base = duplicates[0].first_offset if duplicates else self.log.log_end_offset
+            offset = self.log.log_end_offset
+            last = duplicates[-1].last_offset if duplicates else offset - 1
             epoch = self.leader_epoch
-            for batch, header in batches:
+            for batch, header in to_append:
                 stamped = patch_batch(batch, offset, epoch)
                 if self.settings.log_append_time:
                     stamped = set_log_append_time(stamped, append_time)
@@ -329,12 +347,57 @@ class Partition:
                     raise PartitionError(
                         "KAFKA_STORAGE_ERROR", f"cannot append to {self.topic}-{self.index}: {e}"
                     ) from e
+                self.producers.on_append(replace(header, base_offset=offset))
                 offset += header.records_count
-            self._maybe_advance_hw()
-            self._wake()
+                last = offset - 1
+            if to_append:
+                self._maybe_advance_hw()
+                self._wake()
             return AppendResult(
-                base, offset - 1, append_time if self.settings.log_append_time else -1, epoch
+                base, last, append_time if self.settings.log_append_time else -1, epoch
             )
+
+    def _judge_producers(
+        self, batches: list[tuple[bytes, BatchHeader]]
+    ) -> tuple[list[tuple[bytes, BatchHeader]], list[BatchEntry]]:
+        """Split a request's batches into the leading duplicates (already in the log:
+        answered with their original offsets) and the batches to append; raise for a
+        batch out of sequence or from a fenced producer epoch (nothing is appended)."""
+        duplicates: list[BatchEntry] = []
+        to_append: list[tuple[bytes, BatchHeader]] = []
+        previous: BatchHeader | None = None
+        for batch, header in batches:
+            if (
+                to_append
+                and previous is not None
+                and header.producer_id >= 0
+                and header.producer_id == previous.producer_id
+            ):
+                # Continues a batch of this request that is being appended.
+                expected = (last_sequence_of(previous) + 1) % (1 << 31)
+                if header.producer_epoch != previous.producer_epoch or (
+                    header.base_sequence != expected
+                ):
+                    raise PartitionError(
+                        "OUT_OF_ORDER_SEQUENCE_NUMBER",
+                        f"producer {header.producer_id} sent sequence {header.base_sequence} "
+                        f"after {last_sequence_of(previous)} in one request",
+                    )
+            else:
+                verdict = self.producers.check(header)
+                if verdict.outcome == DUPLICATE and not to_append:
+                    assert verdict.duplicate_of is not None
+                    duplicates.append(verdict.duplicate_of)
+                    previous = header
+                    continue
+                if verdict.outcome is not None:
+                    code = OUT_OF_ORDER if verdict.outcome == DUPLICATE else verdict.outcome
+                    raise PartitionError(
+                        code, verdict.message or "a duplicate batch after a new one"
+                    )
+            to_append.append((batch, header))
+            previous = header
+        return to_append, duplicates
 
     def acks_reached(self, last_offset: int, leader_epoch: int) -> str | None:
         """For an ``acks=all`` waiter: None to keep waiting, "NONE" once every in-sync
@@ -532,6 +595,8 @@ class Partition:
             log_ = self.log
             if records:
                 log_.append_batches(records)
+                for _, header in iter_batches(records, verify_crc=False):
+                    self.producers.on_append(header)
             if leader_log_start > log_.log_start_offset:
                 log_.delete_before(min(leader_log_start, log_.log_end_offset))
             hw = min(leader_hw, log_.log_end_offset)
@@ -571,6 +636,7 @@ class Partition:
                     epoch,
                 )
                 log_.truncate_to(target)
+                self._rebuild_producers()
             self.high_watermark = min(self.high_watermark, log_.log_end_offset)
             return log_.log_end_offset
 
@@ -592,6 +658,7 @@ class Partition:
                     leader_log_start,
                 )
                 log_.truncate_fully_and_start_at(leader_log_start)
+            self._rebuild_producers()
             self.high_watermark = min(self.high_watermark, log_.log_end_offset)
             return log_.log_end_offset
 

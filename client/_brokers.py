@@ -264,6 +264,10 @@ class Cluster:
             self._backoff_s = self._backoff_min_s
             self._next_refresh_s = now + self._backoff_min_s
 
+    def addresses(self) -> list[str]:
+        """Broker addresses to try, the last one that answered first."""
+        return self._candidates()
+
     def _candidates(self) -> list[str]:
         known = list(self.view.brokers.values())
         random.shuffle(known)

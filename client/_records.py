@@ -135,8 +135,9 @@ class BatchBuilder:
 
     Records are numbered 0..n-1 (offset deltas); the base timestamp is the first record's
     and the max timestamp the largest, as the Java client and ``encode_batch`` do. The
-    producer id, epoch and base sequence are -1 (not idempotent), and the base offset 0
-    and leader epoch -1 are for the broker to stamp.
+    producer id, epoch and base sequence are -1 (not idempotent) unless ``build`` is
+    given them (an idempotent producer assigns the sequence when the batch is first
+    sent); the base offset 0 and leader epoch -1 are for the broker to stamp.
     """
 
     __slots__ = ("_buf", "_codec", "_limit", "_count", "_base_ts", "_max_ts", "_built")
@@ -153,6 +154,10 @@ class BatchBuilder:
     @property
     def record_count(self) -> int:
         return self._count
+
+    @property
+    def is_built(self) -> bool:
+        return self._built is not None
 
     @property
     def size_bytes(self) -> int:
@@ -204,8 +209,11 @@ class BatchBuilder:
         self._count = count + 1
         return count
 
-    def build(self) -> bytes:
-        """Close the batch: compress, fill in the header, checksum. Idempotent."""
+    def build(
+        self, producer_id: int = -1, producer_epoch: int = -1, base_sequence: int = -1
+    ) -> bytes:
+        """Close the batch: compress, fill in the header, checksum. Idempotent: later
+        calls return the same bytes, whatever they pass (a retry resends them as sent)."""
         if self._built is not None:
             return self._built
         if not self._count:
@@ -222,9 +230,9 @@ class BatchBuilder:
             count - 1,
             self._base_ts,
             self._max_ts,
-            -1,
-            -1,
-            -1,
+            producer_id,
+            producer_epoch,
+            base_sequence,
             count,
         )
         crc = crc32c.crc32c(memoryview(buf)[_ATTRIBUTES_AT:])

@@ -28,10 +28,17 @@ Retries stop after ``retries`` (the futures fail with the last error) or once
 ``delivery_timeout_ms`` has passed since the batch opened (they fail with a
 ``ClientTimeoutError`` that names the last error).
 
-There is no idempotent producer yet, so delivery is at least once: a retry after an
-ambiguous failure (a timeout, a dropped connection, ``NOT_ENOUGH_REPLICAS_AFTER_APPEND``)
-may write the records twice. With ``acks=0`` futures complete (offset -1) when the
-request is sent and errors are only logged.
+Idempotence (``enable_idempotence``, on by default with ``acks="all"``, as in Kafka
+3.x): the producer gets a producer id and epoch from a broker (InitProducerId), and
+stamps each batch, when it is first sent, with them and the sequence number of its first
+record (per partition, from 0). A retry sends the same bytes, so a broker that already
+appended the batch answers with the original offsets instead of writing it again: a
+retry after an ambiguous failure (a timeout, a dropped connection) never duplicates. When
+a batch that was given a sequence fails for good, the sequences would have a gap, so the
+producer takes the next epoch of its id and starts every partition at sequence 0 again.
+Without idempotence delivery is at least once: such a retry may write the records twice.
+With ``acks=0`` futures complete (offset -1) when the request is sent and errors are only
+logged.
 
 Futures and callbacks
 ---------------------
@@ -78,6 +85,7 @@ __all__ = ["FutureRecordMetadata", "Producer", "RecordMetadata"]
 
 log = logging.getLogger(__name__)
 
+_SEQUENCE_WRAP = 1 << 31
 ACKS: dict[int | str, int] = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 COMPRESSION_TYPES: dict[str | None, Compression] = {
     None: Compression.NONE,
@@ -133,6 +141,7 @@ class _Batch:
         "alone",
         "done",
         "last_error",
+        "sequenced",
     )
 
     def __init__(self, topic: str, partition: int, builder: BatchBuilder, reserved: int):
@@ -141,6 +150,7 @@ class _Batch:
         self.builder = builder
         self.futures: list[FutureRecordMetadata] = []
         self.timestamps: list[int] = []
+        self.sequenced = False  # Given sequence numbers (idempotence) when first sent.
         self.callbacks: list[tuple[int, _Callback]] = []
         self.condition = threading.Condition()
         self.created_s = time.monotonic()
@@ -153,7 +163,7 @@ class _Batch:
 
 
 class _PartitionQueue:
-    __slots__ = ("topic", "partition", "batches", "open", "in_flight")
+    __slots__ = ("topic", "partition", "batches", "open", "in_flight", "next_sequence")
 
     def __init__(self, topic: str, partition: int):
         self.topic = topic
@@ -161,6 +171,7 @@ class _PartitionQueue:
         self.batches: deque[_Batch] = deque()
         self.open: _Batch | None = None  # The last batch, while it takes records.
         self.in_flight = False
+        self.next_sequence = 0  # Of the next batch sent (idempotence).
 
 
 class _TopicState:
@@ -230,9 +241,12 @@ class Producer:
         max_request_size: int = 1024 * 1024,
         metadata_max_age_ms: int = 300000,
         partitioner: Callable[[bytes, int], int] | None = None,
+        enable_idempotence: bool | None = None,
     ):
         if acks not in ACKS:
             raise ValueError(f"acks must be 'all', -1, 0 or 1, not {acks!r}")
+        if enable_idempotence and ACKS[acks] != -1:
+            raise ValueError("enable_idempotence needs acks='all', as in Kafka")
         if compression_type not in COMPRESSION_TYPES:
             names = ", ".join(repr(c) for c in COMPRESSION_TYPES if c)
             raise ValueError(f"compression_type must be None or one of {names}")
@@ -251,6 +265,11 @@ class Producer:
                 f"({linger_ms + request_timeout_ms}), as in Kafka"
             )
         self.acks = ACKS[acks]
+        # Kafka 3.x: on by default, unless acks says otherwise.
+        self.idempotent = self.acks == -1 if enable_idempotence is None else enable_idempotence
+        self.producer_id = -1
+        self.producer_epoch = -1
+        self._new_epoch_needed = False
         self.compression = COMPRESSION_TYPES[compression_type]
         self._linger_s = linger_ms / 1000
         self._batch_size = batch_size
@@ -552,8 +571,19 @@ class Producer:
         """One round: refresh metadata if due, handle answers, expire, send. False at
         the end of ``close``."""
         self._cluster.maybe_update()
+        if self.idempotent and (self.producer_id < 0 or self._new_epoch_needed):
+            if self._nonempty and not self._init_producer_id():
+                with self._lock:
+                    self._wakeup.wait(self._backoff_s[0])
+                return not (self._closing and (self._aborting or not self._incomplete))
         with self._lock:
             while True:
+                if (
+                    self.idempotent
+                    and (self.producer_id < 0 or self._new_epoch_needed)
+                    and self._nonempty
+                ):
+                    return True  # Get the producer id (or epoch) first, outside the lock.
                 if self._cluster.view is not self._view_seen:
                     self._grow_topics_locked()
                 now = time.monotonic()
@@ -663,6 +693,52 @@ class Producer:
             del self._nonempty[queue]
         return taken
 
+    def _build(self, queue: _PartitionQueue, batch: _Batch) -> bytes:
+        """The batch's bytes; the first time, stamped with the producer id, epoch and
+        the partition's next sequence when idempotent (a retry resends them as is)."""
+        builder = batch.builder
+        if not self.idempotent or builder.is_built:
+            return builder.build()
+        sequence = queue.next_sequence
+        queue.next_sequence = (sequence + builder.record_count) % _SEQUENCE_WRAP
+        batch.sequenced = True
+        return builder.build(self.producer_id, self.producer_epoch, sequence)
+
+    def _init_producer_id(self) -> bool:
+        """Get a producer id (or the next epoch of ours) from any broker; False if none
+        answered, to be tried again."""
+        request = broker_pb2.InitProducerIdRequest(
+            producer_id=self.producer_id, producer_epoch=self.producer_epoch
+        )
+        for address in self._cluster.addresses():
+            try:
+                response = self._cluster.stub(address).InitProducerId(
+                    request, timeout=self._request_timeout_ms / 1000
+                )
+            except grpc.RpcError as exc:
+                log.debug("InitProducerId at %s failed: %s", address, exc)
+                continue
+            if response.error.code != common_pb2.NONE:
+                log.warning("InitProducerId at %s: %s", address, response.error.message)
+                continue
+            with self._lock:
+                new_id = response.producer_id != self.producer_id
+                self.producer_id = response.producer_id
+                self.producer_epoch = response.producer_epoch
+                self._new_epoch_needed = False
+                # A new id or epoch starts every partition's sequence again at 0.
+                for state in self._topics.values():
+                    for queue in state.queues:
+                        queue.next_sequence = 0
+            log.info(
+                "producer %s %d at epoch %d",
+                "id" if new_id else "bumped",
+                self.producer_id,
+                self.producer_epoch,
+            )
+            return True
+        return False
+
     def _expiry_error(self, batch: _Batch, now: float) -> RaftkaError:
         if self._aborting:
             return ClientTimeoutError(
@@ -679,7 +755,7 @@ class Producer:
     def _send(self, request: _Request) -> None:
         by_topic: dict[str, list[broker_pb2.PartitionProduceData]] = {}
         for queue, batches in request.parts:
-            records = b"".join(b.builder.build() for b in batches)
+            records = b"".join(self._build(queue, b) for b in batches)
             by_topic.setdefault(queue.topic, []).append(
                 broker_pb2.PartitionProduceData(partition=queue.partition, records=records)
             )
@@ -847,6 +923,10 @@ class Producer:
         """Fail the batch's futures with ``error`` (each gets the same exception)."""
         if batch.done:
             return
+        if batch.sequenced:
+            # Its sequence numbers will never be written: later batches of the
+            # partition would leave a gap. Start a new epoch before sending more.
+            self._new_epoch_needed = True
         with batch.condition:
             for future in batch.futures:
                 future._exception = error

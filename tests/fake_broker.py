@@ -62,6 +62,7 @@ class FakeCluster:
         # them in the broker, set it to let them through.
         self.produce_gate = threading.Event()
         self.produce_gate.set()
+        self.next_producer_id = 999
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopped = False
@@ -246,6 +247,19 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
         if epoch > state.leader_epoch:
             return common_pb2.UNKNOWN_LEADER_EPOCH
         return common_pb2.NONE
+
+    def InitProducerId(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("InitProducerId", request, context)
+        cluster = self.cluster
+        with cluster._lock:
+            if request.producer_id >= 0:
+                return broker_pb2.InitProducerIdResponse(
+                    producer_id=request.producer_id, producer_epoch=request.producer_epoch + 1
+                )
+            cluster.next_producer_id += 1
+            return broker_pb2.InitProducerIdResponse(
+                producer_id=cluster.next_producer_id, producer_epoch=0
+            )
 
     def Produce(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._enter("Produce", request, context)
