@@ -371,7 +371,7 @@ def run_leader_kill_bench(
             stop.set()
             loader.join(timeout=10)
             producer.flush(timeout=60)
-    lost, mismatched, total = _verify_acked(brokers, topic, partitions, acks)
+    lost, mismatched, total, duplicates = _verify_acked(brokers, topic, partitions, acks)
     return {
         "topic": topic,
         "runs": len(recoveries),
@@ -384,6 +384,7 @@ def run_leader_kill_bench(
         "records_failed": acks.failed,
         "acknowledged_lost": lost,
         "acknowledged_mismatched": mismatched,
+        "duplicates": duplicates,
     }
 
 
@@ -414,8 +415,11 @@ def _wait_ack_after(acks: _AckLog, partition: int, t_kill: float, timeout_s: flo
     raise TimeoutError(f"no acknowledgement on partition {partition} within {timeout_s} s")
 
 
-def _verify_acked(brokers: str, topic: str, partitions: int, acks: _AckLog) -> tuple[int, int, int]:
-    """(acknowledged records missing, acknowledged offsets holding another value, total)."""
+def _verify_acked(
+    brokers: str, topic: str, partitions: int, acks: _AckLog
+) -> tuple[int, int, int, int]:
+    """(acknowledged records missing, acknowledged offsets holding another value, total,
+    values stored more than once)."""
     with acks.lock:
         expected = {p: dict(v) for p, v in acks.acked.items()}
     found: dict[int, dict[int, bytes]] = {p: {} for p in range(partitions)}
@@ -431,6 +435,11 @@ def _verify_acked(brokers: str, topic: str, partitions: int, acks: _AckLog) -> t
             for tp, batch in consumer.poll(timeout_ms=500).items():
                 for record in batch:
                     found[tp.partition][record.offset] = record.value or b""
+    seen: dict[bytes, int] = {}
+    for offsets_found in found.values():
+        for value in offsets_found.values():
+            seen[value] = seen.get(value, 0) + 1
+    duplicates = sum(1 for n in seen.values() if n > 1)
     lost = mismatched = total = 0
     for p, offsets in expected.items():
         for offset, value in offsets.items():
@@ -440,7 +449,7 @@ def _verify_acked(brokers: str, topic: str, partitions: int, acks: _AckLog) -> t
                 lost += 1
             elif got != value:
                 mismatched += 1
-    return lost, mismatched, total
+    return lost, mismatched, total, duplicates
 
 
 # --------------------------------------------------------------------------- memory

@@ -204,11 +204,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
     def _track_stream(self, broker_id: int, context: Any, ended_here: threading.Event) -> None:
         """Tell the runtime when a broker's last metadata stream drops from its side.
 
-        A stream that reaches its deadline was ended by the broker's own timer
-        (it reconnects at once) and is not a loss; one that ends well before it,
-        without the server ending it, is: the broker's process died or its
-        connection broke. Streams are counted, so a reconnect that overtakes
-        the old stream's end does not leave the broker suspect.
+        A stream that ends well before its deadline, without the server ending
+        it, is a loss: the broker's process died or its connection broke. One
+        that reaches its deadline was ended by the broker's own timer and it
+        reconnects at once; if it does not, it is suspect as well, with more time.
+        Streams are counted, so a reconnect that overtakes the old stream's end
+        does not leave the broker suspect.
         """
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -221,8 +222,13 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 left = self._streams.get(broker_id, 1) - 1
                 self._streams[broker_id] = left
                 early = deadline is None or time.monotonic() < deadline - 0.25
-                if left == 0 and early and not ended_here.is_set() and not self._stopping.is_set():
-                    self.runtime.broker_connection(broker_id, opened=False)
+                if left == 0 and not ended_here.is_set() and not self._stopping.is_set():
+                    # At its deadline the broker reconnects at once, so a broker that
+                    # does not is suspect too, with a heartbeat interval to show up
+                    # (it may be busy applying a large change): a kill that lands
+                    # between two streams is still found long before the session
+                    # timeout.
+                    self.runtime.broker_connection(broker_id, opened=False, dropped=early)
 
         context.add_callback(on_done)
 

@@ -157,22 +157,23 @@ class ControllerRuntime:
         self.log.call_soon(lambda: self._handle(kind, request, future))
         return future
 
-    def broker_connection(self, broker_id: int, opened: bool) -> None:
-        """A broker's metadata stream opened or dropped (from any thread)."""
-        self.log.call_soon(lambda: self._broker_connection(broker_id, opened))
+    def broker_connection(self, broker_id: int, opened: bool, dropped: bool = True) -> None:
+        """A broker's metadata stream opened, dropped, or ended at its deadline
+        (``dropped=False``: the broker should reconnect at once). From any thread."""
+        self.log.call_soon(lambda: self._broker_connection(broker_id, opened, dropped))
 
-    def _broker_connection(self, broker_id: int, opened: bool) -> None:
+    def _broker_connection(self, broker_id: int, opened: bool, dropped: bool) -> None:
         if not self.active:
             return
+        grace = self.settings.connection_loss_grace_ms
         if opened:
             self.sessions.connection_opened(broker_id)
-        elif broker_id in self.sessions:
-            log.info("broker %d dropped its metadata stream", broker_id)
-            self.sessions.connection_lost(
-                broker_id,
-                int(self._monotonic() * 1000),
-                self.settings.connection_loss_grace_ms,
-            )
+        elif broker_id in self.sessions and grace >= 0:
+            if dropped:
+                log.info("broker %d dropped its metadata stream", broker_id)
+            else:
+                grace += self.settings.heartbeat_interval_ms
+            self.sessions.connection_lost(broker_id, int(self._monotonic() * 1000), grace)
 
     def response_type(self, kind: str) -> type:
         return self._handlers[kind][1]
