@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
+from broker.coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.fetcher import CHANNEL_OPTIONS
 from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
 from broker.local_changes import LocalChanges, TopicPartition, local_changes
@@ -100,6 +101,16 @@ class BrokerNode:
             lambda: -1 if self.lifecycle is None else self.lifecycle.broker_epoch,
             lambda request: self.client.call("AllocateProducerIds", request),
         )
+        self.coordinator = GroupCoordinator(
+            self.broker_id,
+            partition_of=self.replicas.get,
+            image=lambda: self.follower.published()[0],
+            create_topic=lambda request: self.client.call("CreateTopics", request),
+            num_partitions=config["offsets.topic.num.partitions"],
+            replication_factor=config["offsets.topic.replication.factor"],
+            segment_bytes=config["offsets.topic.segment.bytes"],
+        )
+        self.replicas.role_listeners.append(self._on_role)
         self._server_workers = server_workers or int(config["num.rpc.threads"])
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
@@ -168,6 +179,10 @@ class BrokerNode:
         return self._stopped.wait(timeout_s)
 
     # -- metadata -----------------------------------------------------------
+
+    def _on_role(self, key: TopicPartition, role: str) -> None:
+        if key[0] == OFFSETS_TOPIC:
+            self.coordinator.on_role(key[1], role)
 
     def _on_metadata_change(
         self, old: MetadataImage, new: MetadataImage, topic_ids: frozenset[str] | None
@@ -302,3 +317,28 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
                 error=common_pb2.Error(code=e.code, message=e.message)
             )
         return broker_pb2.InitProducerIdResponse(producer_id=producer_id, producer_epoch=epoch)
+
+    def FindCoordinator(  # noqa: N802
+        self, request: broker_pb2.FindCoordinatorRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.FindCoordinatorResponse:
+        return self._node.coordinator.find_coordinator(request.key)
+
+    def OffsetCommit(  # noqa: N802
+        self, request: broker_pb2.OffsetCommitRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.OffsetCommitResponse:
+        return self._node.coordinator.commit(request)
+
+    def OffsetFetch(  # noqa: N802
+        self, request: broker_pb2.OffsetFetchRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.OffsetFetchResponse:
+        return self._node.coordinator.fetch(request)
+
+    def ListGroups(  # noqa: N802
+        self, request: broker_pb2.ListGroupsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ListGroupsResponse:
+        return self._node.coordinator.list_groups()
+
+    def DeleteGroups(  # noqa: N802
+        self, request: broker_pb2.DeleteGroupsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.DeleteGroupsResponse:
+        return self._node.coordinator.delete_groups(request)

@@ -488,6 +488,17 @@ class Partition:
                 ) from e
             return data, self.high_watermark, log_.log_start_offset, log_.log_end_offset
 
+    def read_local(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches of this replica's own log from ``offset`` up to its end, in any
+        role (the group coordinator loading the offsets it leads)."""
+        with self._lock:
+            if self.closed:
+                raise PartitionError("NOT_LEADER_OR_FOLLOWER", f"{self.topic}-{self.index} closed")
+            try:
+                return self.log.read(offset, max_bytes)
+            except OffsetOutOfRangeError as e:
+                raise PartitionError("OFFSET_OUT_OF_RANGE", str(e)) from e
+
     def list_offset(
         self, timestamp: int, current_leader_epoch: int, for_replica: bool
     ) -> tuple[int, int, int]:

@@ -139,6 +139,9 @@ class ReplicaManager:
         self._isr_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.isr_changes_sent = 0
+        # Told (topic, partition) and the new role ("leader", "follower", "deleted")
+        # after each change is applied, on the metadata thread: the group coordinator.
+        self.role_listeners: list[Callable[[TopicPartition, str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,6 +212,13 @@ class ReplicaManager:
                     self._follow(key, partition, reg, image)
             self._drop_idle_fetchers()
         self._isr_wake.set()
+        if self.role_listeners:
+            roles = {key: "deleted" for key in changes.deletes}
+            roles.update({key: "leader" for key in changes.leaders})
+            roles.update({key: "follower" for key in changes.followers})
+            for key, role in sorted(roles.items()):
+                for listener in self.role_listeners:
+                    listener(key, role)
 
     def _partition(
         self, key: TopicPartition, topic_id: str, image: MetadataImage

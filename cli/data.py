@@ -342,10 +342,20 @@ def consume(
     print_offsets: Annotated[
         bool, typer.Option("--print-offsets", help="Prefix partition:offset.")
     ] = False,
+    group: Annotated[
+        str | None,
+        typer.Option(
+            "--group",
+            "-g",
+            help="Read as group G: start at its committed offsets, commit what was printed.",
+        ),
+    ] = None,
     bootstrap: BrokersOpt = None,
     directory: DirOpt = None,
 ) -> None:
-    """Print TOPIC's records as they arrive, until --max-messages, --timeout-ms idle or Ctrl-C."""
+    """Print TOPIC's records as they arrive, until --max-messages, --timeout-ms idle or Ctrl-C.
+
+    With --group, partitions without a committed offset start as --from-beginning says."""
     if fmt not in FORMATS:
         raise typer.BadParameter("must be text, json or kv", param_hint="--format")
     if offset is not None and from_beginning:
@@ -355,7 +365,10 @@ def consume(
     count = 0
     out = typer.get_text_stream("stdout")
     with Consumer(
-        servers, auto_offset_reset="earliest" if from_beginning else "latest"
+        servers,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        group_id=group,
+        enable_auto_commit=False,
     ) as consumer:
         _assign(consumer, topic, partitions, partition, offset)
         try:
@@ -365,6 +378,12 @@ def consume(
                 out.write("".join(format_record(r, fmt, print_offsets) + "\n" for r in records))
                 out.flush()
                 count += len(records)
+                if group is not None:
+                    # What was printed, and nothing after it, is committed.
+                    printed: dict[TopicPartition, int] = {}
+                    for r in records:
+                        printed[TopicPartition(r.topic, r.partition)] = r.offset + 1
+                    consumer.commit(printed)
         except KeyboardInterrupt:
             pass
     typer.echo(f"Processed a total of {count} messages", err=True)

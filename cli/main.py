@@ -31,6 +31,7 @@ from rich.markup import escape
 
 from cli import render
 from cli.data import app as data_app
+from cli.groups import app as group_app
 from cli.localcluster import LocalCluster, LocalClusterError
 from client.admin import Admin
 from client.errors import RaftkaError
@@ -81,6 +82,7 @@ app.add_typer(topic_app, name="topic")
 app.add_typer(metadata_app, name="metadata")
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app)  # produce, consume (cli/data.py)
+app.add_typer(group_app, name="group")  # consumer groups (cli/groups.py)
 
 DirOpt = Annotated[
     Path | None,

@@ -52,6 +52,7 @@ from client.errors import (
     RaftkaError,
     error_for,
 )
+from client.groups import GroupClient
 
 __all__ = ["Consumer", "ConsumerRecord", "OffsetAndTimestamp", "TopicPartition"]
 
@@ -85,6 +86,7 @@ class _PartitionState:
         "retry_at_s",
         "high_watermark",
         "drain_first",
+        "checked",
     )
 
     def __init__(self, reset: int | None):
@@ -99,6 +101,7 @@ class _PartitionState:
         self.retry_at_s = 0.0
         self.high_watermark = -1
         self.drain_first = False  # Out of range ahead of the buffer: drain it first.
+        self.checked = False  # The group's committed offset was looked up.
 
     def seek(self, position: int | None, reset: int | None) -> None:
         self.position = position
@@ -152,12 +155,11 @@ class Consumer:
         metadata_max_age_ms: int = 300000,
         check_crcs: bool = True,
         consumer_timeout_ms: int | None = None,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = 5000,
     ):
-        if group_id is not None:
-            raise NotImplementedError(
-                "consumer groups are not supported yet: leave group_id unset, assign() "
-                "partitions and keep track of positions yourself"
-            )
+        if group_id is not None and (not isinstance(group_id, str) or not group_id):
+            raise ValueError(f"group_id must be a non-empty string, not {group_id!r}")
         if auto_offset_reset not in _RESETS:
             raise ValueError(
                 f"auto_offset_reset must be 'earliest', 'latest' or 'none', "
@@ -193,6 +195,17 @@ class Consumer:
             None if consumer_timeout_ms is None else consumer_timeout_ms / 1000
         )
         self._assignment: dict[TopicPartition, _PartitionState] = {}
+        # With a group id, positions start from the group's committed offsets and
+        # commit() (or auto commit) stores them; membership is not served yet, so
+        # partitions are assign()ed, as a Kafka consumer does with assign().
+        self.group_id = group_id
+        self._group = (
+            None
+            if group_id is None
+            else GroupClient(self._cluster, group_id, timeout_s=request_timeout_ms / 1000)
+        )
+        self._auto_commit_s = auto_commit_interval_ms / 1000 if enable_auto_commit else None
+        self._next_auto_commit = time.monotonic() + (self._auto_commit_s or 0)
         self._fetches: dict[int, _Fetch] = {}  # Broker id -> its fetch in flight.
         self._answers: queue.SimpleQueue[_Fetch] = queue.SimpleQueue()
         self._errors: list[RaftkaError] = []
@@ -316,6 +329,7 @@ class Consumer:
             self._reset_positions(deadline)
             self._send_fetches()
             records = self._take(limit)
+            self._maybe_auto_commit()
             if records:
                 self._send_fetches()  # Drained partitions may be fetched again at once.
                 return records
@@ -330,11 +344,67 @@ class Consumer:
         resets = [tp for tp, s in self._assignment.items() if s.position is None]
         if not resets:
             return
+        if self._group is not None:
+            self._seek_to_committed([tp for tp in resets if not self._assignment[tp].checked])
+            resets = [tp for tp, s in self._assignment.items() if s.position is None]
+            if not resets:
+                return
         budget_s = max(deadline - time.monotonic(), _RESET_MIN_S)
         try:
             self._resolve_positions(resets, min(budget_s, self._request_timeout_s) * 1000)
         except ClientTimeoutError as e:
             log.debug("resetting positions: %s", e)
+
+    def _seek_to_committed(self, partitions: list[TopicPartition]) -> None:
+        """Start partitions without a position at the group's committed offset; the
+        others fall back to ``auto_offset_reset``."""
+        if not partitions or self._group is None:
+            return
+        committed = self._group.fetch(partitions)
+        for tp in partitions:
+            state = self._assignment.get(tp)
+            if state is None:
+                continue
+            state.checked = True
+            found = committed.get(tp)
+            if found is not None and state.position is None:
+                state.seek(found.offset, None)
+
+    # -- committed offsets -------------------------------------------------
+
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit ``offsets`` (default: the position of every assigned partition, i.e.
+        what ``poll`` has returned) for the group; waits until the coordinator has
+        them on every in-sync replica."""
+        if self._group is None:
+            raise ValueError("commit() needs a group_id")
+        if offsets is None:
+            offsets = {
+                tp: state.position
+                for tp, state in self._assignment.items()
+                if state.position is not None
+            }
+        self._group.commit({TopicPartition(*tp): off for tp, off in offsets.items()})
+
+    def committed(self, partition: TopicPartition) -> int | None:
+        """The group's committed offset of ``partition``, None when it has none."""
+        if self._group is None:
+            raise ValueError("committed() needs a group_id")
+        found = self._group.fetch([TopicPartition(*partition)])
+        committed = found.get(TopicPartition(*partition))
+        return None if committed is None else committed.offset
+
+    def _maybe_auto_commit(self) -> None:
+        if self._group is None or self._auto_commit_s is None:
+            return
+        now = time.monotonic()
+        if now < self._next_auto_commit:
+            return
+        self._next_auto_commit = now + self._auto_commit_s
+        try:
+            self.commit()
+        except RaftkaError as e:  # Kafka logs a failed auto commit and carries on.
+            log.warning("auto commit of group %s failed: %s", self.group_id, e)
 
     def __iter__(self) -> Iterator[ConsumerRecord]:
         """Records as they arrive, until ``close`` or ``consumer_timeout_ms`` idle."""
@@ -356,6 +426,11 @@ class Consumer:
         """Stop fetching and close the connections. Idempotent."""
         if self._closed:
             return
+        if self._group is not None and self._auto_commit_s is not None:
+            try:
+                self.commit()
+            except RaftkaError as e:
+                log.warning("final auto commit of group %s failed: %s", self.group_id, e)
         self._closed = True
         for fetch in self._fetches.values():
             fetch.call.cancel()

@@ -155,6 +155,24 @@ class InvalidRequestError(RaftkaError):
     pass
 
 
+class CoordinatorError(RaftkaError):
+    """The group's coordinator moved, is loading, or is not there yet: find it again."""
+
+    retriable = True
+
+
+class GroupIdNotFoundError(RaftkaError):
+    pass
+
+
+class InvalidGroupIdError(RaftkaError):
+    pass
+
+
+class UnknownMemberIdError(RaftkaError):
+    pass
+
+
 _KNOWN = set(common_pb2.ErrorCode.values())
 _BY_CODE: dict[int, type[RaftkaError]] = {
     common_pb2.NOT_CONTROLLER: NotControllerError,
@@ -180,6 +198,12 @@ _BY_CODE: dict[int, type[RaftkaError]] = {
     common_pb2.UNKNOWN_LEADER_EPOCH: UnknownLeaderEpochError,
     common_pb2.OFFSET_NOT_AVAILABLE: OffsetNotAvailableError,
     common_pb2.INVALID_RECORD: InvalidRecordError,
+    common_pb2.NOT_COORDINATOR: CoordinatorError,
+    common_pb2.COORDINATOR_NOT_AVAILABLE: CoordinatorError,
+    common_pb2.COORDINATOR_LOAD_IN_PROGRESS: CoordinatorError,
+    common_pb2.GROUP_ID_NOT_FOUND: GroupIdNotFoundError,
+    common_pb2.INVALID_GROUP_ID: InvalidGroupIdError,
+    common_pb2.UNKNOWN_MEMBER_ID: UnknownMemberIdError,
 }
 
 

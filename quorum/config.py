@@ -127,6 +127,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "how often high watermarks are written to replication-offset-checkpoint",
     ),
     "unclean.leader.election.enable": (False, "elect a replica outside the ISR as last resort"),
+    "offsets.topic.num.partitions": (
+        50,
+        "partitions of __consumer_offsets, created on first use (fixed afterwards)",
+    ),
+    "offsets.topic.replication.factor": (3, "replicas of __consumer_offsets (at most the brokers)"),
+    "offsets.topic.segment.bytes": (104857600, "segment size of __consumer_offsets"),
     "num.rpc.threads": (64, "threads serving a broker's gRPC requests (long polls hold one)"),
 }
 

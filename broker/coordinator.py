@@ -1,0 +1,475 @@
+"""Group coordinator, committed offsets part: Kafka's __consumer_offsets, served by the
+leader of the group's partition.
+
+Theory of operation. A group's committed offsets live in the compacted topic
+``__consumer_offsets``, partition ``abs(java hashCode(group id)) % partitions``,
+one record per (group, topic, partition) in Kafka's own binary layout
+(OffsetCommitKey v1, OffsetCommitValue v3; a tombstone deletes). The broker
+that leads that partition is the group's coordinator. When it becomes leader
+it reads the partition back into memory (answering COORDINATOR_LOAD_IN_PROGRESS
+meanwhile); when it stops leading it forgets it (NOT_COORDINATOR), and the new
+leader, which replicated the same records, loads them. A commit is appended as
+one batch and answered once every in-sync replica has it (acks=all), then
+applied to memory, so an answered commit survives the coordinator's death and
+never goes backwards. The topic is created on first use.
+
+Group membership (join, sync, heartbeat) is the pure ``broker.group`` core and is
+not served yet: only commits outside membership (generation -1, empty member id,
+as a consumer using assign() makes them) are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from raftka.v1 import broker_pb2, common_pb2, controller_pb2
+
+from broker.partition import LEADER, Partition, PartitionError, Waiter
+from broker.record_batch import Record, decode_records, encode_batch, iter_batches
+from quorum.image import NO_LEADER, MetadataImage
+
+log = logging.getLogger(__name__)
+
+OFFSETS_TOPIC = "__consumer_offsets"
+METADATA_MAX_BYTES = 4096  # Kafka's offset.metadata.max.bytes.
+_KEY_VERSION = 1
+_VALUE_VERSION = 3
+_COMMIT_TIMEOUT_S = 10.0
+
+
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode`` (over UTF-16 code units), as a signed 32-bit int."""
+    h = 0
+    data = text.encode("utf-16-be")
+    for i in range(0, len(data), 2):
+        h = (31 * h + ((data[i] << 8) | data[i + 1])) & 0xFFFFFFFF
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(group_id: str, partitions: int) -> int:
+    """Kafka's ``Utils.abs(groupId.hashCode()) % groupMetadataTopicPartitionCount``."""
+    return (java_string_hash(group_id) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedOffset:
+    offset: int
+    leader_epoch: int
+    metadata: str
+    commit_timestamp_ms: int
+
+
+def _string(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return struct.pack(">h", len(data)) + data
+
+
+def _read_string(buf: bytes, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from(">h", buf, pos)
+    pos += 2
+    return buf[pos : pos + length].decode("utf-8"), pos + length
+
+
+def encode_offset_key(group: str, topic: str, partition: int) -> bytes:
+    return (
+        struct.pack(">h", _KEY_VERSION)
+        + _string(group)
+        + _string(topic)
+        + struct.pack(">i", partition)
+    )
+
+
+def decode_offset_key(key: bytes) -> tuple[str, str, int] | None:
+    """(group, topic, partition), or None for a key that is not an offset commit."""
+    (version,) = struct.unpack_from(">h", key, 0)
+    if version not in (0, 1):
+        return None  # Group metadata (version 2) and anything newer.
+    group, pos = _read_string(key, 2)
+    topic, pos = _read_string(key, pos)
+    (partition,) = struct.unpack_from(">i", key, pos)
+    return group, topic, partition
+
+
+def encode_offset_value(value: CommittedOffset) -> bytes:
+    return (
+        struct.pack(">hqi", _VALUE_VERSION, value.offset, value.leader_epoch)
+        + _string(value.metadata)
+        + struct.pack(">q", value.commit_timestamp_ms)
+    )
+
+
+def decode_offset_value(value: bytes) -> CommittedOffset:
+    version, offset, leader_epoch = struct.unpack_from(">hqi", value, 0)
+    if version != _VALUE_VERSION:
+        raise ValueError(f"offset commit value version {version} is not supported")
+    metadata, pos = _read_string(value, 14)
+    (stamp,) = struct.unpack_from(">q", value, pos)
+    return CommittedOffset(offset, leader_epoch, metadata, stamp)
+
+
+def _error(code: int, message: str = "") -> common_pb2.Error:
+    return common_pb2.Error(code=code, message=message)
+
+
+GroupOffsets = dict[tuple[str, int], CommittedOffset]
+
+
+class GroupCoordinator:
+    def __init__(
+        self,
+        broker_id: int,
+        *,
+        partition_of: Callable[[str, int], Partition | None],
+        image: Callable[[], MetadataImage],
+        create_topic: Callable[
+            [controller_pb2.CreateTopicsRequest], controller_pb2.CreateTopicsResponse
+        ],
+        num_partitions: int = 50,
+        replication_factor: int = 3,
+        segment_bytes: int = 104857600,
+    ):
+        self.broker_id = broker_id
+        self._partition_of = partition_of
+        self._image = image
+        self._create_topic = create_topic
+        self.num_partitions = num_partitions
+        self.replication_factor = replication_factor
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        # Offsets partition -> group -> committed offsets, for partitions loaded here.
+        self._loaded: dict[int, dict[str, GroupOffsets]] = {}
+        self._loading: set[int] = set()
+        self._creating = False
+
+    # ------------------------------------------------------------------ leadership
+
+    def on_role(self, index: int, role: str) -> None:
+        """The broker became leader or follower of ``__consumer_offsets``-``index``."""
+        with self._lock:
+            if role != LEADER:
+                if self._loaded.pop(index, None) is not None:
+                    log.info("no longer coordinator for offsets partition %d", index)
+                self._loading.discard(index)
+                return
+            if index in self._loaded or index in self._loading:
+                return
+            self._loading.add(index)
+        threading.Thread(
+            target=self._load, args=(index,), name=f"offsets-load-{index}", daemon=True
+        ).start()
+
+    def _load(self, index: int) -> None:
+        partition = self._partition_of(OFFSETS_TOPIC, index)
+        groups: dict[str, GroupOffsets] = {}
+        started = time.monotonic()
+        if partition is not None:
+            try:
+                for record in self._read_all(partition):
+                    self._replay(groups, record)
+            except (PartitionError, ValueError, OSError) as e:
+                log.warning("loading offsets partition %d failed: %s", index, e)
+                with self._lock:
+                    self._loading.discard(index)
+                return
+        with self._lock:
+            if index not in self._loading:
+                return  # Leadership moved on while loading.
+            self._loading.discard(index)
+            self._loaded[index] = groups
+        log.info(
+            "coordinator for offsets partition %d: %d groups loaded in %.0f ms",
+            index,
+            len(groups),
+            (time.monotonic() - started) * 1000,
+        )
+
+    @staticmethod
+    def _read_all(partition: Partition) -> list[Record]:
+        records: list[Record] = []
+        offset = partition.log.log_start_offset
+        while True:
+            data = partition.read_local(offset, 1 << 20)
+            if not data:
+                return records
+            for position, header in iter_batches(data):
+                records.extend(decode_records(data[position : position + header.size_bytes]))
+                offset = header.next_offset
+
+    @staticmethod
+    def _replay(groups: dict[str, GroupOffsets], record: Record) -> None:
+        if record.key is None:
+            return
+        key = decode_offset_key(record.key)
+        if key is None:
+            return
+        group, topic, index = key
+        if record.value is None:
+            offsets = groups.get(group)
+            if offsets is not None:
+                offsets.pop((topic, index), None)
+                if not offsets:
+                    del groups[group]
+            return
+        groups.setdefault(group, {})[(topic, index)] = decode_offset_value(record.value)
+
+    # ------------------------------------------------------------------ find
+
+    def find_coordinator(self, group_id: str) -> broker_pb2.FindCoordinatorResponse:
+        if not group_id:
+            return broker_pb2.FindCoordinatorResponse(
+                error=_error(common_pb2.INVALID_GROUP_ID, "a group id is required")
+            )
+        image = self._image()
+        topic = image.topic_by_name(OFFSETS_TOPIC)
+        if topic is None:
+            self._ensure_topic()
+            return broker_pb2.FindCoordinatorResponse(
+                error=_error(
+                    common_pb2.COORDINATOR_NOT_AVAILABLE,
+                    f"creating {OFFSETS_TOPIC}; try again",
+                )
+            )
+        index = partition_for(group_id, len(topic.partitions))
+        reg = topic.partitions.get(index)
+        broker = None if reg is None or reg.leader == NO_LEADER else image.brokers.get(reg.leader)
+        endpoint = None if broker is None else broker.endpoint()
+        if reg is None or endpoint is None:
+            return broker_pb2.FindCoordinatorResponse(
+                error=_error(
+                    common_pb2.COORDINATOR_NOT_AVAILABLE,
+                    f"{OFFSETS_TOPIC}-{index} has no leader",
+                )
+            )
+        return broker_pb2.FindCoordinatorResponse(
+            node_id=reg.leader, host=endpoint.host, port=endpoint.port
+        )
+
+    def _ensure_topic(self) -> None:
+        with self._lock:
+            if self._creating:
+                return
+            self._creating = True
+        try:
+            live = [b for b in self._image().brokers.values() if not b.fenced]
+            request = controller_pb2.CreateTopicsRequest(
+                topics=[
+                    controller_pb2.CreatableTopic(
+                        name=OFFSETS_TOPIC,
+                        num_partitions=self.num_partitions,
+                        replication_factor=max(1, min(self.replication_factor, len(live))),
+                        configs={
+                            "cleanup.policy": "compact",
+                            "segment.bytes": str(self.segment_bytes),
+                            "min.insync.replicas": "1",
+                        },
+                    )
+                ]
+            )
+            response = self._create_topic(request)
+            result = response.results[0] if response.results else None
+            code = result.error.code if result is not None else response.error.code
+            if code not in (common_pb2.NONE, common_pb2.TOPIC_ALREADY_EXISTS):
+                log.warning("cannot create %s: %s", OFFSETS_TOPIC, result or response.error)
+        except Exception as e:  # The controller may be moving: the client asks again.
+            log.warning("cannot create %s: %s", OFFSETS_TOPIC, e)
+        finally:
+            with self._lock:
+                self._creating = False
+
+    # ------------------------------------------------------------------ commit and fetch
+
+    def _coordinating(self, group_id: str) -> tuple[int, common_pb2.Error | None]:
+        """(offsets partition, error if this broker cannot answer for the group now)."""
+        if not group_id:
+            return -1, _error(common_pb2.INVALID_GROUP_ID, "a group id is required")
+        topic = self._image().topic_by_name(OFFSETS_TOPIC)
+        if topic is None:
+            return -1, _error(common_pb2.COORDINATOR_NOT_AVAILABLE, f"no {OFFSETS_TOPIC} yet")
+        index = partition_for(group_id, len(topic.partitions))
+        with self._lock:
+            if index in self._loading:
+                return index, _error(
+                    common_pb2.COORDINATOR_LOAD_IN_PROGRESS,
+                    f"loading {OFFSETS_TOPIC}-{index}",
+                )
+            if index not in self._loaded:
+                return index, _error(
+                    common_pb2.NOT_COORDINATOR,
+                    f"broker {self.broker_id} is not the coordinator of {group_id!r}",
+                )
+        return index, None
+
+    def commit(self, request: broker_pb2.OffsetCommitRequest) -> broker_pb2.OffsetCommitResponse:
+        index, refusal = self._coordinating(request.group_id)
+        if refusal is None and (request.generation_id >= 0 or request.member_id):
+            refusal = _error(
+                common_pb2.UNKNOWN_MEMBER_ID,
+                "group membership is not served yet: commit with generation -1 and no member id",
+            )
+        response = broker_pb2.OffsetCommitResponse()
+        if refusal is not None:
+            response.error.CopyFrom(refusal)
+            _per_partition(response, request, refusal)
+            return response
+        now = int(time.time() * 1000)
+        values: dict[tuple[str, int], CommittedOffset] = {}
+        records = []
+        for topic in request.topics:
+            for part in topic.partitions:
+                if len(part.metadata.encode("utf-8")) > METADATA_MAX_BYTES:
+                    continue
+                value = CommittedOffset(
+                    part.committed_offset, part.committed_leader_epoch, part.metadata, now
+                )
+                values[(topic.topic, part.partition)] = value
+                records.append(
+                    Record(
+                        encode_offset_key(request.group_id, topic.topic, part.partition),
+                        encode_offset_value(value),
+                        (),
+                        now,
+                    )
+                )
+        error = self._append(index, records) if records else None
+        if error is None:
+            with self._lock:
+                loaded = self._loaded.get(index)
+                if loaded is None:
+                    error = _error(common_pb2.NOT_COORDINATOR, "leadership moved meanwhile")
+                else:
+                    loaded.setdefault(request.group_id, {}).update(values)
+        for topic in request.topics:
+            answer = response.topics.add(topic=topic.topic)
+            for part in topic.partitions:
+                item = answer.partitions.add(partition=part.partition)
+                if (topic.topic, part.partition) not in values:
+                    item.error.CopyFrom(
+                        _error(
+                            common_pb2.OFFSET_METADATA_TOO_LARGE,
+                            f"metadata over {METADATA_MAX_BYTES} bytes",
+                        )
+                    )
+                elif error is not None:
+                    item.error.CopyFrom(error)
+        return response
+
+    def _append(self, index: int, records: list[Record]) -> common_pb2.Error | None:
+        """Append the records to the offsets partition and wait for every in-sync replica."""
+        partition = self._partition_of(OFFSETS_TOPIC, index)
+        if partition is None:
+            return _error(common_pb2.NOT_COORDINATOR, f"{OFFSETS_TOPIC}-{index} is not here")
+        try:
+            result = partition.append_as_leader(encode_batch(records), acks=-1)
+        except PartitionError as e:
+            code = common_pb2.ErrorCode.Value(e.code)
+            if code == common_pb2.NOT_LEADER_OR_FOLLOWER:
+                code = common_pb2.NOT_COORDINATOR
+            return _error(code, e.message)
+        waiter = Waiter()
+        partition.add_waiter(waiter)
+        deadline = time.monotonic() + _COMMIT_TIMEOUT_S
+        try:
+            while True:
+                waiter.take()
+                outcome = partition.acks_reached(result.last_offset, result.leader_epoch)
+                if outcome == "NONE":
+                    return None
+                if outcome is not None:
+                    code = common_pb2.ErrorCode.Value(outcome)
+                    if code == common_pb2.NOT_LEADER_OR_FOLLOWER:
+                        code = common_pb2.NOT_COORDINATOR
+                    return _error(code, "the commit did not reach every in-sync replica")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return _error(common_pb2.REQUEST_TIMED_OUT, "the commit was not replicated")
+                waiter.wait(remaining)
+        finally:
+            partition.remove_waiter(waiter)
+
+    def fetch(self, request: broker_pb2.OffsetFetchRequest) -> broker_pb2.OffsetFetchResponse:
+        index, refusal = self._coordinating(request.group_id)
+        if refusal is not None:
+            return broker_pb2.OffsetFetchResponse(error=refusal)
+        with self._lock:
+            offsets = dict(self._loaded.get(index, {}).get(request.group_id, {}))
+        wanted: dict[str, list[int]] = {}
+        if request.topics:
+            for topic in request.topics:
+                wanted[topic.topic] = list(topic.partitions)
+        else:
+            for topic_name, part in sorted(offsets):
+                wanted.setdefault(topic_name, []).append(part)
+        response = broker_pb2.OffsetFetchResponse()
+        for topic_name, parts in wanted.items():
+            answer = response.topics.add(topic=topic_name)
+            for part in parts:
+                committed = offsets.get((topic_name, part))
+                if committed is None:
+                    answer.partitions.add(partition=part, committed_offset=-1)
+                else:
+                    answer.partitions.add(
+                        partition=part,
+                        committed_offset=committed.offset,
+                        committed_leader_epoch=committed.leader_epoch,
+                        metadata=committed.metadata,
+                        commit_timestamp_ms=committed.commit_timestamp_ms,
+                    )
+        return response
+
+    def list_groups(self) -> broker_pb2.ListGroupsResponse:
+        with self._lock:
+            names = sorted({g for groups in self._loaded.values() for g in groups})
+        return broker_pb2.ListGroupsResponse(
+            groups=[
+                broker_pb2.ListedGroup(group_id=g, state="Empty", protocol_type="consumer")
+                for g in names
+            ]
+        )
+
+    def delete_groups(
+        self, request: broker_pb2.DeleteGroupsRequest
+    ) -> broker_pb2.DeleteGroupsResponse:
+        """Delete groups' committed offsets (tombstones); a group without members only,
+        which every group is until membership is served."""
+        response = broker_pb2.DeleteGroupsResponse()
+        for group_id in request.group_ids:
+            result = response.results.add(group_id=group_id)
+            index, refusal = self._coordinating(group_id)
+            if refusal is not None:
+                result.error.CopyFrom(refusal)
+                continue
+            with self._lock:
+                offsets = list(self._loaded.get(index, {}).get(group_id, {}))
+            if not offsets:
+                result.error.CopyFrom(
+                    _error(common_pb2.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
+                )
+                continue
+            now = int(time.time() * 1000)
+            tombstones = [
+                Record(encode_offset_key(group_id, topic, part), None, (), now)
+                for topic, part in offsets
+            ]
+            error = self._append(index, tombstones)
+            if error is not None:
+                result.error.CopyFrom(error)
+                continue
+            with self._lock:
+                self._loaded.get(index, {}).pop(group_id, None)
+        return response
+
+
+def _per_partition(
+    response: broker_pb2.OffsetCommitResponse,
+    request: broker_pb2.OffsetCommitRequest,
+    error: common_pb2.Error,
+) -> None:
+    for topic in request.topics:
+        answer = response.topics.add(topic=topic.topic)
+        for part in topic.partitions:
+            answer.partitions.add(partition=part.partition, error=error)
