@@ -13,9 +13,15 @@ one batch and answered once every in-sync replica has it (acks=all), then
 applied to memory, so an answered commit survives the coordinator's death and
 never goes backwards. The topic is created on first use.
 
-Group membership (join, sync, heartbeat) is the pure ``broker.group`` core and is
-not served yet: only commits outside membership (generation -1, empty member id,
-as a consumer using assign() makes them) are accepted.
+Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup) runs the pure
+``broker.group.ClassicGroup`` of each group under one lock; a request that must
+wait (a join until the rebalance ends, a follower's sync until the leader's
+assignment) parks a ``_Pending`` that a later call or the ticker thread (session
+and rebalance timeouts) completes. Membership is kept in memory only: when the
+coordinator moves, members are answered NOT_COORDINATOR and rejoin at the new
+one (their committed offsets are in the log). Offset commits are checked
+against the member's generation (an old generation cannot commit); a commit
+with generation -1 and no member id is allowed while the group has no members.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from raftka.v1 import broker_pb2, common_pb2, controller_pb2
 
+from broker.group import messages as gm
+from broker.group.state import ClassicGroup, GroupConfig
 from broker.partition import LEADER, Partition, PartitionError, Waiter
 from broker.record_batch import Record, decode_records, encode_batch, iter_batches
 from quorum.image import NO_LEADER, MetadataImage
@@ -132,6 +141,7 @@ class GroupCoordinator:
         num_partitions: int = 50,
         replication_factor: int = 3,
         segment_bytes: int = 104857600,
+        group_config: GroupConfig | None = None,
     ):
         self.broker_id = broker_id
         self._partition_of = partition_of
@@ -140,11 +150,28 @@ class GroupCoordinator:
         self.num_partitions = num_partitions
         self.replication_factor = replication_factor
         self.segment_bytes = segment_bytes
-        self._lock = threading.Lock()
+        # Reentrant: membership calls check coordination (which takes it) under it.
+        self._lock = threading.RLock()
         # Offsets partition -> group -> committed offsets, for partitions loaded here.
         self._loaded: dict[int, dict[str, GroupOffsets]] = {}
         self._loading: set[int] = set()
         self._creating = False
+        # Group membership, for groups whose offsets partition is loaded here.
+        self._groups: dict[str, ClassicGroup] = {}
+        self._group_config = group_config or GroupConfig()
+        self._stopped = threading.Event()
+        self._ticker = threading.Thread(
+            target=self._tick_loop, name=f"broker-{broker_id}-groups", daemon=True
+        )
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            replies = [r for group in self._groups.values() for r in group.unload()]
+            self._groups.clear()
+        _deliver(replies)
+        self._ticker.join(timeout=5)
 
     # ------------------------------------------------------------------ leadership
 
@@ -155,6 +182,10 @@ class GroupCoordinator:
                 if self._loaded.pop(index, None) is not None:
                     log.info("no longer coordinator for offsets partition %d", index)
                 self._loading.discard(index)
+                replies = []
+                for group_id in [g for g in self._groups if self._index_of(g) == index]:
+                    replies += self._groups.pop(group_id).unload()
+                _deliver(replies)
                 return
             if index in self._loaded or index in self._loading:
                 return
@@ -306,11 +337,8 @@ class GroupCoordinator:
 
     def commit(self, request: broker_pb2.OffsetCommitRequest) -> broker_pb2.OffsetCommitResponse:
         index, refusal = self._coordinating(request.group_id)
-        if refusal is None and (request.generation_id >= 0 or request.member_id):
-            refusal = _error(
-                common_pb2.UNKNOWN_MEMBER_ID,
-                "group membership is not served yet: commit with generation -1 and no member id",
-            )
+        if refusal is None:
+            refusal = self._commit_refusal(request)
         response = broker_pb2.OffsetCommitResponse()
         if refusal is not None:
             response.error.CopyFrom(refusal)
@@ -357,6 +385,26 @@ class GroupCoordinator:
                 elif error is not None:
                     item.error.CopyFrom(error)
         return response
+
+    def _commit_refusal(self, request: broker_pb2.OffsetCommitRequest) -> common_pb2.Error | None:
+        with self._lock:
+            group = self._groups.get(request.group_id)
+            if group is None:
+                if request.generation_id < 0 and not request.member_id:
+                    return None  # Outside membership (assign()), and nobody manages it.
+                return _error(
+                    common_pb2.UNKNOWN_MEMBER_ID,
+                    f"member {request.member_id!r} is not in group {request.group_id!r}",
+                )
+            error = group.commit_allowed(
+                request.member_id,
+                request.generation_id,
+                _now_ms(),
+                request.group_instance_id or None,
+            )
+        if error is None:
+            return None
+        return _group_error(error, f"group {request.group_id!r}")
 
     def _append(self, index: int, records: list[Record]) -> common_pb2.Error | None:
         """Append the records to the offsets partition and wait for every in-sync replica."""
@@ -421,13 +469,203 @@ class GroupCoordinator:
                     )
         return response
 
+    # ------------------------------------------------------------------ membership
+
+    def _index_of(self, group_id: str) -> int:
+        topic = self._image().topic_by_name(OFFSETS_TOPIC)
+        return -1 if topic is None else partition_for(group_id, len(topic.partitions))
+
+    def _group_for(self, group_id: str, create: bool) -> tuple[ClassicGroup | None, Any]:
+        """The group's state machine here, or the error to answer (not coordinator)."""
+        _, refusal = self._coordinating(group_id)
+        if refusal is not None:
+            return None, refusal
+        group = self._groups.get(group_id)
+        if group is None or group.state is gm.GroupState.DEAD:
+            if not create:
+                return None, _error(
+                    common_pb2.UNKNOWN_MEMBER_ID, f"group {group_id!r} has no members"
+                )
+            group = ClassicGroup(group_id, self._group_config)
+            self._groups[group_id] = group
+        return group, None
+
+    def _park(
+        self,
+        call: Callable[[ClassicGroup, _Pending], list[gm.Reply]],
+        group_id: str,
+        create: bool,
+        timeout_s: float,
+    ) -> tuple[gm.GroupResponse | None, Any]:
+        pending = _Pending()
+        with self._lock:
+            group, refusal = self._group_for(group_id, create)
+            if group is None:
+                return None, refusal
+            replies = call(group, pending)
+        _deliver(replies)
+        response = pending.wait(timeout_s)
+        if response is None:
+            return None, _error(common_pb2.REQUEST_TIMED_OUT, "the group did not answer in time")
+        return response, None
+
+    def join(self, request: broker_pb2.JoinGroupRequest) -> broker_pb2.JoinGroupResponse:
+        join = gm.JoinGroupRequest(
+            member_id=request.member_id,
+            group_instance_id=request.group_instance_id or None,
+            client_id=request.client_id,
+            protocol_type=request.protocol_type,
+            protocols=tuple((p.name, p.metadata) for p in request.protocols),
+            session_timeout_ms=request.session_timeout_ms,
+            rebalance_timeout_ms=request.rebalance_timeout_ms,
+        )
+        timeout_s = max(request.rebalance_timeout_ms, request.session_timeout_ms) / 1000 + 30
+        response, refusal = self._park(
+            lambda group, pending: group.join(join, _now_ms(), pending),
+            request.group_id,
+            True,
+            timeout_s,
+        )
+        if response is None:
+            return broker_pb2.JoinGroupResponse(error=refusal, generation_id=-1)
+        assert isinstance(response, gm.JoinGroupResponse)
+        return broker_pb2.JoinGroupResponse(
+            error=_group_error(response.error),
+            generation_id=response.generation_id,
+            protocol_type=response.protocol_type or "",
+            protocol_name=response.protocol_name or "",
+            leader=response.leader_id,
+            member_id=response.member_id,
+            members=[
+                broker_pb2.JoinGroupMember(
+                    member_id=m.member_id,
+                    group_instance_id=m.group_instance_id or "",
+                    metadata=m.metadata,
+                )
+                for m in response.members
+            ],
+        )
+
+    def sync(self, request: broker_pb2.SyncGroupRequest) -> broker_pb2.SyncGroupResponse:
+        sync = gm.SyncGroupRequest(
+            member_id=request.member_id,
+            generation_id=request.generation_id,
+            group_instance_id=request.group_instance_id or None,
+            protocol_type=request.protocol_type or None,
+            protocol_name=request.protocol_name or None,
+            assignments=tuple((a.member_id, a.assignment) for a in request.assignments),
+        )
+        response, refusal = self._park(
+            lambda group, pending: group.sync(sync, _now_ms(), pending),
+            request.group_id,
+            False,
+            330.0,
+        )
+        if response is None:
+            return broker_pb2.SyncGroupResponse(error=refusal)
+        assert isinstance(response, gm.SyncGroupResponse)
+        return broker_pb2.SyncGroupResponse(
+            error=_group_error(response.error),
+            protocol_type=response.protocol_type or "",
+            protocol_name=response.protocol_name or "",
+            assignment=response.assignment,
+        )
+
+    def heartbeat(self, request: broker_pb2.HeartbeatRequest) -> broker_pb2.HeartbeatResponse:
+        with self._lock:
+            group, refusal = self._group_for(request.group_id, False)
+            if group is None:
+                return broker_pb2.HeartbeatResponse(error=refusal)
+            response = group.heartbeat(
+                gm.HeartbeatRequest(
+                    request.member_id,
+                    request.generation_id,
+                    request.group_instance_id or None,
+                ),
+                _now_ms(),
+            )
+        return broker_pb2.HeartbeatResponse(error=_group_error(response.error))
+
+    def leave(self, request: broker_pb2.LeaveGroupRequest) -> broker_pb2.LeaveGroupResponse:
+        leave = gm.LeaveGroupRequest(
+            tuple(
+                gm.MemberIdentity(m.member_id, m.group_instance_id or None) for m in request.members
+            )
+        )
+        response, refusal = self._park(
+            lambda group, pending: group.leave(leave, _now_ms(), pending),
+            request.group_id,
+            False,
+            30.0,
+        )
+        if response is None:
+            return broker_pb2.LeaveGroupResponse(error=refusal)
+        assert isinstance(response, gm.LeaveGroupResponse)
+        return broker_pb2.LeaveGroupResponse(
+            error=_group_error(response.error),
+            members=[
+                broker_pb2.MemberLeaveResult(
+                    member_id=r.member.member_id,
+                    group_instance_id=r.member.group_instance_id or "",
+                    error=_group_error(r.error),
+                )
+                for r in response.members
+            ],
+        )
+
+    def describe_groups(
+        self, request: broker_pb2.DescribeGroupsRequest
+    ) -> broker_pb2.DescribeGroupsResponse:
+        response = broker_pb2.DescribeGroupsResponse()
+        for group_id in request.group_ids:
+            out = response.groups.add(group_id=group_id)
+            index, refusal = self._coordinating(group_id)
+            if refusal is not None:
+                out.error.CopyFrom(refusal)
+                continue
+            with self._lock:
+                group = self._groups.get(group_id)
+                description = None if group is None else group.describe()
+                has_offsets = group_id in self._loaded.get(index, {})
+            if description is None:
+                out.state = "Empty" if has_offsets else "Dead"
+                continue
+            out.state = str(description.state)
+            out.protocol_type = description.protocol_type or ""
+            out.protocol_name = description.protocol_name or ""
+            out.generation_id = description.generation_id
+            out.leader = description.leader_id or ""
+            for member in description.members:
+                out.members.add(
+                    member_id=member.member_id,
+                    group_instance_id=member.group_instance_id or "",
+                    client_id=member.client_id,
+                    member_metadata=member.metadata,
+                    member_assignment=member.assignment,
+                )
+        return response
+
+    def _tick_loop(self) -> None:
+        while not self._stopped.wait(0.1):
+            now = _now_ms()
+            with self._lock:
+                replies = [r for group in self._groups.values() for r in group.tick(now)]
+                for group_id in [
+                    g for g, group in self._groups.items() if group.state is gm.GroupState.DEAD
+                ]:
+                    del self._groups[group_id]
+            _deliver(replies)
+
     def list_groups(self) -> broker_pb2.ListGroupsResponse:
         with self._lock:
-            names = sorted({g for groups in self._loaded.values() for g in groups})
+            states = {g: "Empty" for groups in self._loaded.values() for g in groups}
+            for group_id, group in self._groups.items():
+                if group.state is not gm.GroupState.DEAD:
+                    states[group_id] = str(group.state)
         return broker_pb2.ListGroupsResponse(
             groups=[
-                broker_pb2.ListedGroup(group_id=g, state="Empty", protocol_type="consumer")
-                for g in names
+                broker_pb2.ListedGroup(group_id=g, state=state, protocol_type="consumer")
+                for g, state in sorted(states.items())
             ]
         )
 
@@ -444,11 +682,22 @@ class GroupCoordinator:
                 result.error.CopyFrom(refusal)
                 continue
             with self._lock:
+                group = self._groups.get(group_id)
+                deleted = group.delete() if group is not None else gm.GroupError.NONE
+                if deleted is gm.GroupError.NONE and group is not None:
+                    del self._groups[group_id]
+            if deleted is gm.GroupError.NON_EMPTY_GROUP:
+                result.error.CopyFrom(
+                    _error(common_pb2.NON_EMPTY_GROUP, f"group {group_id!r} has members")
+                )
+                continue
+            with self._lock:
                 offsets = list(self._loaded.get(index, {}).get(group_id, {}))
             if not offsets:
-                result.error.CopyFrom(
-                    _error(common_pb2.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
-                )
+                if group is None:
+                    result.error.CopyFrom(
+                        _error(common_pb2.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
+                    )
                 continue
             now = int(time.time() * 1000)
             tombstones = [
@@ -462,6 +711,38 @@ class GroupCoordinator:
             with self._lock:
                 self._loaded.get(index, {}).pop(group_id, None)
         return response
+
+
+class _Pending:
+    """A parked JoinGroup/SyncGroup/LeaveGroup; the reply token handed to the group."""
+
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.response: gm.GroupResponse | None = None
+
+    def wait(self, timeout_s: float) -> gm.GroupResponse | None:
+        self.event.wait(timeout_s)
+        return self.response
+
+
+def _deliver(replies: list[gm.Reply]) -> None:
+    for reply in replies:
+        pending = reply.reply_to
+        assert isinstance(pending, _Pending)
+        pending.response = reply.response
+        pending.event.set()
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _group_error(error: gm.GroupError, context: str = "") -> common_pb2.Error | None:
+    if error is gm.GroupError.NONE:
+        return None
+    return _error(common_pb2.ErrorCode.Value(str(error)), f"{context}: {error}" if context else "")
 
 
 def _per_partition(

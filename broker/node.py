@@ -22,6 +22,7 @@ from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 from broker.coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.fetcher import CHANNEL_OPTIONS
+from broker.group.state import GroupConfig
 from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
 from broker.local_changes import LocalChanges, TopicPartition, local_changes
 from broker.log_manager import LogManager
@@ -109,6 +110,12 @@ class BrokerNode:
             num_partitions=config["offsets.topic.num.partitions"],
             replication_factor=config["offsets.topic.replication.factor"],
             segment_bytes=config["offsets.topic.segment.bytes"],
+            group_config=GroupConfig(
+                min_session_timeout_ms=config["group.min.session.timeout.ms"],
+                max_session_timeout_ms=config["group.max.session.timeout.ms"],
+                initial_rebalance_delay_ms=config["group.initial.rebalance.delay.ms"],
+                max_size=config["group.max.size"] or None,
+            ),
         )
         self.replicas.role_listeners.append(self._on_role)
         self._server_workers = server_workers or int(config["num.rpc.threads"])
@@ -165,6 +172,7 @@ class BrokerNode:
             # The follower outlives the lifecycle so that a controlled shutdown
             # sees its leaderships move away.
             self.follower.stop()
+            self.coordinator.stop()
             if self._server is not None:
                 self._server.stop(grace=1.0).wait(5.0)
             self.replicas.stop()
@@ -342,3 +350,28 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.DeleteGroupsRequest, context: grpc.ServicerContext
     ) -> broker_pb2.DeleteGroupsResponse:
         return self._node.coordinator.delete_groups(request)
+
+    def JoinGroup(  # noqa: N802
+        self, request: broker_pb2.JoinGroupRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.JoinGroupResponse:
+        return self._node.coordinator.join(request)
+
+    def SyncGroup(  # noqa: N802
+        self, request: broker_pb2.SyncGroupRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.SyncGroupResponse:
+        return self._node.coordinator.sync(request)
+
+    def Heartbeat(  # noqa: N802
+        self, request: broker_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.HeartbeatResponse:
+        return self._node.coordinator.heartbeat(request)
+
+    def LeaveGroup(  # noqa: N802
+        self, request: broker_pb2.LeaveGroupRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.LeaveGroupResponse:
+        return self._node.coordinator.leave(request)
+
+    def DescribeGroups(  # noqa: N802
+        self, request: broker_pb2.DescribeGroupsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.DescribeGroupsResponse:
+        return self._node.coordinator.describe_groups(request)

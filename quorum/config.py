@@ -133,6 +133,13 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "offsets.topic.replication.factor": (3, "replicas of __consumer_offsets (at most the brokers)"),
     "offsets.topic.segment.bytes": (104857600, "segment size of __consumer_offsets"),
+    "group.initial.rebalance.delay.ms": (
+        3000,
+        "how long a new group waits for more members before its first rebalance",
+    ),
+    "group.min.session.timeout.ms": (6000, "the shortest session a group member may ask for"),
+    "group.max.session.timeout.ms": (1800000, "the longest session a group member may ask for"),
+    "group.max.size": (0, "members per group at most; 0: no limit"),
     "num.rpc.threads": (64, "threads serving a broker's gRPC requests (long polls hold one)"),
 }
 

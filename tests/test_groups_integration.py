@@ -31,6 +31,7 @@ def cluster(tmp_path_factory):
             "broker.session.timeout.ms": 3000,
             "broker.heartbeat.interval.ms": 250,
             "offsets.topic.num.partitions": OFFSETS_PARTITIONS,
+            "group.initial.rebalance.delay.ms": 100,
         },
     ) as cluster:
         yield cluster
@@ -148,3 +149,118 @@ def test_cli_consume_with_a_group_commits_what_it_printed(cluster, admin):
     assert raftka("group", "delete", "g").returncode == 0
     listed = json.loads(raftka("group", "list", "--json").stdout)
     assert "g" not in [row["group"] for row in listed]
+
+
+def _coordinator_stub(cluster, admin: Admin, group: str):
+    with Consumer(brokers(admin), group_id=group) as consumer:
+        assert consumer._group is not None
+        address = consumer._group.coordinator()
+    node = next(n for n in cluster.status() if f"{n.host}:{n.rpc_port}" == address)
+    return stub(cluster, node.id)
+
+
+def _join(coordinator, group: str, member_id: str = "") -> broker_pb2.JoinGroupResponse:
+    return coordinator.JoinGroup(
+        broker_pb2.JoinGroupRequest(
+            group_id=group,
+            session_timeout_ms=10_000,
+            rebalance_timeout_ms=5_000,
+            member_id=member_id,
+            protocol_type="consumer",
+            protocols=[broker_pb2.JoinGroupProtocol(name="range", metadata=b"m")],
+            client_id="test",
+        ),
+        timeout=30,
+    )
+
+
+def test_members_join_sync_heartbeat_and_commit_by_generation(cluster, admin):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raftka.v1 import common_pb2
+
+    group = "members"
+    coordinator = _coordinator_stub(cluster, admin, group)
+    # KIP-394: the first join gets a member id to come back with.
+    first = _join(coordinator, group)
+    assert first.error.code == common_pb2.MEMBER_ID_REQUIRED and first.member_id
+    second = _join(coordinator, group)
+    with ThreadPoolExecutor(2) as pool:
+        joins = list(
+            pool.map(lambda m: _join(coordinator, group, m), [first.member_id, second.member_id])
+        )
+    assert all(j.error.code == common_pb2.NONE for j in joins), joins
+    generation = joins[0].generation_id
+    assert {j.generation_id for j in joins} == {generation} and generation >= 1
+    leader = next(j for j in joins if j.leader == j.member_id)
+    follower = next(j for j in joins if j.leader != j.member_id)
+    assert sorted(m.member_id for m in leader.members) == sorted(
+        [first.member_id, second.member_id]
+    )
+
+    def sync(member: str, assignments=()) -> broker_pb2.SyncGroupResponse:
+        return coordinator.SyncGroup(
+            broker_pb2.SyncGroupRequest(
+                group_id=group,
+                generation_id=generation,
+                member_id=member,
+                assignments=list(assignments),
+            ),
+            timeout=30,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(sync, follower.member_id)
+        plan = [
+            broker_pb2.SyncGroupAssignment(member_id=leader.member_id, assignment=b"A"),
+            broker_pb2.SyncGroupAssignment(member_id=follower.member_id, assignment=b"B"),
+        ]
+        assert sync(leader.member_id, plan).assignment == b"A"
+        assert waiting.result(timeout=30).assignment == b"B"
+    beat = coordinator.Heartbeat(
+        broker_pb2.HeartbeatRequest(
+            group_id=group, generation_id=generation, member_id=follower.member_id
+        ),
+        timeout=10,
+    )
+    assert beat.error.code == common_pb2.NONE
+    described = coordinator.DescribeGroups(broker_pb2.DescribeGroupsRequest(group_ids=[group]))
+    assert described.groups[0].state == "Stable" and len(described.groups[0].members) == 2
+
+    def commit(member: str, gen: int) -> int:
+        answer = coordinator.OffsetCommit(
+            broker_pb2.OffsetCommitRequest(
+                group_id=group,
+                generation_id=gen,
+                member_id=member,
+                topics=[
+                    broker_pb2.OffsetCommitTopic(
+                        topic="t",
+                        partitions=[
+                            broker_pb2.OffsetCommitPartition(partition=0, committed_offset=5)
+                        ],
+                    )
+                ],
+            ),
+            timeout=10,
+        )
+        return answer.topics[0].partitions[0].error.code
+
+    assert commit(follower.member_id, generation) == common_pb2.NONE
+    assert commit(follower.member_id, generation - 1) == common_pb2.ILLEGAL_GENERATION
+    assert commit("stranger", generation) == common_pb2.UNKNOWN_MEMBER_ID
+    # A member leaves: the other is told to rejoin on its next heartbeat.
+    left = coordinator.LeaveGroup(
+        broker_pb2.LeaveGroupRequest(
+            group_id=group, members=[broker_pb2.MemberIdentity(member_id=leader.member_id)]
+        ),
+        timeout=10,
+    )
+    assert left.error.code == common_pb2.NONE
+    beat = coordinator.Heartbeat(
+        broker_pb2.HeartbeatRequest(
+            group_id=group, generation_id=generation, member_id=follower.member_id
+        ),
+        timeout=10,
+    )
+    assert beat.error.code == common_pb2.REBALANCE_IN_PROGRESS
