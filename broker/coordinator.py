@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 OFFSETS_TOPIC = "__consumer_offsets"
 METADATA_MAX_BYTES = 4096  # Kafka's offset.metadata.max.bytes.
+_MAX_NAME_BYTES = 32767  # An int16-length string in the record layout.
 _KEY_VERSION = 1
 _VALUE_VERSION = 3
 _COMMIT_TIMEOUT_S = 10.0
@@ -154,8 +155,12 @@ class GroupCoordinator:
         self._lock = threading.RLock()
         # Offsets partition -> group -> committed offsets, for partitions loaded here.
         self._loaded: dict[int, dict[str, GroupOffsets]] = {}
-        self._loading: set[int] = set()
+        # Offsets partitions being loaded, each with the token of its current load: a
+        # load that leadership overtook (lost and won again) must not install itself.
+        self._loading: dict[int, object] = {}
         self._creating = False
+        # Log offset of the commit each (group, topic, partition) holds in memory.
+        self._applied_at: dict[tuple[str, str, int], int] = {}
         # Group membership, for groups whose offsets partition is loaded here.
         self._groups: dict[str, ClassicGroup] = {}
         self._group_config = group_config or GroupConfig()
@@ -181,7 +186,7 @@ class GroupCoordinator:
             if role != LEADER:
                 if self._loaded.pop(index, None) is not None:
                     log.info("no longer coordinator for offsets partition %d", index)
-                self._loading.discard(index)
+                self._loading.pop(index, None)
                 replies = []
                 for group_id in [g for g in self._groups if self._index_of(g) == index]:
                     replies += self._groups.pop(group_id).unload()
@@ -189,34 +194,42 @@ class GroupCoordinator:
                 return
             if index in self._loaded or index in self._loading:
                 return
-            self._loading.add(index)
+            token = object()
+            self._loading[index] = token
         threading.Thread(
-            target=self._load, args=(index,), name=f"offsets-load-{index}", daemon=True
+            target=self._load, args=(index, token), name=f"offsets-load-{index}", daemon=True
         ).start()
 
-    def _load(self, index: int) -> None:
+    def _load(self, index: int, token: object) -> None:
         partition = self._partition_of(OFFSETS_TOPIC, index)
         groups: dict[str, GroupOffsets] = {}
         started = time.monotonic()
-        if partition is not None:
-            try:
-                for record in self._read_all(partition):
+        skipped = 0
+        try:
+            if partition is None:
+                raise PartitionError("KAFKA_STORAGE_ERROR", "its log could not be opened")
+            for record in self._read_all(partition):
+                try:
                     self._replay(groups, record)
-            except (PartitionError, ValueError, OSError) as e:
-                log.warning("loading offsets partition %d failed: %s", index, e)
-                with self._lock:
-                    self._loading.discard(index)
-                return
+                except (ValueError, struct.error, UnicodeDecodeError):
+                    skipped += 1  # Not an offset commit this version writes: keep going.
+        except Exception as e:  # Never leave the partition "loading" forever.
+            log.warning("loading offsets partition %d failed: %s", index, e)
+            with self._lock:
+                if self._loading.get(index) is token:
+                    del self._loading[index]
+            return
         with self._lock:
-            if index not in self._loading:
-                return  # Leadership moved on while loading.
-            self._loading.discard(index)
+            if self._loading.get(index) is not token:
+                return  # Leadership moved on (and maybe came back) while loading.
+            del self._loading[index]
             self._loaded[index] = groups
         log.info(
-            "coordinator for offsets partition %d: %d groups loaded in %.0f ms",
+            "coordinator for offsets partition %d: %d groups loaded in %.0f ms%s",
             index,
             len(groups),
             (time.monotonic() - started) * 1000,
+            f" ({skipped} records not understood, skipped)" if skipped else "",
         )
 
     @staticmethod
@@ -227,9 +240,12 @@ class GroupCoordinator:
             data = partition.read_local(offset, 1 << 20)
             if not data:
                 return records
+            before = offset
             for position, header in iter_batches(data):
                 records.extend(decode_records(data[position : position + header.size_bytes]))
                 offset = header.next_offset
+            if offset == before:
+                raise ValueError(f"no whole batch at offset {offset}")
 
     @staticmethod
     def _replay(groups: dict[str, GroupOffsets], record: Record) -> None:
@@ -316,8 +332,10 @@ class GroupCoordinator:
 
     def _coordinating(self, group_id: str) -> tuple[int, common_pb2.Error | None]:
         """(offsets partition, error if this broker cannot answer for the group now)."""
-        if not group_id:
-            return -1, _error(common_pb2.INVALID_GROUP_ID, "a group id is required")
+        if not group_id or len(group_id.encode("utf-8")) > _MAX_NAME_BYTES:
+            return -1, _error(
+                common_pb2.INVALID_GROUP_ID, "a group id of 1 to 32767 bytes is required"
+            )
         topic = self._image().topic_by_name(OFFSETS_TOPIC)
         if topic is None:
             return -1, _error(common_pb2.COORDINATOR_NOT_AVAILABLE, f"no {OFFSETS_TOPIC} yet")
@@ -351,6 +369,8 @@ class GroupCoordinator:
             for part in topic.partitions:
                 if len(part.metadata.encode("utf-8")) > METADATA_MAX_BYTES:
                     continue
+                if not topic.topic or len(topic.topic.encode("utf-8")) > _MAX_NAME_BYTES:
+                    continue
                 value = CommittedOffset(
                     part.committed_offset, part.committed_leader_epoch, part.metadata, now
                 )
@@ -363,23 +383,33 @@ class GroupCoordinator:
                         now,
                     )
                 )
-        error = self._append(index, records) if records else None
+        error, at = self._append(index, records) if records else (None, -1)
         if error is None:
             with self._lock:
                 loaded = self._loaded.get(index)
                 if loaded is None:
                     error = _error(common_pb2.NOT_COORDINATOR, "leadership moved meanwhile")
                 else:
-                    loaded.setdefault(request.group_id, {}).update(values)
+                    # Two commits in flight land in log order; memory keeps the later.
+                    group_offsets = loaded.setdefault(request.group_id, {})
+                    for key, value in values.items():
+                        if self._applied_at.get((request.group_id, *key), -1) < at:
+                            group_offsets[key] = value
+                            self._applied_at[(request.group_id, *key)] = at
         for topic in request.topics:
             answer = response.topics.add(topic=topic.topic)
             for part in topic.partitions:
                 item = answer.partitions.add(partition=part.partition)
                 if (topic.topic, part.partition) not in values:
+                    too_long = len(part.metadata.encode("utf-8")) > METADATA_MAX_BYTES
                     item.error.CopyFrom(
                         _error(
-                            common_pb2.OFFSET_METADATA_TOO_LARGE,
-                            f"metadata over {METADATA_MAX_BYTES} bytes",
+                            common_pb2.OFFSET_METADATA_TOO_LARGE
+                            if too_long
+                            else common_pb2.INVALID_TOPIC_EXCEPTION,
+                            f"metadata over {METADATA_MAX_BYTES} bytes"
+                            if too_long
+                            else "invalid topic name",
                         )
                     )
                 elif error is not None:
@@ -406,18 +436,23 @@ class GroupCoordinator:
             return None
         return _group_error(error, f"group {request.group_id!r}")
 
-    def _append(self, index: int, records: list[Record]) -> common_pb2.Error | None:
-        """Append the records to the offsets partition and wait for every in-sync replica."""
+    def _append(self, index: int, records: list[Record]) -> tuple[common_pb2.Error | None, int]:
+        """Append the records to the offsets partition and wait for every in-sync
+        replica; (error or None, the offset of the last record)."""
         partition = self._partition_of(OFFSETS_TOPIC, index)
         if partition is None:
-            return _error(common_pb2.NOT_COORDINATOR, f"{OFFSETS_TOPIC}-{index} is not here")
+            return _error(common_pb2.NOT_COORDINATOR, f"{OFFSETS_TOPIC}-{index} is not here"), -1
         try:
-            result = partition.append_as_leader(encode_batch(records), acks=-1)
+            result = partition.append_as_leader(encode_batch(records), acks=-1, internal=True)
         except PartitionError as e:
             code = common_pb2.ErrorCode.Value(e.code)
             if code == common_pb2.NOT_LEADER_OR_FOLLOWER:
                 code = common_pb2.NOT_COORDINATOR
-            return _error(code, e.message)
+            return _error(code, e.message), -1
+        return self._await(partition, result), result.last_offset
+
+    @staticmethod
+    def _await(partition: Partition, result: Any) -> common_pb2.Error | None:
         waiter = Waiter()
         partition.add_waiter(waiter)
         deadline = time.monotonic() + _COMMIT_TIMEOUT_S
@@ -647,14 +682,19 @@ class GroupCoordinator:
 
     def _tick_loop(self) -> None:
         while not self._stopped.wait(0.1):
-            now = _now_ms()
-            with self._lock:
-                replies = [r for group in self._groups.values() for r in group.tick(now)]
-                for group_id in [
-                    g for g, group in self._groups.items() if group.state is gm.GroupState.DEAD
-                ]:
-                    del self._groups[group_id]
-            _deliver(replies)
+            try:
+                self._tick()
+            except Exception:  # Timeouts must keep running whatever one group does.
+                log.exception("group coordinator tick failed")
+
+    def _tick(self) -> None:
+        now = _now_ms()
+        with self._lock:
+            replies = [r for group in self._groups.values() for r in group.tick(now)]
+            dead = [g for g, group in self._groups.items() if group.state is gm.GroupState.DEAD]
+            for group_id in dead:
+                del self._groups[group_id]
+        _deliver(replies)
 
     def list_groups(self) -> broker_pb2.ListGroupsResponse:
         with self._lock:
@@ -704,7 +744,7 @@ class GroupCoordinator:
                 Record(encode_offset_key(group_id, topic, part), None, (), now)
                 for topic, part in offsets
             ]
-            error = self._append(index, tombstones)
+            error, _ = self._append(index, tombstones)
             if error is not None:
                 result.error.CopyFrom(error)
                 continue

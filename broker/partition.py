@@ -317,8 +317,18 @@ class Partition:
                     self.leader_epoch,
                 )
 
-    def append_as_leader(self, records: bytes, acks: int) -> AppendResult:
-        """Validate and append a producer's batches; nothing is appended if one is bad."""
+    def append_as_leader(
+        self, records: bytes, acks: int, *, internal: bool = False
+    ) -> AppendResult:
+        """Validate and append a producer's batches; nothing is appended if one is bad.
+
+        Topics whose name starts with ``__`` are written by the brokers only
+        (``internal``), as Kafka refuses clients' produce to ``__consumer_offsets``.
+        """
+        if self.topic.startswith("__") and not internal:
+            raise PartitionError(
+                "INVALID_TOPIC_EXCEPTION", f"{self.topic} is internal: only brokers write it"
+            )
         batches = _split_and_validate(records, self.settings.max_message_bytes)
         with self._lock:
             self._check_leader()
@@ -330,6 +340,14 @@ class Partition:
                         f"{self.topic}-{self.index} has {isr_size} in-sync replicas "
                         f"({list(self.isr)}), fewer than min.insync.replicas="
                         f"{self.settings.min_insync_replicas}",
+                    )
+            segment_bytes = self.log.config.segment_bytes
+            for _, header in batches:
+                if header.size_bytes > segment_bytes:
+                    raise PartitionError(
+                        "MESSAGE_TOO_LARGE",
+                        f"a batch of {header.size_bytes} bytes is larger than segment.bytes "
+                        f"{segment_bytes} of {self.topic}",
                     )
             to_append, duplicates = self._judge_producers(batches)
             append_time = now_ms()
@@ -346,6 +364,10 @@ class Partition:
                 except OSError as e:
                     raise PartitionError(
                         "KAFKA_STORAGE_ERROR", f"cannot append to {self.topic}-{self.index}: {e}"
+                    ) from e
+                except ValueError as e:  # Larger than segment.bytes, and the like.
+                    raise PartitionError(
+                        "MESSAGE_TOO_LARGE", f"{self.topic}-{self.index}: {e}"
                     ) from e
                 self.producers.on_append(replace(header, base_offset=offset))
                 offset += header.records_count
@@ -646,8 +668,11 @@ class Partition:
                     log_.log_end_offset,
                     epoch,
                 )
-                log_.truncate_to(target)
-                self._rebuild_producers()
+            # Even at the log end: the cut also drops an epoch entry that starts there
+            # with no batch in it (a leadership that wrote nothing), without which the
+            # leader would report the same divergence forever (KAFKA-10706).
+            log_.truncate_to(target)
+            self._rebuild_producers()
             self.high_watermark = min(self.high_watermark, log_.log_end_offset)
             return log_.log_end_offset
 

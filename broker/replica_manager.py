@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from raftka.v1 import broker_pb2, common_pb2, controller_pb2
 
 from broker.fetcher import FetcherSettings, ReplicaFetcher
@@ -31,13 +32,14 @@ from broker.partition import (
     now_ms,
 )
 from broker.storage.log import LogConfig
-from client.errors import RaftkaError
+from client.errors import RaftkaError, RequestTimedOutError, UnknownOutcomeError
 from quorum.config import NodeConfig
 from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
 
 log = logging.getLogger(__name__)
 
 CONSUMER = -1
+_MAX_WAIT_MS = 30_000
 
 
 def _error(code: str | int, message: str = "") -> common_pb2.Error:
@@ -139,6 +141,7 @@ class ReplicaManager:
         self._isr_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.isr_changes_sent = 0
+        self._unsettled: dict[TopicPartition, tuple[Partition, IsrChange]] = {}
         # Told (topic, partition) and the new role ("leader", "follower", "deleted")
         # after each change is applied, on the metadata thread: the group coordinator.
         self.role_listeners: list[Callable[[TopicPartition, str], None]] = []
@@ -196,20 +199,17 @@ class ReplicaManager:
                 if partition is not None:
                     partition.close()
                 self.logs.delete(*key)
+            # One partition that fails (its disk) must not stop the others' changes.
             for key, reg in sorted(changes.leaders.items()):
-                partition = self._partition(key, changes.topic_ids[key[0]], image)
-                if partition is None:
-                    continue
-                self._stop_following(key)
-                if partition.become_leader(reg, self._partition_settings(image, key[0])):
-                    log.debug("%s-%d: leader at epoch %d", *key, reg.leader_epoch)
+                try:
+                    self._lead(key, reg, changes.topic_ids[key[0]], image)
+                except (OSError, ValueError) as e:
+                    log.error("%s-%d: cannot become leader: %s", *key, e)
             for key, reg in sorted(changes.followers.items()):
-                partition = self._partition(key, changes.topic_ids[key[0]], image)
-                if partition is None:
-                    continue
-                changed = partition.become_follower(reg, self._partition_settings(image, key[0]))
-                if changed or key not in self._following:
-                    self._follow(key, partition, reg, image)
+                try:
+                    self._follow_changed(key, reg, changes.topic_ids[key[0]], image)
+                except (OSError, ValueError) as e:
+                    log.error("%s-%d: cannot become follower: %s", *key, e)
             self._drop_idle_fetchers()
         self._isr_wake.set()
         if self.role_listeners:
@@ -218,7 +218,30 @@ class ReplicaManager:
             roles.update({key: "follower" for key in changes.followers})
             for key, role in sorted(roles.items()):
                 for listener in self.role_listeners:
-                    listener(key, role)
+                    try:
+                        listener(key, role)
+                    except Exception:
+                        log.exception("%s-%d: a role listener failed", *key)
+
+    def _lead(
+        self, key: TopicPartition, reg: PartitionRegistration, topic_id: str, image: MetadataImage
+    ) -> None:
+        partition = self._partition(key, topic_id, image)
+        if partition is None:
+            return
+        self._stop_following(key)
+        if partition.become_leader(reg, self._partition_settings(image, key[0])):
+            log.debug("%s-%d: leader at epoch %d", *key, reg.leader_epoch)
+
+    def _follow_changed(
+        self, key: TopicPartition, reg: PartitionRegistration, topic_id: str, image: MetadataImage
+    ) -> None:
+        partition = self._partition(key, topic_id, image)
+        if partition is None:
+            return
+        changed = partition.become_follower(reg, self._partition_settings(image, key[0]))
+        if changed or key not in self._following:
+            self._follow(key, partition, reg, image)
 
     def _partition(
         self, key: TopicPartition, topic_id: str, image: MetadataImage
@@ -405,7 +428,8 @@ class ReplicaManager:
             refusal = self._check_replica(replica_id, request.replica_epoch)
             if refusal is not None:
                 return broker_pb2.FetchResponse(error=refusal)
-        deadline = time.monotonic() + max(request.max_wait_ms, 0) / 1000
+        # A long poll holds a server thread: bounded whatever the client asks.
+        deadline = time.monotonic() + min(max(request.max_wait_ms, 0), _MAX_WAIT_MS) / 1000
         max_bytes = request.max_bytes if request.max_bytes > 0 else 50 * 1024 * 1024
         targets: list[
             tuple[broker_pb2.FetchPartitionResponse, Partition | None, broker_pb2.FetchPartition]
@@ -508,6 +532,11 @@ class ReplicaManager:
                 answer.log_end_offset = partition.log.log_end_offset
                 answer.high_watermark = partition.high_watermark
                 stop = True
+            except OSError as e:
+                answer.error.CopyFrom(
+                    _error("KAFKA_STORAGE_ERROR", f"{partition.topic}-{partition.index}: {e}")
+                )
+                stop = True
         return total, stop
 
     def _check_replica(self, replica_id: int, replica_epoch: int) -> common_pb2.Error | None:
@@ -555,7 +584,7 @@ class ReplicaManager:
     def _isr_loop(self) -> None:
         interval = max(self.settings.replica_lag_time_max_ms / 4000, 0.05)
         while not self._stopped.is_set():
-            self._isr_wake.wait(interval)
+            self._isr_wake.wait(0.5 if self._unsettled else interval)
             self._isr_wake.clear()
             if self._stopped.is_set():
                 return
@@ -573,12 +602,18 @@ class ReplicaManager:
             if not b.fenced and not b.in_controlled_shutdown
         ]
         now = now_ms()
+        # Changes whose outcome is unknown go again first, unchanged: the controller
+        # may have committed them, and until it is known the ISR stays the maximal one.
+        for key, (partition, change) in list(self._unsettled.items()):
+            del self._unsettled[key]
+            if partition.pending_isr == change.new_isr and partition.role == LEADER:
+                self._send_isr_change(partition, change)
         for partition in list(self._partitions.values()):
             if partition.role != LEADER:
                 continue
-            change = partition.isr_change_due(now, eligible)
-            if change is not None:
-                self._send_isr_change(partition, change)
+            due = partition.isr_change_due(now, eligible)
+            if due is not None:
+                self._send_isr_change(partition, due)
 
     def _send_isr_change(self, partition: Partition, change: IsrChange) -> None:
         request = controller_pb2.AlterPartitionRequest(
@@ -601,12 +636,15 @@ class ReplicaManager:
         )
         try:
             answer = self._alter_partition(request)
+        except (UnknownOutcomeError, RequestTimedOutError, grpc.RpcError) as e:
+            # Perhaps committed: keep the change pending (the high watermark keeps
+            # counting the maximal ISR) and send it again; a committed one comes back
+            # as "already so", or arrives with the metadata.
+            log.info("%s-%d: ISR change outcome unknown: %s", change.topic, change.partition, e)
+            self._unsettled[(change.topic, change.partition)] = (partition, change)
+            return
         except RaftkaError as e:
             log.info("%s-%d: ISR change refused: %s", change.topic, change.partition, e)
-            partition.isr_change_done(change, None, -1)
-            return
-        except Exception as e:  # Unreachable controller: try again next round.
-            log.info("%s-%d: ISR change failed: %s", change.topic, change.partition, e)
             partition.isr_change_done(change, None, -1)
             return
         if answer.error.code != common_pb2.NONE:

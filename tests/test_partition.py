@@ -244,3 +244,39 @@ def test_roles_change_with_registrations(trio):
     assert leader.isr == (1, 2)
     assert f1.become_follower(registration(F2, 1), f1.settings)
     assert not f1.become_follower(registration(F2, 1), f1.settings)
+
+
+def test_a_leader_that_wrote_nothing_in_its_epoch_follows_again(tmp_path):
+    a, b = make(tmp_path, LEADER_ID), make(tmp_path, F1)
+    reg0 = registration(LEADER_ID, 0)
+    a.become_leader(reg0, a.settings)
+    b.become_follower(reg0, b.settings)
+    a.append_as_leader(batch(b"x"), acks=1)
+    replicate(a, b, F1)
+    # A leads epoch 1 and writes nothing; then B leads epoch 2.
+    a.become_leader(registration(LEADER_ID, 1), a.settings)
+    reg2 = registration(F1, 2)
+    b.become_leader(reg2, b.settings)
+    a.become_follower(reg2, a.settings)
+    replicate(b, a, LEADER_ID)  # diverged at epoch 1: the empty epoch entry goes
+    offset, last_epoch, _ = a.fetch_position()
+    assert (offset, last_epoch) == (1, 0)
+    b.append_as_leader(batch(b"y"), acks=1)
+    replicate(b, a, LEADER_ID)
+    assert values_of(a.log.read(0, 1 << 20)) == [(0, b"x"), (1, b"y")]
+
+
+def test_clients_cannot_write_internal_topics_and_oversized_batches_append_nothing(tmp_path):
+    log_ = PartitionLog(tmp_path / "__consumer_offsets-0", LogConfig(segment_bytes=10_000))
+    internal = Partition("__consumer_offsets", 0, "id", log_, LEADER_ID, PartitionSettings())
+    internal.become_leader(registration(LEADER_ID, 0, isr=(1,)), internal.settings)
+    with pytest.raises(PartitionError) as refused:
+        internal.append_as_leader(batch(b"x"), acks=1)
+    assert refused.value.code == "INVALID_TOPIC_EXCEPTION"
+    assert internal.append_as_leader(batch(b"x"), acks=1, internal=True).base_offset == 0
+    # A batch larger than segment.bytes is refused before anything is appended.
+    big = batch(b"a" * 500, b"b" * 12_000)
+    with pytest.raises(PartitionError) as too_big:
+        internal.append_as_leader(batch(b"small") + big, acks=1, internal=True)
+    assert too_big.value.code == "MESSAGE_TOO_LARGE"
+    assert internal.log.log_end_offset == 1

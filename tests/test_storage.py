@@ -718,3 +718,30 @@ def test_partition_offsets_checkpoint(tmp_path: Path) -> None:
         path.write_text(bad)
         with pytest.raises(CorruptCheckpointError, match="replication-offset-checkpoint"):
             read_partition_offsets(path)
+
+
+def test_a_failed_write_moves_no_offset_and_leaves_no_bytes(tmp_path, monkeypatch):
+    """A full disk: the append raises, and the log is as it was (no hole in the offsets)."""
+    import broker.storage.segment as segment_module
+
+    log = PartitionLog(tmp_path / "p", LogConfig())
+    log.append(make_batch(0, records=2))
+    size = log.size_bytes
+    real = segment_module._pwrite_all
+
+    def full_disk(fd: int, data: bytes, position: int) -> None:
+        real(fd, data[: len(data) // 2], position)  # Part of it lands, then ENOSPC.
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(segment_module, "_pwrite_all", full_disk)
+    with pytest.raises(OSError):
+        log.append(make_batch(2, records=3))
+    monkeypatch.setattr(segment_module, "_pwrite_all", real)
+    assert (log.log_end_offset, log.size_bytes) == (2, size)
+    log.append(make_batch(2, records=3))
+    assert log.log_end_offset == 5
+    log.close()
+    reopened = PartitionLog(tmp_path / "p", LogConfig())
+    assert reopened.log_end_offset == 5
+    assert [h.base_offset for _, h in iter_batches(reopened.read(0, 1 << 20))] == [0, 2]
+    reopened.close()

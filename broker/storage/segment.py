@@ -200,8 +200,17 @@ class LogSegment:
             )
         if not self.fits(header):
             raise ValueError(f"batch at {header.base_offset} does not fit in this segment")
+        # Write first, account after: a failed write (a full disk) must not move the
+        # next offset past bytes that are not there. A partial write is cut off again.
+        try:
+            _pwrite_all(self._log_fd, batch, self._size)
+        except BaseException:
+            try:
+                os.ftruncate(self._log_fd, self._size)
+            except OSError:
+                pass  # The next open recovers the segment and cuts the torn tail.
+            raise
         entry_added = self._track(header, self._size)
-        _pwrite_all(self._log_fd, batch, self._size)
         self._size += len(batch)
         self.dirty = True
         if entry_added:
