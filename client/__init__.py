@@ -1,6 +1,7 @@
 """The raftka client library: ``Admin``, ``Producer`` and ``Consumer``."""
 
 from client._brokers import TopicPartition
+from client._membership import ConsumerGroupMetadata, ConsumerRebalanceListener
 from client._records import ConsumerRecord, RecordMetadata
 from client.admin import (
     Admin,
@@ -46,9 +47,14 @@ from client.errors import (
     UnknownOutcomeError,
     UnknownTopicError,
 )
+from client.groups import GroupClient, OffsetAndMetadata
 from client.producer import FutureRecordMetadata, Producer
 
 __all__ = [
+    "ConsumerGroupMetadata",
+    "ConsumerRebalanceListener",
+    "GroupClient",
+    "OffsetAndMetadata",
     "Admin",
     "BrokerInfo",
     "ClientTimeoutError",

@@ -23,8 +23,15 @@ retention) resets the position by ``auto_offset_reset`` ("earliest", "latest"), 
 raises ``OffsetOutOfRangeError`` from ``poll`` with "none". Answers to fetches made
 before a ``seek`` are dropped (each partition counts its seeks).
 
-Consumer groups (``group_id``, ``subscribe``, commits) are not supported yet: assign
-partitions and keep positions yourself.
+Consumer groups. With a ``group_id``, partitions come either from ``assign`` (the
+consumer picks them; commits carry no generation, as Kafka's) or from ``subscribe``: the
+group's members share the partitions of the subscribed topics, and ``poll`` takes part
+in the group's rebalances (``_membership``: join, sync, heartbeats from a background
+thread, rebalance listener callbacks). Either way newly assigned partitions start at the
+group's committed offset, else by ``auto_offset_reset``, and ``commit`` (or auto commit,
+every ``auto_commit_interval_ms`` from ``poll``, before partitions are given up, and on
+``close``) stores positions; a member's commits carry its member id and generation.
+``assign`` and ``subscribe`` are mutually exclusive until ``unsubscribe``.
 
 Not thread-safe, as in Kafka: use a consumer from one thread at a time.
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,7 +50,17 @@ from typing import Any, NamedTuple
 import grpc
 from raftka.v1 import broker_pb2, common_pb2
 
+from broker.group.assignors import ASSIGNORS
 from client._brokers import Cluster, TopicPartition, rpc_error
+from client._membership import (
+    Callback,
+    ConsumerGroupMetadata,
+    ConsumerHooks,
+    ConsumerRebalanceListener,
+    GroupMembership,
+    MembershipConfig,
+    make_listener,
+)
 from client._records import ConsumerRecord, FetchedRecords, scan_next_offset
 from client.errors import (
     ClientTimeoutError,
@@ -54,7 +72,14 @@ from client.errors import (
 )
 from client.groups import GroupClient
 
-__all__ = ["Consumer", "ConsumerRecord", "OffsetAndTimestamp", "TopicPartition"]
+__all__ = [
+    "Consumer",
+    "ConsumerGroupMetadata",
+    "ConsumerRebalanceListener",
+    "ConsumerRecord",
+    "OffsetAndTimestamp",
+    "TopicPartition",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +91,7 @@ _FETCH_MARGIN_S = 5.0
 # The least time poll() gives a pending position reset (a ListOffsets round trip).
 _RESET_MIN_S = 0.5
 _generations = itertools.count()
+_client_ids = itertools.count(1)
 
 
 class OffsetAndTimestamp(NamedTuple):
@@ -125,8 +151,12 @@ class _Fetch:
         self.call: Any = None
 
 
+# Put in the answer queue to end poll's wait: a group answer came, or a rebalance is due.
+_WAKE = _Fetch(-1, "")
+
+
 class Consumer:
-    """A Kafka-style consumer of assigned partitions (no groups yet).
+    """A Kafka-style consumer: of assigned partitions, or of a group's share of topics.
 
     ``bootstrap_servers`` is one or more broker addresses. Options keep Kafka's names
     and defaults: ``fetch_max_wait_ms`` and ``fetch_min_bytes`` (the long poll),
@@ -136,6 +166,16 @@ class Consumer:
     out-of-range position does), ``max_poll_records``, ``check_crcs`` (verify each
     batch's CRC-32C), ``consumer_timeout_ms`` (iteration stops after that long without
     records; None: never).
+
+    Groups: ``group_id``; ``enable_auto_commit`` and ``auto_commit_interval_ms``;
+    ``group_instance_id`` (static membership: a restart within the session keeps the
+    member's partitions, and closing does not leave the group); ``session_timeout_ms``
+    (the coordinator removes a member it has not heard from for that long);
+    ``heartbeat_interval_ms``; ``max_poll_interval_ms`` (the longest time between two
+    ``poll`` calls before the member leaves the group, and how long a rebalance waits
+    for members to rejoin); ``partition_assignment_strategy`` (assignor names in order
+    of preference: "range", "roundrobin", "sticky", "cooperative-sticky"; the group uses
+    the one most members prefer among those all support); ``client_id``.
     """
 
     def __init__(
@@ -157,9 +197,34 @@ class Consumer:
         consumer_timeout_ms: int | None = None,
         enable_auto_commit: bool = True,
         auto_commit_interval_ms: int = 5000,
+        group_instance_id: str | None = None,
+        session_timeout_ms: int = 45000,
+        heartbeat_interval_ms: int = 3000,
+        max_poll_interval_ms: int = 300000,
+        partition_assignment_strategy: str | Sequence[str] = ("range", "cooperative-sticky"),
+        client_id: str | None = None,
     ):
         if group_id is not None and (not isinstance(group_id, str) or not group_id):
             raise ValueError(f"group_id must be a non-empty string, not {group_id!r}")
+        if group_instance_id is not None and (
+            group_id is None or not isinstance(group_instance_id, str) or not group_instance_id
+        ):
+            raise ValueError("group_instance_id must be a non-empty string, with a group_id")
+        strategies = (
+            (partition_assignment_strategy,)
+            if isinstance(partition_assignment_strategy, str)
+            else tuple(partition_assignment_strategy)
+        )
+        unknown = [name for name in strategies if name not in ASSIGNORS]
+        if not strategies or unknown:
+            raise ValueError(
+                f"partition_assignment_strategy must name assignors among {sorted(ASSIGNORS)}, "
+                f"not {partition_assignment_strategy!r}"
+            )
+        if not 0 < heartbeat_interval_ms < session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be positive and below session_timeout_ms")
+        if max_poll_interval_ms <= 0:
+            raise ValueError(f"max_poll_interval_ms must be positive, not {max_poll_interval_ms}")
         if auto_offset_reset not in _RESETS:
             raise ValueError(
                 f"auto_offset_reset must be 'earliest', 'latest' or 'none', "
@@ -206,6 +271,32 @@ class Consumer:
         )
         self._auto_commit_s = auto_commit_interval_ms / 1000 if enable_auto_commit else None
         self._next_auto_commit = time.monotonic() + (self._auto_commit_s or 0)
+        self._membership = (
+            None
+            if self._group is None or group_id is None
+            else GroupMembership(
+                self._cluster,
+                self._group,
+                MembershipConfig(
+                    group_id=group_id,
+                    client_id=client_id or f"consumer-{group_id}-{next(_client_ids)}",
+                    group_instance_id=group_instance_id,
+                    session_timeout_ms=session_timeout_ms,
+                    heartbeat_interval_ms=heartbeat_interval_ms,
+                    max_poll_interval_ms=max_poll_interval_ms,
+                    strategies=strategies,
+                    request_timeout_ms=request_timeout_ms,
+                    retry_backoff_ms=retry_backoff_ms,
+                    metadata_max_age_ms=metadata_max_age_ms,
+                ),
+                ConsumerHooks(
+                    owned=self.assignment,
+                    assign=self._set_assignment,
+                    commit=self._commit_before_revoke,
+                    wake=lambda: self._answers.put(_WAKE),
+                ),
+            )
+        )
         self._fetches: dict[int, _Fetch] = {}  # Broker id -> its fetch in flight.
         self._answers: queue.SimpleQueue[_Fetch] = queue.SimpleQueue()
         self._errors: list[RaftkaError] = []
@@ -216,22 +307,93 @@ class Consumer:
 
     def assign(self, partitions: Iterable[TopicPartition | tuple[str, int]]) -> None:
         """Read exactly these partitions from now on. Partitions kept from the previous
-        assignment keep their positions; new ones start by ``auto_offset_reset`` unless
-        you ``seek``."""
+        assignment keep their positions; new ones start at the group's committed offset
+        (with a ``group_id``), else by ``auto_offset_reset``, unless you ``seek``.
+        Not while subscribed: ``unsubscribe`` first."""
         self._check_open()
-        wanted = [_topic_partition(tp) for tp in partitions]
-        assignment = {}
-        for tp in wanted:
-            assignment[tp] = self._assignment.get(tp) or _PartitionState(self._default_reset)
-        self._assignment = assignment
-        self._cluster.add_topics({tp.topic for tp in wanted})
+        if self._membership is not None and self._membership.subscribed:
+            raise RuntimeError(
+                "assign() and subscribe() are mutually exclusive: call unsubscribe() first"
+            )
+        self._set_assignment(_topic_partition(tp) for tp in partitions)
 
     def assignment(self) -> set[TopicPartition]:
+        """The partitions assigned now (by ``assign``, or by the group)."""
         return set(self._assignment)
 
+    def subscribe(
+        self,
+        topics: Iterable[str] | None = None,
+        *,
+        pattern: str | re.Pattern[str] | None = None,
+        listener: object | None = None,
+        on_partitions_revoked: Callback | None = None,
+        on_partitions_assigned: Callback | None = None,
+        on_partitions_lost: Callback | None = None,
+    ) -> None:
+        """Consume the group's share of ``topics``, or of every topic whose whole name
+        matches ``pattern`` (checked every ``metadata_max_age_ms``). ``poll`` joins the
+        group and takes part in its rebalances. Subscribing again replaces the topics
+        (and the listener); an empty list is ``unsubscribe``.
+
+        ``listener`` is a ``ConsumerRebalanceListener`` or any object with some of its
+        methods; the ``on_partitions_*`` callables override them. They get a set of
+        ``TopicPartition`` and run on the thread that calls ``poll``.
+        """
+        self._check_open()
+        if self._membership is None:
+            raise ValueError("subscribe() needs a group_id")
+        if (topics is None) == (pattern is None):
+            raise ValueError("subscribe() takes topics or a pattern, one of the two")
+        if self._assignment and not self._membership.subscribed:
+            raise RuntimeError(
+                "assign() and subscribe() are mutually exclusive: call unsubscribe() first"
+            )
+        names: list[str] | None = None
+        if topics is not None:
+            names = [topics] if isinstance(topics, str) else list(topics)
+            if any(not isinstance(t, str) or not t for t in names):
+                raise ValueError(f"topic names must be non-empty strings, not {names!r}")
+            if not names:
+                self.unsubscribe()
+                return
+        compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
+        self._membership.subscribe(
+            names,
+            compiled,
+            make_listener(
+                listener,
+                on_partitions_revoked=on_partitions_revoked,
+                on_partitions_assigned=on_partitions_assigned,
+                on_partitions_lost=on_partitions_lost,
+            ),
+        )
+        self._cluster.request_update()
+
+    def subscription(self) -> set[str]:
+        """The subscribed topics (for a pattern: the topics it matched last)."""
+        return set() if self._membership is None else self._membership.subscription()
+
     def unsubscribe(self) -> None:
-        """Drop the assignment."""
-        self.assign([])
+        """Drop the assignment; when subscribed, commit (auto commit), revoke the
+        partitions (the listener's ``on_partitions_revoked``) and leave the group."""
+        self._check_open()
+        if self._membership is not None and self._membership.subscribed:
+            self._membership.unsubscribe()
+        self._set_assignment(())
+
+    def group_metadata(self) -> ConsumerGroupMetadata:
+        """The group id, generation, member id and instance id of this consumer now."""
+        if self._membership is None:
+            raise ValueError("group_metadata() needs a group_id")
+        return self._membership.group_metadata()
+
+    def _set_assignment(self, partitions: Iterable[TopicPartition]) -> None:
+        assignment = {}
+        for tp in partitions:
+            assignment[tp] = self._assignment.get(tp) or _PartitionState(self._default_reset)
+        self._assignment = assignment
+        self._cluster.add_topics({tp.topic for tp in assignment})
 
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         """The topic's partitions, from fresh metadata; None when it does not exist."""
@@ -325,6 +487,8 @@ class Consumer:
         while True:
             self._handle_answers(block_s=0)
             self._raise_errors()
+            if self._membership is not None:
+                self._membership.poll(deadline)
             self._cluster.maybe_update()
             self._reset_positions(deadline)
             self._send_fetches()
@@ -375,7 +539,12 @@ class Consumer:
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
         """Commit ``offsets`` (default: the position of every assigned partition, i.e.
         what ``poll`` has returned) for the group; waits until the coordinator has
-        them on every in-sync replica."""
+        them on every in-sync replica.
+
+        When subscribed, the commit carries the member id and generation: it raises
+        ``RebalanceInProgressError`` during a rebalance (``poll``, then commit again) and
+        ``CommitFailedError`` when the group moved on without this consumer.
+        """
         if self._group is None:
             raise ValueError("commit() needs a group_id")
         if offsets is None:
@@ -384,7 +553,11 @@ class Consumer:
                 for tp, state in self._assignment.items()
                 if state.position is not None
             }
-        self._group.commit({TopicPartition(*tp): off for tp, off in offsets.items()})
+        offsets = {TopicPartition(*tp): off for tp, off in offsets.items()}
+        if self._membership is not None and self._membership.subscribed:
+            self._membership.commit(offsets)
+        else:
+            self._group.commit(offsets)
 
     def committed(self, partition: TopicPartition) -> int | None:
         """The group's committed offset of ``partition``, None when it has none."""
@@ -397,6 +570,10 @@ class Consumer:
     def _maybe_auto_commit(self) -> None:
         if self._group is None or self._auto_commit_s is None:
             return
+        membership = self._membership
+        if membership is not None and membership.subscribed:
+            if membership.generation_if_stable() is None:
+                return  # Rebalancing: the commit before revoking covers it.
         now = time.monotonic()
         if now < self._next_auto_commit:
             return
@@ -405,6 +582,22 @@ class Consumer:
             self.commit()
         except RaftkaError as e:  # Kafka logs a failed auto commit and carries on.
             log.warning("auto commit of group %s failed: %s", self.group_id, e)
+
+    def _commit_before_revoke(self, partitions: set[TopicPartition]) -> None:
+        """Auto commit the positions of partitions the group is about to take away."""
+        if self._auto_commit_s is None or self._membership is None:
+            return
+        offsets = {
+            tp: state.position
+            for tp in partitions
+            if (state := self._assignment.get(tp)) is not None and state.position is not None
+        }
+        if not offsets:
+            return
+        try:
+            self._membership.commit(offsets)
+        except RaftkaError as e:
+            log.warning("commit of group %s before a rebalance failed: %s", self.group_id, e)
 
     def __iter__(self) -> Iterator[ConsumerRecord]:
         """Records as they arrive, until ``close`` or ``consumer_timeout_ms`` idle."""
@@ -426,7 +619,10 @@ class Consumer:
         """Stop fetching and close the connections. Idempotent."""
         if self._closed:
             return
-        if self._group is not None and self._auto_commit_s is not None:
+        if self._membership is not None:
+            # Commits (auto commit) and revokes when subscribed; stops the heartbeats.
+            self._membership.close()
+        if self._group is not None and self._auto_commit_s is not None and self._assignment:
             try:
                 self.commit()
             except RaftkaError as e:
@@ -537,7 +733,8 @@ class Consumer:
         except queue.Empty:
             return
         while True:
-            self._handle_answer(fetch)
+            if fetch is not _WAKE:
+                self._handle_answer(fetch)
             try:
                 fetch = self._answers.get_nowait()
             except queue.Empty:

@@ -170,7 +170,42 @@ class InvalidGroupIdError(RaftkaError):
 
 
 class UnknownMemberIdError(RaftkaError):
-    pass
+    """The coordinator does not know the member id (any more): join the group again."""
+
+
+class IllegalGenerationError(RaftkaError):
+    """The request names a generation of the group that is over: join the group again."""
+
+
+class RebalanceInProgressError(RaftkaError):
+    """The group is rebalancing: finish the rebalance (``poll``), then try again."""
+
+
+class MemberIdRequiredError(RaftkaError):
+    """A new member must join again with the member id the coordinator gave it (KIP-394)."""
+
+
+class FencedInstanceIdError(RaftkaError):
+    """Another consumer joined with this ``group_instance_id``: this one is fenced for good."""
+
+
+class InconsistentGroupProtocolError(RaftkaError):
+    """The member's protocol type or assignors have nothing in common with the group's."""
+
+
+class InvalidSessionTimeoutError(RaftkaError):
+    """``session_timeout_ms`` is outside the broker's group.{min,max}.session.timeout.ms."""
+
+
+class GroupMaxSizeReachedError(RaftkaError):
+    """The group already has group.max.size members."""
+
+
+class CommitFailedError(RaftkaError):
+    """An offset commit of a group member was refused because the group moved on without
+    it: it was removed, or rebalanced and the partitions may belong to another member now
+    (Kafka's CommitFailedException). ``code`` says why (ILLEGAL_GENERATION,
+    UNKNOWN_MEMBER_ID). The next ``poll`` joins the group again."""
 
 
 _KNOWN = set(common_pb2.ErrorCode.values())
@@ -204,6 +239,13 @@ _BY_CODE: dict[int, type[RaftkaError]] = {
     common_pb2.GROUP_ID_NOT_FOUND: GroupIdNotFoundError,
     common_pb2.INVALID_GROUP_ID: InvalidGroupIdError,
     common_pb2.UNKNOWN_MEMBER_ID: UnknownMemberIdError,
+    common_pb2.ILLEGAL_GENERATION: IllegalGenerationError,
+    common_pb2.REBALANCE_IN_PROGRESS: RebalanceInProgressError,
+    common_pb2.MEMBER_ID_REQUIRED: MemberIdRequiredError,
+    common_pb2.FENCED_INSTANCE_ID: FencedInstanceIdError,
+    common_pb2.INCONSISTENT_GROUP_PROTOCOL: InconsistentGroupProtocolError,
+    common_pb2.INVALID_SESSION_TIMEOUT: InvalidSessionTimeoutError,
+    common_pb2.GROUP_MAX_SIZE_REACHED: GroupMaxSizeReachedError,
 }
 
 

@@ -72,6 +72,15 @@ class GroupClient:
             f"no coordinator found for group {self.group_id!r}: {last}",
         )
 
+    def forget_coordinator(self) -> None:
+        """Look the coordinator up again before the next call (a call of ours failed)."""
+        self._coordinator = None
+
+    def call(self, method: str, request: object) -> object:
+        """Send ``request`` to the coordinator; retries while it moves or loads, raises
+        what retrying cannot cure."""
+        return self._call(method, request)
+
     def _call(self, method: str, request: object) -> object:
         deadline = time.monotonic() + self.timeout_s
         attempt = 0

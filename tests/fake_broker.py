@@ -7,6 +7,14 @@ Fetch (long-polling on a condition variable, ``min_bytes``/``max_wait_ms``) and
 ListOffsets with Kafka's semantics and error codes, stores batches as the producer sent
 them (checked with ``validate_batch``, base offset and leader epoch patched), and lets a
 test move leaders, inject errors and truncate the log start.
+
+Consumer groups: one broker (``coordinator_id``) is every group's coordinator and
+answers FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup, DescribeGroups,
+OffsetCommit and OffsetFetch; the others answer NOT_COORDINATOR. Membership is the real
+state machine, ``broker.group.ClassicGroup``: a JoinGroup or SyncGroup it parks blocks
+its server thread until the group replies to it, and a ticker thread fires the group's
+deadlines. Its clock is the monotonic clock plus an offset a test may advance
+(``advance_clock``) to expire sessions and rebalances at once.
 """
 
 from __future__ import annotations
@@ -21,6 +29,18 @@ from typing import Any
 import grpc
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
+from broker.group import (
+    ClassicGroup,
+    GroupConfig,
+    GroupDescription,
+    GroupError,
+    HeartbeatRequest,
+    JoinGroupRequest,
+    LeaveGroupRequest,
+    MemberIdentity,
+    Reply,
+    SyncGroupRequest,
+)
 from broker.record_batch import (
     InvalidBatchError,
     decode_records,
@@ -30,6 +50,9 @@ from broker.record_batch import (
 )
 
 MAX_BATCH_BYTES = 1024 * 1024
+# Group settings of the fake coordinator: short sessions allowed, no initial join delay.
+FAST_GROUPS = GroupConfig(min_session_timeout_ms=100, initial_rebalance_delay_ms=0)
+_TICK_S = 0.01
 
 
 def _error(code: int = common_pb2.NONE, message: str = "") -> common_pb2.Error:
@@ -52,7 +75,9 @@ class FakePartition:
 class FakeCluster:
     """``brokers`` fake brokers with ids 1..n. Use as a context manager."""
 
-    def __init__(self, brokers: int = 1, *, workers: int = 8):
+    def __init__(
+        self, brokers: int = 1, *, workers: int = 8, group_config: GroupConfig = FAST_GROUPS
+    ):
         self.broker_ids = list(range(1, brokers + 1))
         self.addresses: dict[int, str] = {}
         self.partitions: dict[tuple[str, int], FakePartition] = {}
@@ -63,11 +88,19 @@ class FakeCluster:
         self.produce_gate = threading.Event()
         self.produce_gate.set()
         self.next_producer_id = 999
+        self.coordinator_id = self.broker_ids[0]
+        self.group_config = group_config
+        self.groups: dict[str, ClassicGroup] = {}
+        # group id -> (topic, partition) -> (offset, leader epoch, metadata)
+        self.committed: dict[str, dict[tuple[str, int], tuple[int, int, str]]] = {}
+        self.clock_offset_ms = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stopped = False
         self._servers: list[tuple[grpc.Server, futures.ThreadPoolExecutor]] = []
         self._workers = workers
+        self._waiters: set[_Waiter] = set()
+        self._ticker = threading.Thread(target=self._tick_loop, name="fake-groups", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -80,6 +113,7 @@ class FakeCluster:
             server.start()
             self._servers.append((server, executor))
             self.addresses[broker_id] = f"127.0.0.1:{port}"
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
@@ -87,6 +121,10 @@ class FakeCluster:
         with self._lock:
             self._stopped = True
             self._changed.notify_all()
+            for waiter in self._waiters:
+                waiter.event.set()  # Parked group requests answer UNAVAILABLE.
+        if self._ticker.is_alive():
+            self._ticker.join(5)
         for server, executor in self._servers:
             server.stop(grace=None).wait(5)
             executor.shutdown(wait=True)
@@ -137,7 +175,27 @@ class FakeCluster:
         with self._lock:
             return self._append(self.partitions[(topic, partition)], batch)
 
+    def advance_clock(self, ms: int) -> None:
+        """Move the groups' clock ``ms`` ahead and fire every deadline that passed."""
+        with self._lock:
+            self.clock_offset_ms += ms
+            self._tick_groups()
+
+    def move_coordinator(self, broker_id: int) -> None:
+        """Make ``broker_id`` the coordinator of every group. The old one unloads them
+        (parked requests get NOT_COORDINATOR) and the new one starts them empty, as a
+        coordinator that lost the group metadata does; committed offsets stay."""
+        with self._lock:
+            self.coordinator_id = broker_id
+            for group in self.groups.values():
+                self._deliver(group.unload())
+            self.groups.clear()
+
     # -- what a test reads -------------------------------------------------
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        with self._lock:
+            return self._group(group_id).describe()
 
     def records(self, topic: str, partition: int) -> list[tuple[int, Any]]:
         """``(offset, Record)`` for every record in the partition's log."""
@@ -164,6 +222,35 @@ class FakeCluster:
 
     # -- the service, under the lock -----------------------------------------
 
+    def _now_ms(self) -> int:
+        return int(time.monotonic() * 1000) + self.clock_offset_ms
+
+    def _group(self, group_id: str) -> ClassicGroup:
+        group = self.groups.get(group_id)
+        if group is None:
+            group = self.groups[group_id] = ClassicGroup(group_id, self.group_config)
+        return group
+
+    def _deliver(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            waiter = reply.reply_to
+            assert isinstance(waiter, _Waiter)
+            waiter.response = reply.response
+            waiter.event.set()
+
+    def _tick_groups(self) -> None:
+        now = self._now_ms()
+        for group in self.groups.values():
+            deadline = group.next_deadline_ms()
+            if deadline is not None and deadline <= now:
+                self._deliver(group.tick(now))
+
+    def _tick_loop(self) -> None:
+        with self._lock:
+            while not self._stopped:
+                self._tick_groups()
+                self._changed.wait(_TICK_S)
+
     def _append(self, state: FakePartition, batch: bytes) -> int:
         header = validate_batch(batch, max_batch_bytes=MAX_BATCH_BYTES)
         base = state.log_end_offset
@@ -172,6 +259,18 @@ class FakeCluster:
         state.log_end_offset = base + header.last_offset_delta + 1
         self._changed.notify_all()
         return base
+
+
+class _Waiter:
+    """The reply_to token of a parked group request: its response, once the group gives it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.response: Any = None
+
+
+def _group_error(error: GroupError) -> common_pb2.Error:
+    return _error(common_pb2.ErrorCode.Value(error.value))
 
 
 class _Servicer(broker_pb2_grpc.BrokerServicer):
@@ -393,6 +492,221 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
                     broker_pb2.ListOffsetsTopicResponse(topic=topic.topic, partitions=answers)
                 )
         return broker_pb2.ListOffsetsResponse(topics=topics)
+
+    # -- groups -------------------------------------------------------------
+
+    def FindCoordinator(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("FindCoordinator", request, context)
+        with self.cluster._lock:
+            broker_id = self.cluster.coordinator_id
+            host, port = self.cluster.addresses[broker_id].rsplit(":", 1)
+        return broker_pb2.FindCoordinatorResponse(node_id=broker_id, host=host, port=int(port))
+
+    def _not_coordinator(self) -> common_pb2.Error | None:
+        if self.broker_id != self.cluster.coordinator_id:
+            return _error(common_pb2.NOT_COORDINATOR, f"broker {self.broker_id}")
+        return None
+
+    def _park(self, group_id: str, operation: Any, context: grpc.ServicerContext) -> Any:
+        """Run a join, sync or leave on the group and wait for its reply to this request."""
+        cluster = self.cluster
+        waiter = _Waiter()
+        with cluster._lock:
+            if cluster._stopped:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
+            cluster._waiters.add(waiter)
+            cluster._deliver(operation(cluster._group(group_id), cluster._now_ms(), waiter))
+        context.add_callback(waiter.event.set)  # The client gave up: stop waiting.
+        waiter.event.wait(context.time_remaining() or 60)
+        with cluster._lock:
+            cluster._waiters.discard(waiter)
+        if waiter.response is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no answer from the group")
+        return waiter.response
+
+    def JoinGroup(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("JoinGroup", request, context)
+        refusal = self._not_coordinator()
+        if refusal is not None:
+            return broker_pb2.JoinGroupResponse(error=refusal, member_id=request.member_id)
+        join = JoinGroupRequest(
+            member_id=request.member_id,
+            group_instance_id=request.group_instance_id or None,
+            client_id=request.client_id,
+            protocol_type=request.protocol_type,
+            protocols=tuple((p.name, p.metadata) for p in request.protocols),
+            session_timeout_ms=request.session_timeout_ms,
+            rebalance_timeout_ms=request.rebalance_timeout_ms,
+        )
+        answer = self._park(request.group_id, lambda g, now, w: g.join(join, now, w), context)
+        return broker_pb2.JoinGroupResponse(
+            error=_group_error(answer.error),
+            generation_id=answer.generation_id,
+            protocol_type=answer.protocol_type or "",
+            protocol_name=answer.protocol_name or "",
+            leader=answer.leader_id,
+            member_id=answer.member_id,
+            members=[
+                broker_pb2.JoinGroupMember(
+                    member_id=m.member_id,
+                    group_instance_id=m.group_instance_id or "",
+                    metadata=m.metadata,
+                )
+                for m in answer.members
+            ],
+        )
+
+    def SyncGroup(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("SyncGroup", request, context)
+        refusal = self._not_coordinator()
+        if refusal is not None:
+            return broker_pb2.SyncGroupResponse(error=refusal)
+        sync = SyncGroupRequest(
+            member_id=request.member_id,
+            generation_id=request.generation_id,
+            group_instance_id=request.group_instance_id or None,
+            protocol_type=request.protocol_type or None,
+            protocol_name=request.protocol_name or None,
+            assignments=tuple((a.member_id, a.assignment) for a in request.assignments),
+        )
+        answer = self._park(request.group_id, lambda g, now, w: g.sync(sync, now, w), context)
+        return broker_pb2.SyncGroupResponse(
+            error=_group_error(answer.error),
+            protocol_type=answer.protocol_type or "",
+            protocol_name=answer.protocol_name or "",
+            assignment=answer.assignment,
+        )
+
+    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("Heartbeat", request, context)
+        refusal = self._not_coordinator()
+        if refusal is not None:
+            return broker_pb2.HeartbeatResponse(error=refusal)
+        heartbeat = HeartbeatRequest(
+            request.member_id, request.generation_id, request.group_instance_id or None
+        )
+        with self.cluster._lock:
+            group = self.cluster._group(request.group_id)
+            answer = group.heartbeat(heartbeat, self.cluster._now_ms())
+        return broker_pb2.HeartbeatResponse(error=_group_error(answer.error))
+
+    def LeaveGroup(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("LeaveGroup", request, context)
+        refusal = self._not_coordinator()
+        if refusal is not None:
+            return broker_pb2.LeaveGroupResponse(error=refusal)
+        leave = LeaveGroupRequest(
+            tuple(MemberIdentity(m.member_id, m.group_instance_id or None) for m in request.members)
+        )
+        answer = self._park(request.group_id, lambda g, now, w: g.leave(leave, now, w), context)
+        return broker_pb2.LeaveGroupResponse(
+            error=_group_error(answer.error),
+            members=[
+                broker_pb2.MemberLeaveResult(
+                    member_id=r.member.member_id,
+                    group_instance_id=r.member.group_instance_id or "",
+                    error=_group_error(r.error),
+                )
+                for r in answer.members
+            ],
+        )
+
+    def DescribeGroups(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("DescribeGroups", request, context)
+        groups = []
+        with self.cluster._lock:
+            for group_id in request.group_ids:
+                refusal = self._not_coordinator()
+                if refusal is not None:
+                    groups.append(broker_pb2.DescribedGroup(group_id=group_id, error=refusal))
+                    continue
+                d = self.cluster._group(group_id).describe()
+                groups.append(
+                    broker_pb2.DescribedGroup(
+                        group_id=group_id,
+                        state=d.state.value,
+                        protocol_type=d.protocol_type or "",
+                        protocol_name=d.protocol_name or "",
+                        generation_id=d.generation_id,
+                        leader=d.leader_id or "",
+                        members=[
+                            broker_pb2.DescribedGroupMember(
+                                member_id=m.member_id,
+                                group_instance_id=m.group_instance_id or "",
+                                client_id=m.client_id,
+                                member_metadata=m.metadata,
+                                member_assignment=m.assignment,
+                            )
+                            for m in d.members
+                        ],
+                    )
+                )
+        return broker_pb2.DescribeGroupsResponse(groups=groups)
+
+    def OffsetCommit(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("OffsetCommit", request, context)
+        cluster = self.cluster
+        with cluster._lock:
+            refusal = self._not_coordinator()
+            if refusal is None:
+                group = cluster._group(request.group_id)
+                allowed = group.commit_allowed(
+                    request.member_id,
+                    request.generation_id,
+                    cluster._now_ms(),
+                    request.group_instance_id or None,
+                )
+                refusal = None if allowed is None else _group_error(allowed)
+            if refusal is None:
+                stored = cluster.committed.setdefault(request.group_id, {})
+                for topic in request.topics:
+                    for p in topic.partitions:
+                        stored[(topic.topic, p.partition)] = (
+                            p.committed_offset,
+                            p.committed_leader_epoch,
+                            p.metadata,
+                        )
+        return broker_pb2.OffsetCommitResponse(
+            topics=[
+                broker_pb2.OffsetCommitTopicResponse(
+                    topic=topic.topic,
+                    partitions=[
+                        broker_pb2.OffsetCommitPartitionResponse(
+                            partition=p.partition, error=refusal or _error()
+                        )
+                        for p in topic.partitions
+                    ],
+                )
+                for topic in request.topics
+            ]
+        )
+
+    def OffsetFetch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._enter("OffsetFetch", request, context)
+        refusal = self._not_coordinator()
+        if refusal is not None:
+            return broker_pb2.OffsetFetchResponse(error=refusal)
+        with self.cluster._lock:
+            stored = dict(self.cluster.committed.get(request.group_id, {}))
+        wanted = [(t.topic, p) for t in request.topics for p in t.partitions] or sorted(stored)
+        by_topic: dict[str, list[broker_pb2.OffsetFetchPartitionResponse]] = {}
+        for topic, partition in wanted:
+            offset, epoch, metadata = stored.get((topic, partition), (-1, -1, ""))
+            by_topic.setdefault(topic, []).append(
+                broker_pb2.OffsetFetchPartitionResponse(
+                    partition=partition,
+                    committed_offset=offset,
+                    committed_leader_epoch=epoch,
+                    metadata=metadata,
+                    commit_timestamp_ms=-1,
+                )
+            )
+        return broker_pb2.OffsetFetchResponse(
+            topics=[
+                broker_pb2.OffsetFetchTopicResponse(topic=t, partitions=p)
+                for t, p in by_topic.items()
+            ]
+        )
 
 
 def _list_offset(state: FakePartition, timestamp: int) -> tuple[int, int]:
