@@ -355,7 +355,9 @@ def consume(
 ) -> None:
     """Print TOPIC's records as they arrive, until --max-messages, --timeout-ms idle or Ctrl-C.
 
-    With --group, partitions without a committed offset start as --from-beginning says."""
+    With --group, it reads as a member of the group (its share of the partitions, or the
+    --partition ones), starts at the group's committed offsets (partitions without one
+    start as --from-beginning says) and commits what it printed."""
     if fmt not in FORMATS:
         raise typer.BadParameter("must be text, json or kv", param_hint="--format")
     if offset is not None and from_beginning:
@@ -364,13 +366,19 @@ def consume(
     partitions = check_topic(servers, topic)
     count = 0
     out = typer.get_text_stream("stdout")
+    if group is not None and offset is not None:
+        raise typer.BadParameter("--offset does not go with --group (use group reset-offsets)")
     with Consumer(
         servers,
         auto_offset_reset="earliest" if from_beginning else "latest",
         group_id=group,
         enable_auto_commit=False,
     ) as consumer:
-        _assign(consumer, topic, partitions, partition, offset)
+        if group is not None and not partition:
+            # A member of the group: partitions come from its rebalances.
+            consumer.subscribe([topic])
+        else:
+            _assign(consumer, topic, partitions, partition, offset)
         try:
             for records in consume_records(
                 consumer, max_messages=max_messages, idle_timeout_ms=timeout_ms
@@ -383,7 +391,10 @@ def consume(
                     printed: dict[TopicPartition, int] = {}
                     for r in records:
                         printed[TopicPartition(r.topic, r.partition)] = r.offset + 1
-                    consumer.commit(printed)
+                    try:
+                        consumer.commit(printed)
+                    except RaftkaError as e:  # A rebalance took them: another member re-reads.
+                        _error_line(f"commit skipped: {e}")
         except KeyboardInterrupt:
             pass
     typer.echo(f"Processed a total of {count} messages", err=True)

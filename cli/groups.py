@@ -13,11 +13,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from raftka.v1 import broker_pb2
 from rich.console import Console
 from rich.table import Table
 
 from cli.data import BrokersOpt, DirOpt, _handles_errors, broker_bootstrap, check_topic
 from client._brokers import Cluster, TopicPartition
+from client._consumer_protocol import SchemaError, decode_assignment
 from client.consumer import Consumer
 from client.groups import GroupClient, list_groups
 
@@ -89,7 +91,8 @@ def group_describe(
     """Committed offset, log end offset and lag of every partition the group committed."""
     servers = broker_bootstrap(ctx, bootstrap, directory)
     rows = _lag_rows(servers, group)
-    table = Table(title=f"group {group}")
+    members = _members(servers, group)
+    table = Table(title=f"group {group} ({members['state']}, generation {members['generation']})")
     for column in ("topic", "partition", "committed", "log end", "lag"):
         table.add_column(column, justify="left" if column == "topic" else "right")
     for row in rows:
@@ -100,7 +103,56 @@ def group_describe(
             str(row["log_end_offset"]),
             "-" if row["lag"] is None else str(row["lag"]),
         )
-    _print(as_json, {"group": group, "offsets": rows}, table)
+    if not as_json and members["members"]:
+        Console().print(table)
+        member_table = Table(title=f"members (protocol {members['protocol']})")
+        for column in ("member", "instance", "client", "partitions"):
+            member_table.add_column(column)
+        for m in members["members"]:
+            member_table.add_row(
+                m["member_id"],
+                m["group_instance_id"] or "-",
+                m["client_id"],
+                ", ".join(f"{t}-{p}" for t, p in m["partitions"]) or "-",
+            )
+        Console().print(member_table)
+        return
+    _print(as_json, {"group": group, **members, "offsets": rows}, table)
+
+
+def _members(servers: str, group: str) -> dict[str, Any]:
+    """State, generation, protocol and members with their partitions (DescribeGroups)."""
+    cluster = Cluster(servers)
+    try:
+        client = GroupClient(cluster, group)
+        answer = client.call("DescribeGroups", broker_pb2.DescribeGroupsRequest(group_ids=[group]))
+    finally:
+        cluster.close()
+    assert isinstance(answer, broker_pb2.DescribeGroupsResponse)
+    described = answer.groups[0]
+    members = []
+    for m in described.members:
+        try:
+            assignment = decode_assignment(m.member_assignment) if m.member_assignment else None
+        except SchemaError:
+            assignment = None
+        partitions = (
+            sorted((tp.topic, tp.partition) for tp in assignment.partitions) if assignment else []
+        )
+        members.append(
+            {
+                "member_id": m.member_id,
+                "group_instance_id": m.group_instance_id or None,
+                "client_id": m.client_id,
+                "partitions": partitions,
+            }
+        )
+    return {
+        "state": described.state,
+        "generation": described.generation_id,
+        "protocol": described.protocol_name,
+        "members": members,
+    }
 
 
 @app.command("delete")
