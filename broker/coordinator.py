@@ -143,6 +143,8 @@ class GroupCoordinator:
         replication_factor: int = 3,
         segment_bytes: int = 104857600,
         group_config: GroupConfig | None = None,
+        offsets_retention_ms: int = 7 * 24 * 3600 * 1000,
+        offsets_retention_check_interval_ms: int = 600_000,
     ):
         self.broker_id = broker_id
         self._partition_of = partition_of
@@ -164,6 +166,9 @@ class GroupCoordinator:
         # Group membership, for groups whose offsets partition is loaded here.
         self._groups: dict[str, ClassicGroup] = {}
         self._group_config = group_config or GroupConfig()
+        self.offsets_retention_ms = offsets_retention_ms
+        self._retention_interval_s = offsets_retention_check_interval_ms / 1000
+        self._next_retention_check = time.monotonic() + self._retention_interval_s
         self._stopped = threading.Event()
         self._ticker = threading.Thread(
             target=self._tick_loop, name=f"broker-{broker_id}-groups", daemon=True
@@ -680,6 +685,33 @@ class GroupCoordinator:
                 )
         return response
 
+    def expire_offsets(self, now_wall_ms: int) -> list[str]:
+        """Delete the offsets of groups without members whose last commit is older than
+        ``offsets.retention.minutes`` (Kafka's rule for empty groups). Returns them."""
+        expired = []
+        with self._lock:
+            for index, groups in self._loaded.items():
+                for group_id, offsets in groups.items():
+                    group = self._groups.get(group_id)
+                    if group is not None and group.state is not gm.GroupState.EMPTY:
+                        continue
+                    newest = max((o.commit_timestamp_ms for o in offsets.values()), default=0)
+                    if offsets and now_wall_ms - newest > self.offsets_retention_ms:
+                        expired.append((index, group_id, list(offsets)))
+        for index, group_id, keys in expired:
+            tombstones = [
+                Record(encode_offset_key(group_id, topic, part), None, (), now_wall_ms)
+                for topic, part in keys
+            ]
+            error, _ = self._append(index, tombstones)
+            if error is not None:
+                log.warning("expiring the offsets of %s failed: %s", group_id, error.message)
+                continue
+            with self._lock:
+                self._loaded.get(index, {}).pop(group_id, None)
+            log.info("offsets of group %s expired (offsets.retention.minutes)", group_id)
+        return [group_id for _, group_id, _ in expired]
+
     def _tick_loop(self) -> None:
         while not self._stopped.wait(0.1):
             try:
@@ -688,6 +720,9 @@ class GroupCoordinator:
                 log.exception("group coordinator tick failed")
 
     def _tick(self) -> None:
+        if time.monotonic() >= self._next_retention_check:
+            self._next_retention_check = time.monotonic() + self._retention_interval_s
+            self.expire_offsets(int(time.time() * 1000))
         now = _now_ms()
         with self._lock:
             replies = [r for group in self._groups.values() for r in group.tick(now)]

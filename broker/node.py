@@ -116,6 +116,8 @@ class BrokerNode:
                 initial_rebalance_delay_ms=config["group.initial.rebalance.delay.ms"],
                 max_size=config["group.max.size"] or None,
             ),
+            offsets_retention_ms=config["offsets.retention.minutes"] * 60_000,
+            offsets_retention_check_interval_ms=config["offsets.retention.check.interval.ms"],
         )
         self.replicas.role_listeners.append(self._on_role)
         self._server_workers = server_workers or int(config["num.rpc.threads"])

@@ -133,6 +133,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "offsets.topic.replication.factor": (3, "replicas of __consumer_offsets (at most the brokers)"),
     "offsets.topic.segment.bytes": (104857600, "segment size of __consumer_offsets"),
+    "offsets.retention.minutes": (
+        10080,
+        "committed offsets of a group without members expire this long after its last commit",
+    ),
+    "offsets.retention.check.interval.ms": (600000, "how often expired offsets are looked for"),
     "group.initial.rebalance.delay.ms": (
         3000,
         "how long a new group waits for more members before its first rebalance",
