@@ -352,3 +352,69 @@ def test_a_killed_member_s_partitions_move_to_the_others(cluster, admin):
             child.wait(timeout=10)
         for member in members:
             member.close()
+
+
+def test_the_group_carries_on_when_its_coordinator_is_killed(cluster, admin):
+    import threading
+
+    admin.create_topic("carry-on", 4, 3, {"min.insync.replicas": "2"})
+    group = "carriers"
+    servers = brokers(admin)
+    members = [
+        Consumer(
+            servers,
+            group_id=group,
+            session_timeout_ms=3000,
+            heartbeat_interval_ms=300,
+            auto_offset_reset="earliest",
+        )
+        for _ in range(2)
+    ]
+    for member in members:
+        member.subscribe(["carry-on"])
+    stop = threading.Event()
+
+    def poll_forever() -> None:
+        while not stop.is_set():
+            for member in members:
+                member.poll(50)
+
+    poller = threading.Thread(target=poll_forever, daemon=True)
+    poller.start()
+    try:
+        wait_until(
+            "two members sharing four partitions",
+            lambda: (
+                sum(len(m.assignment()) for m in members) == 4
+                and all(m.assignment() for m in members)
+            ),
+            timeout_s=60,
+        )
+        index = partition_for(group, OFFSETS_PARTITIONS)
+        coordinator = admin.describe_topic(OFFSETS_TOPIC).partitions[index].leader
+        cluster.kill(coordinator)
+        killed_at = time.monotonic()
+
+        def settled_elsewhere() -> bool:
+            new = admin.describe_topic(OFFSETS_TOPIC).partitions[index].leader
+            if new in (coordinator, -1):
+                return False
+            described = stub(cluster, new).DescribeGroups(
+                broker_pb2.DescribeGroupsRequest(group_ids=[group]), timeout=5
+            )
+            state = described.groups[0]
+            return (
+                state.state == "Stable"
+                and len(state.members) == 2
+                and sum(len(m.assignment()) for m in members) == 4
+            )
+
+        wait_until("the group stable at the new coordinator", settled_elsewhere, timeout_s=30)
+        took_s = time.monotonic() - killed_at
+        print(f"group carried on at the new coordinator in {took_s:.2f} s")
+        assert took_s < 3.0, took_s  # the bound
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+        for member in members:
+            member.close()
