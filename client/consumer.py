@@ -541,7 +541,8 @@ class Consumer:
         what ``poll`` has returned) for the group; waits until the coordinator has
         them on every in-sync replica.
 
-        When subscribed, the commit carries the member id and generation: it raises
+        Nothing to commit (no partition assigned yet) is a no-op. When subscribed, the
+        commit carries the member id and generation: it raises
         ``RebalanceInProgressError`` during a rebalance (``poll``, then commit again) and
         ``CommitFailedError`` when the group moved on without this consumer.
         """
@@ -554,6 +555,8 @@ class Consumer:
                 if state.position is not None
             }
         offsets = {TopicPartition(*tp): off for tp, off in offsets.items()}
+        if not offsets:
+            return  # Nothing to commit (no partition yet), as Kafka's commitSync.
         if self._membership is not None and self._membership.subscribed:
             self._membership.commit(offsets)
         else:
