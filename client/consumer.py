@@ -38,13 +38,14 @@ Not thread-safe, as in Kafka: use a consumer from one thread at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import queue
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -260,6 +261,8 @@ class Consumer:
             None if consumer_timeout_ms is None else consumer_timeout_ms / 1000
         )
         self._assignment: dict[TopicPartition, _PartitionState] = {}
+        self._paused: set[TopicPartition] = set()
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         # With a group id, positions start from the group's committed offsets and
         # commit() (or auto commit) stores them; membership is not served yet, so
         # partitions are assign()ed, as a Kafka consumer does with assign().
@@ -562,6 +565,60 @@ class Consumer:
         else:
             self._group.commit(offsets)
 
+    def commit_async(
+        self,
+        offsets: dict[TopicPartition, int] | None = None,
+        callback: Callable[[dict[TopicPartition, int], BaseException | None], None] | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Commit in the background, in call order; ``callback(offsets, exception)``
+        runs when the commit is done. The offsets are taken now (the positions of now)."""
+        if self._group is None:
+            raise ValueError("commit_async() needs a group_id")
+        if offsets is None:
+            offsets = {
+                tp: state.position
+                for tp, state in self._assignment.items()
+                if state.position is not None
+            }
+        taken = dict(offsets)
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="raftka-commit"
+            )
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                self.commit(taken)
+            except BaseException as e:  # Handed to the callback and the future.
+                error = e
+            if callback is not None:
+                try:
+                    callback(taken, error)
+                except Exception:
+                    log.exception("a commit_async callback raised")
+            if error is not None:
+                raise error
+
+        return self._committer.submit(run)
+
+    # -- flow control --------------------------------------------------------
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        """Stop returning (and fetching) records of these assigned partitions."""
+        for tp in partitions:
+            tp = TopicPartition(*tp)
+            if tp not in self._assignment:
+                raise ValueError(f"{tp.topic}-{tp.partition} is not assigned")
+            self._paused.add(tp)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._paused.discard(TopicPartition(*tp))
+
+    def paused(self) -> set[TopicPartition]:
+        return {tp for tp in self._paused if tp in self._assignment}
+
     def committed(self, partition: TopicPartition) -> int | None:
         """The group's committed offset of ``partition``, None when it has none."""
         if self._group is None:
@@ -631,6 +688,8 @@ class Consumer:
             except RaftkaError as e:
                 log.warning("final auto commit of group %s failed: %s", self.group_id, e)
         self._closed = True
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
         for fetch in self._fetches.values():
             fetch.call.cancel()
         self._fetches.clear()
@@ -670,6 +729,7 @@ class Consumer:
         for tp, state in self._assignment.items():
             if (
                 state.position is None
+                or tp in self._paused
                 or state.in_flight
                 or len(state.chunks) > 1
                 or (state.drain_first and state.chunks)
@@ -844,6 +904,8 @@ class Consumer:
         start = self._next_partition % len(items)
         self._next_partition = start + 1
         for tp, state in items[start:] + items[:start]:
+            if tp in self._paused:
+                continue  # Its buffered records wait for resume().
             while state.chunks and limit > 0:
                 chunk = state.chunks[0]
                 try:

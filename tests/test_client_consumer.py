@@ -240,3 +240,34 @@ def test_a_corrupt_answer_raises_and_the_next_poll_fetches_again(cluster):
             poll_all(c, 1)
         state.batches[0] = (base, last, ts, data)
         assert values(poll_all(c, 3)) == [b"0", b"1", b"2"]
+
+
+def test_paused_partitions_return_nothing_until_resumed(cluster):
+    fill(cluster, TP0, 4)
+    fill(cluster, TP1, 4)
+    with consumer(cluster, auto_offset_reset="earliest") as c:
+        c.assign([TP0, TP1])
+        c.pause(TP1)
+        assert c.paused() == {TP1}
+        records = poll_all(c, 4)
+        assert {r.partition for r in records} == {0}
+        assert c.poll(timeout_ms=100) == {}
+        c.resume(TP1)
+        assert {r.partition for r in poll_all(c, 4)} == {1}
+        with pytest.raises(ValueError, match="not assigned"):
+            c.pause(TopicPartition("other", 0))
+
+
+def test_commit_async_commits_in_order_and_calls_back(cluster):
+    fill(cluster, TP0, 6)
+    with consumer(
+        cluster, group_id="async", auto_offset_reset="earliest", enable_auto_commit=False
+    ) as c:
+        c.assign([TP0])
+        poll_all(c, 6)
+        seen: list[tuple[dict[Any, int], Any]] = []
+        c.commit_async({TP0: 3}, callback=lambda offsets, error: seen.append((offsets, error)))
+        last = c.commit_async(callback=lambda offsets, error: seen.append((offsets, error)))
+        last.result(timeout=10)
+        assert seen == [({TP0: 3}, None), ({TP0: 6}, None)]
+        assert c.committed(TP0) == 6
