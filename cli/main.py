@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli import render
+from cli.chaos_cmd import app as chaos_app
 from cli.data import app as data_app
 from cli.groups import app as group_app
 from cli.localcluster import LocalCluster, LocalClusterError
@@ -83,6 +84,7 @@ app.add_typer(metadata_app, name="metadata")
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_app)  # produce, consume (cli/data.py)
 app.add_typer(group_app, name="group")  # consumer groups (cli/groups.py)
+app.add_typer(chaos_app, name="chaos")  # fault scenarios (chaos/)
 
 DirOpt = Annotated[
     Path | None,
