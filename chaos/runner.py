@@ -22,6 +22,7 @@ from typing import Any
 
 from chaos import checkers
 from chaos.history import History, Op, write_jsonl
+from chaos.quorum_checks import LogEntry, check_quorum
 from chaos.scenarios import SCENARIOS, Fault
 from cli.localcluster import LocalCluster
 from client import Admin, Consumer, Producer, TopicPartition
@@ -138,6 +139,7 @@ def _run_on(
         producer_thread.join(timeout=150)
         consumer_thread.join(timeout=30)
         final = _read_final(servers)
+    quorum = check_quorum(_voter_logs(cluster))
     history = History(recorder.ops)
     verdict = checkers.check(history, final)
     gaps = checkers.unavailability(history)
@@ -147,8 +149,8 @@ def _run_on(
         scenario=scenario,
         seed=seed,
         duration_s=duration_s,
-        valid=verdict.valid,
-        verdict=verdict.to_dict(),
+        valid=verdict.valid and quorum.valid,
+        verdict={**verdict.to_dict(), "quorum": quorum.to_dict()},
         faults=[asdict(f) for f in faults],
         unavailability=[g.to_dict() for g in gaps],
         sends=len(sends),
@@ -301,3 +303,46 @@ def _read_final(servers: str) -> dict[int, list[tuple[int, str]]]:
             for tp, batch in consumer.poll(timeout_ms=500).items():
                 final[tp.partition].extend((r.offset, (r.value or b"").decode()) for r in batch)
     return final
+
+
+def _voter_logs(cluster: LocalCluster) -> dict[int, list[LogEntry]]:
+    """Each controller's retained committed metadata log, read from that controller."""
+    import grpc
+    from raftka.v1 import controller_pb2, controller_pb2_grpc
+
+    logs: dict[int, list[LogEntry]] = {}
+    for node in cluster.status():
+        if node.role != "controller" or not node.running:
+            continue
+        entries: list[LogEntry] = []
+        with grpc.insecure_channel(f"{node.host}:{node.rpc_port}") as channel:
+            stub = controller_pb2_grpc.ControllerStub(channel)
+            offset = 0
+            for _ in range(1000):
+                try:
+                    answer = stub.ReadMetadataLog(
+                        controller_pb2.ReadMetadataLogRequest(offset=offset, max_records=1000),
+                        timeout=10,
+                    )
+                except grpc.RpcError:
+                    break
+                if answer.error.code and offset < answer.log_start_offset:
+                    offset = answer.log_start_offset  # Trimmed: start at what is kept.
+                    continue
+                if not answer.entries:
+                    break
+                for entry in answer.entries:
+                    record = entry.record
+                    claim = record.controller_epoch if record.HasField("controller_epoch") else None
+                    entries.append(
+                        LogEntry(
+                            entry.offset,
+                            entry.controller_epoch,
+                            record.SerializeToString(),
+                            -1 if claim is None else claim.controller_epoch,
+                            -1 if claim is None else claim.controller_id,
+                        )
+                    )
+                offset = answer.entries[-1].offset + 1
+        logs[node.id] = entries
+    return logs
