@@ -23,6 +23,7 @@ from typing import Any
 from chaos import checkers
 from chaos.history import History, Op, write_jsonl
 from chaos.quorum_checks import LogEntry, check_quorum
+from chaos.report import write_report
 from chaos.scenarios import SCENARIOS, Fault
 from cli.localcluster import LocalCluster
 from client import Admin, Consumer, Producer, TopicPartition
@@ -160,6 +161,7 @@ def _run_on(
         notes=notes,
     )
     (directory / "verdict.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    write_report(history, result.to_dict(), directory)
     return result
 
 
