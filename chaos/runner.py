@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +37,8 @@ OVERRIDES = {
     "broker.heartbeat.interval.ms": 250,
     "replica.lag.time.max.ms": 3000,
     "replica.fetch.wait.max.ms": 200,
+    "group.min.session.timeout.ms": 1000,
+    "group.initial.rebalance.delay.ms": 200,
 }
 
 
@@ -122,8 +126,13 @@ def _run_on(
             target=_consume, args=(servers, recorder, stop), daemon=True
         )
         producer_thread.start()
-        consumer_thread.start()
-        _nemesis(cluster, admin, faults, recorder, duration_s)
+        group = _GroupWorkload(servers, recorder, directory) if scenario == "group-churn" else None
+        if group is None:
+            consumer_thread.start()
+        else:
+            for _ in range(3):
+                group.start_one()
+        _nemesis(cluster, admin, faults, recorder, duration_s, group, random.Random(seed))
         # Heal everything, then let the workload run on while the cluster converges.
         for node in cluster.status():
             if node.state == "paused":
@@ -138,11 +147,28 @@ def _run_on(
         time.sleep(1.0)
         stop.set()
         producer_thread.join(timeout=150)
-        consumer_thread.join(timeout=30)
+        if group is None:
+            consumer_thread.join(timeout=30)
+        else:
+            _wait_group_caught_up(recorder, 30)
+            group.stop()
         final = _read_final(servers)
     quorum = check_quorum(_voter_logs(cluster))
     history = History(recorder.ops)
     verdict = checkers.check(history, final)
+    if group is not None:
+        # At least once: every acknowledged record was processed by some member.
+        unseen = checkers.unseen(history)
+        if unseen.count:
+            notes.append(f"{unseen.count} acknowledged records no member processed")
+        times: dict[tuple[int, int], int] = {}
+        for op in history.polls():
+            for partition, offset, _ in op.records:
+                times[(partition, offset)] = times.get((partition, offset), 0) + 1
+        again = sum(1 for n in times.values() if n > 1)
+        notes.append(
+            f"group: {again} records processed more than once (uncommitted when a member died)"
+        )
     gaps = checkers.unavailability(history)
     write_jsonl(directory / "history.jsonl", recorder.ops)
     sends = history.sends()
@@ -150,7 +176,7 @@ def _run_on(
         scenario=scenario,
         seed=seed,
         duration_s=duration_s,
-        valid=verdict.valid and quorum.valid,
+        valid=verdict.valid and quorum.valid and not any("no member" in n for n in notes),
         verdict={**verdict.to_dict(), "quorum": quorum.to_dict()},
         faults=[asdict(f) for f in faults],
         unavailability=[g.to_dict() for g in gaps],
@@ -163,6 +189,84 @@ def _run_on(
     (directory / "verdict.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     write_report(history, result.to_dict(), directory)
     return result
+
+
+_MEMBER = """
+import sys
+from client import Consumer
+from client.errors import RaftkaError
+consumer = Consumer(sys.argv[1], group_id=sys.argv[2], session_timeout_ms=3000,
+                    heartbeat_interval_ms=300, auto_offset_reset="earliest",
+                    enable_auto_commit=False)
+consumer.subscribe([sys.argv[3]])
+while True:
+    fetched = consumer.poll(200)
+    lines = [f"{r.partition} {r.offset} {(r.value or b'').decode()}"
+             for batch in fetched.values() for r in batch]
+    if lines:
+        print("\\n".join(lines), flush=True)  # processed ...
+        try:
+            consumer.commit()  # ... then committed: at least once
+        except RaftkaError:
+            pass  # a rebalance took the partitions: their next owner reads them again
+"""
+
+
+class _GroupWorkload:
+    """Consumer group members as separate processes, so one can be killed (kill -9)."""
+
+    def __init__(
+        self, servers: str, recorder: _Recorder, directory: Path, group: str = "chaos-group"
+    ):
+        self.directory = directory
+        self.servers = servers
+        self.recorder = recorder
+        self.group = group
+        self.members: dict[int, subprocess.Popen[str]] = {}
+        self._next = 10
+        self._lock = threading.Lock()
+
+    def start_one(self) -> int:
+        with self._lock:
+            process_id = self._next
+            self._next += 1
+        with open(self.directory / f"member-{process_id}.log", "w") as errors:
+            child = subprocess.Popen(
+                [sys.executable, "-c", _MEMBER, self.servers, self.group, TOPIC],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+        with self._lock:
+            self.members[process_id] = child
+        threading.Thread(target=self._read, args=(process_id, child), daemon=True).start()
+        return process_id
+
+    def _read(self, process_id: int, child: subprocess.Popen[str]) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            parts = line.rstrip("\n").split(" ", 2)
+            if len(parts) != 3:
+                continue
+            now = self.recorder.now()
+            record = (int(parts[0]), int(parts[1]), parts[2])
+            self.recorder.add(Op(process_id, "poll", now, now, "ok", TOPIC, -1, records=(record,)))
+
+    def kill_one(self, rng: random.Random) -> int:
+        with self._lock:
+            process_id = rng.choice(sorted(self.members))
+            child = self.members.pop(process_id)
+        child.kill()
+        child.wait(timeout=10)
+        return process_id
+
+    def stop(self) -> None:
+        with self._lock:
+            children = list(self.members.values())
+            self.members.clear()
+        for child in children:
+            child.kill()
+            child.wait(timeout=10)
 
 
 def _produce(servers: str, recorder: _Recorder, stop: threading.Event, rate: int) -> None:
@@ -218,6 +322,8 @@ def _nemesis(
     faults: list[Fault],
     recorder: _Recorder,
     duration_s: float,
+    group: _GroupWorkload | None = None,
+    rng: random.Random | None = None,
 ) -> None:
     began = time.monotonic()
     for fault in faults:
@@ -225,9 +331,15 @@ def _nemesis(
         if delay > 0:
             time.sleep(delay)
         start = recorder.now()
-        victims = _apply(cluster, admin, fault)
-        time.sleep(fault.heal_after_s)
-        for victim in victims:
+        if fault.kind == "kill-group-member":
+            assert group is not None and rng is not None
+            victims = [group.kill_one(rng)]
+            time.sleep(fault.heal_after_s)
+            group.start_one()
+        else:
+            victims = _apply(cluster, admin, fault)
+            time.sleep(fault.heal_after_s)
+        for victim in victims if fault.kind != "kill-group-member" else []:
             if fault.kind.startswith("pause"):
                 cluster.resume(victim)
             else:
@@ -348,3 +460,19 @@ def _voter_logs(cluster: LocalCluster) -> dict[int, list[LogEntry]]:
                 offset = answer.entries[-1].offset + 1
         logs[node.id] = entries
     return logs
+
+
+def _wait_group_caught_up(recorder: _Recorder, timeout_s: float) -> None:
+    """Until every acknowledged send has been polled by some member (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with recorder.lock:
+            acked = {
+                (op.partition, op.offset)
+                for op in recorder.ops
+                if op.kind == "send" and op.outcome == "ok"
+            }
+            seen = {(p, o) for op in recorder.ops if op.kind == "poll" for p, o, _ in op.records}
+        if acked <= seen:
+            return
+        time.sleep(0.2)

@@ -87,6 +87,12 @@ def random_mix(rng: random.Random, duration_s: float) -> list[Fault]:
         at += fault.heal_after_s + rng.uniform(2.0, 4.0)
 
 
+def group_churn(rng: random.Random, duration_s: float) -> list[Fault]:
+    """A consumer group member killed (kill -9) and a new one started, over and over,
+    while the producer runs (the runner's group workload)."""
+    return _every(rng, duration_s, lambda at: Fault(at, "kill-group-member", rng.uniform(1.0, 2.0)))
+
+
 SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "leader-broker-kill": (leader_broker_kill, "kill -9 the leader of a partition, restart it"),
     "active-controller-kill": (
@@ -102,4 +108,8 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         "SIGSTOP a partition leader past its session timeout, then SIGCONT",
     ),
     "random-mix": (random_mix, "the faults above, drawn at random"),
+    "group-churn": (
+        group_churn,
+        "a consumer group of 3 processes: kill -9 a member, start another, repeatedly",
+    ),
 }

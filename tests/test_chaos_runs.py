@@ -9,7 +9,9 @@ from chaos.runner import run
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("scenario", ["leader-broker-kill", "active-controller-kill"])
+@pytest.mark.parametrize(
+    "scenario", ["leader-broker-kill", "active-controller-kill", "group-churn"]
+)
 def test_a_short_run_loses_nothing(tmp_path, scenario):
     result = run(scenario, duration_s=12, seed=7, directory=tmp_path)
     assert result.valid, result.verdict
