@@ -23,7 +23,7 @@ from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from broker.coordinator import OFFSETS_TOPIC, GroupCoordinator
 from broker.fetcher import CHANNEL_OPTIONS
 from broker.group.state import GroupConfig
-from broker.lifecycle import STARTING, STOPPED, BrokerLifecycle
+from broker.lifecycle import RUNNING, STARTING, STOPPED, BrokerLifecycle
 from broker.local_changes import LocalChanges, TopicPartition, local_changes
 from broker.log_manager import LogManager
 from broker.metadata_answer import metadata_response
@@ -95,6 +95,8 @@ class BrokerNode:
             LogManager(log_dirs, self.settings.log_config),
             image=lambda: self.follower.published()[0],
             broker_epoch=lambda: -1 if self.lifecycle is None else self.lifecycle.broker_epoch,
+            # Unfenced ("running") only once caught up with the metadata log.
+            caught_up=lambda: self.lifecycle is not None and self.lifecycle.state == RUNNING,
             alter_partition=lambda request: self.client.call("AlterPartition", request),
         )
         self.producer_ids = ProducerIdManager(

@@ -123,6 +123,7 @@ class ReplicaManager:
         *,
         image: Callable[[], MetadataImage],
         broker_epoch: Callable[[], int],
+        caught_up: Callable[[], bool] = lambda: True,
         alter_partition: Callable[
             [controller_pb2.AlterPartitionRequest], controller_pb2.AlterPartitionResponse
         ],
@@ -132,6 +133,7 @@ class ReplicaManager:
         self.logs = logs
         self._image = image
         self._broker_epoch = broker_epoch
+        self.caught_up = caught_up
         self._alter_partition = alter_partition
         self._partitions: dict[TopicPartition, Partition] = {}
         self._lock = threading.RLock()
@@ -676,14 +678,56 @@ class ReplicaManager:
 
     def _maintenance_loop(self) -> None:
         interval = self.settings.retention_check_interval_ms / 1000
-        while not self._stopped.wait(interval):
+        strays_checked = False
+        next_run = time.monotonic() + interval
+        while True:
+            # Until strays were looked for (once caught up), wake every second.
+            wait = max(0.0, next_run - time.monotonic())
+            if self._stopped.wait(wait if strays_checked else min(1.0, wait)):
+                return
             try:
-                self.run_log_maintenance(now_ms())
+                if not strays_checked and self.caught_up():
+                    self.delete_stray_logs()
+                    strays_checked = True
+                if time.monotonic() >= next_run:
+                    next_run = time.monotonic() + interval
+                    self.run_log_maintenance(now_ms())
             except Exception:
                 log.exception("log maintenance failed")
 
+    def delete_stray_logs(self) -> list[TopicPartition]:
+        """Delete logs on disk that the metadata no longer gives this broker: the topic is
+        gone or re-created (another id), or the broker left the replicas, while it was
+        down. Only once the broker has caught up with the metadata (``caught_up``), so a
+        log is never judged on a partial image. Returns what was deleted."""
+        if not self.caught_up():
+            return []
+        image = self._image()
+        deleted = []
+        with self._lock:
+            hosted = set(self._partitions)
+            for key, topic_id in sorted(self.logs.known().items()):
+                if key in hosted:
+                    continue
+                topic = image.topic_by_name(key[0])
+                reg = None if topic is None else topic.partitions.get(key[1])
+                current = (
+                    topic is not None
+                    and topic_id in (None, topic.topic_id)
+                    and reg is not None
+                    and self.broker_id in reg.replicas
+                )
+                if current:
+                    continue  # It will be opened when its registration is applied.
+                log.info("%s-%d: deleting a stray log (not assigned to this broker)", *key)
+                self.logs.delete(*key)
+                deleted.append(key)
+        return deleted
+
     def run_log_maintenance(self, now: int) -> None:
-        """Apply retention (and compaction) to every hosted partition once."""
+        """Apply retention (and compaction) to every hosted partition once, and delete
+        stray logs."""
+        self.delete_stray_logs()
         image = self._image()
         for key, partition in self.partitions().items():
             configs = image.topic_configs(key[0])

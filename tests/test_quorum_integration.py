@@ -223,3 +223,9 @@ def test_broker_behind_the_retained_tail_catches_up_from_a_snapshot(cluster, adm
     described = describe_broker(cluster, broker_id)
     assert described.metadata_snapshots_loaded >= 1
     assert not any(p.topic == "hosted-everywhere" for p in described.partitions)
+    # Its logs of the topic deleted while it was down are strays: removed once caught up.
+    data = cluster.directory / f"node-{broker_id}" / "data"
+    wait_until(
+        "the stray logs of the deleted topic to go",
+        lambda: not any(d.name.startswith("hosted-everywhere-") for d in data.iterdir()),
+    )
