@@ -418,3 +418,123 @@ def test_the_group_carries_on_when_its_coordinator_is_killed(cluster, admin):
         poller.join(timeout=10)
         for member in members:
             member.close()
+
+
+_PROCESSING_MEMBER = """
+import sys
+from client import Consumer
+from client.errors import RaftkaError
+consumer = Consumer(sys.argv[1], group_id=sys.argv[2], session_timeout_ms=3000,
+                    heartbeat_interval_ms=300, auto_offset_reset="earliest",
+                    enable_auto_commit=False)
+consumer.subscribe([sys.argv[3]])
+while True:
+    fetched = consumer.poll(100)
+    lines = [f"{r.partition} {r.offset}" for batch in fetched.values() for r in batch]
+    if not lines:
+        continue
+    print("\\n".join(lines), flush=True)  # processed
+    try:
+        consumer.commit()
+        print("committed", flush=True)
+    except RaftkaError:
+        pass
+"""
+
+
+def test_at_least_once_duplicates_stay_within_the_uncommitted_window(cluster, admin):
+    import threading
+
+    admin.create_topic("alo", 6, 3, {"min.insync.replicas": "2"})
+    group, servers = "alo-group", brokers(admin)
+    survivors_seen: list[tuple[int, int]] = []
+    survivors = [
+        Consumer(
+            servers,
+            group_id=group,
+            session_timeout_ms=3000,
+            heartbeat_interval_ms=300,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        for _ in range(2)
+    ]
+    for member in survivors:
+        member.subscribe(["alo"])
+    stop = threading.Event()
+
+    def run_survivors() -> None:
+        while not stop.is_set():
+            for member in survivors:
+                fetched = member.poll(50)
+                survivors_seen.extend((r.partition, r.offset) for b in fetched.values() for r in b)
+                if fetched:
+                    try:
+                        member.commit()
+                    except Exception:  # A rebalance: the next owner reads them again.
+                        pass
+
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _PROCESSING_MEMBER, servers, group, "alo"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    victim_lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: victim_lines.extend(line.strip() for line in victim.stdout or ()),
+        daemon=True,
+    )
+    reader.start()
+    worker = threading.Thread(target=run_survivors, daemon=True)
+    worker.start()
+    produced = 0
+    with Producer(servers, acks="all", linger_ms=1) as producer:
+        try:
+            wait_until(
+                "three members sharing the partitions",
+                lambda: sum(len(m.assignment()) for m in survivors) == 4,
+                timeout_s=60,
+            )
+            for _ in range(40):  # about 2 s of records while all three consume
+                for p in range(6):
+                    producer.send("alo", b"x", partition=p)
+                    produced += 1
+                time.sleep(0.05)
+            victim.kill()  # dies without leaving and without committing what it holds
+            victim.wait(timeout=10)
+            for _ in range(40):
+                for p in range(6):
+                    producer.send("alo", b"y", partition=p)
+                    produced += 1
+                time.sleep(0.05)
+            producer.flush(timeout=30)
+            wait_until(
+                "every record processed",
+                lambda: len(set(survivors_seen) | _processed(victim_lines)) >= produced,
+                timeout_s=30,
+            )
+        finally:
+            stop.set()
+            worker.join(timeout=10)
+            reader.join(timeout=10)
+            for member in survivors:
+                member.close()
+    victim_done = _processed(victim_lines)
+    uncommitted = _processed(victim_lines, after_last_commit=True)
+    assert victim_done  # the victim had partitions and processed some of them
+    everything = set(survivors_seen) | victim_done
+    assert len(everything) == produced  # at least once: nothing skipped
+    twice = set(survivors_seen) & victim_done
+    # Only what the dead member processed but had not committed is processed again.
+    assert twice <= uncommitted, (len(twice), len(uncommitted))
+
+
+def _processed(lines: list[str], after_last_commit: bool = False) -> set[tuple[int, int]]:
+    if after_last_commit and "committed" in lines:
+        lines = lines[len(lines) - lines[::-1].index("committed") :]
+    out = set()
+    for line in lines:
+        if line and line != "committed":
+            partition, offset = line.split()
+            out.add((int(partition), int(offset)))
+    return out
