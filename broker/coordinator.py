@@ -37,6 +37,7 @@ from typing import Any
 from raftka.v1 import broker_pb2, common_pb2, controller_pb2
 
 from broker.group import messages as gm
+from broker.group import wire
 from broker.group.state import ClassicGroup, GroupConfig
 from broker.partition import LEADER, Partition, PartitionError, Waiter
 from broker.record_batch import Record, decode_records, encode_batch, iter_batches
@@ -439,7 +440,7 @@ class GroupCoordinator:
             )
         if error is None:
             return None
-        return _group_error(error, f"group {request.group_id!r}")
+        return wire.group_error(error, f"group {request.group_id!r}")
 
     def _append(self, index: int, records: list[Record]) -> tuple[common_pb2.Error | None, int]:
         """Append the records to the offsets partition and wait for every in-sync
@@ -550,15 +551,7 @@ class GroupCoordinator:
         return response, None
 
     def join(self, request: broker_pb2.JoinGroupRequest) -> broker_pb2.JoinGroupResponse:
-        join = gm.JoinGroupRequest(
-            member_id=request.member_id,
-            group_instance_id=request.group_instance_id or None,
-            client_id=request.client_id,
-            protocol_type=request.protocol_type,
-            protocols=tuple((p.name, p.metadata) for p in request.protocols),
-            session_timeout_ms=request.session_timeout_ms,
-            rebalance_timeout_ms=request.rebalance_timeout_ms,
-        )
+        join = wire.join_request(request)
         timeout_s = max(request.rebalance_timeout_ms, request.session_timeout_ms) / 1000 + 30
         response, refusal = self._park(
             lambda group, pending: group.join(join, _now_ms(), pending),
@@ -569,32 +562,10 @@ class GroupCoordinator:
         if response is None:
             return broker_pb2.JoinGroupResponse(error=refusal, generation_id=-1)
         assert isinstance(response, gm.JoinGroupResponse)
-        return broker_pb2.JoinGroupResponse(
-            error=_group_error(response.error),
-            generation_id=response.generation_id,
-            protocol_type=response.protocol_type or "",
-            protocol_name=response.protocol_name or "",
-            leader=response.leader_id,
-            member_id=response.member_id,
-            members=[
-                broker_pb2.JoinGroupMember(
-                    member_id=m.member_id,
-                    group_instance_id=m.group_instance_id or "",
-                    metadata=m.metadata,
-                )
-                for m in response.members
-            ],
-        )
+        return wire.join_response(response)
 
     def sync(self, request: broker_pb2.SyncGroupRequest) -> broker_pb2.SyncGroupResponse:
-        sync = gm.SyncGroupRequest(
-            member_id=request.member_id,
-            generation_id=request.generation_id,
-            group_instance_id=request.group_instance_id or None,
-            protocol_type=request.protocol_type or None,
-            protocol_name=request.protocol_name or None,
-            assignments=tuple((a.member_id, a.assignment) for a in request.assignments),
-        )
+        sync = wire.sync_request(request)
         response, refusal = self._park(
             lambda group, pending: group.sync(sync, _now_ms(), pending),
             request.group_id,
@@ -604,34 +575,18 @@ class GroupCoordinator:
         if response is None:
             return broker_pb2.SyncGroupResponse(error=refusal)
         assert isinstance(response, gm.SyncGroupResponse)
-        return broker_pb2.SyncGroupResponse(
-            error=_group_error(response.error),
-            protocol_type=response.protocol_type or "",
-            protocol_name=response.protocol_name or "",
-            assignment=response.assignment,
-        )
+        return wire.sync_response(response)
 
     def heartbeat(self, request: broker_pb2.HeartbeatRequest) -> broker_pb2.HeartbeatResponse:
         with self._lock:
             group, refusal = self._group_for(request.group_id, False)
             if group is None:
                 return broker_pb2.HeartbeatResponse(error=refusal)
-            response = group.heartbeat(
-                gm.HeartbeatRequest(
-                    request.member_id,
-                    request.generation_id,
-                    request.group_instance_id or None,
-                ),
-                _now_ms(),
-            )
-        return broker_pb2.HeartbeatResponse(error=_group_error(response.error))
+            response = group.heartbeat(wire.heartbeat_request(request), _now_ms())
+        return broker_pb2.HeartbeatResponse(error=wire.group_error(response.error))
 
     def leave(self, request: broker_pb2.LeaveGroupRequest) -> broker_pb2.LeaveGroupResponse:
-        leave = gm.LeaveGroupRequest(
-            tuple(
-                gm.MemberIdentity(m.member_id, m.group_instance_id or None) for m in request.members
-            )
-        )
+        leave = wire.leave_request(request)
         response, refusal = self._park(
             lambda group, pending: group.leave(leave, _now_ms(), pending),
             request.group_id,
@@ -641,17 +596,7 @@ class GroupCoordinator:
         if response is None:
             return broker_pb2.LeaveGroupResponse(error=refusal)
         assert isinstance(response, gm.LeaveGroupResponse)
-        return broker_pb2.LeaveGroupResponse(
-            error=_group_error(response.error),
-            members=[
-                broker_pb2.MemberLeaveResult(
-                    member_id=r.member.member_id,
-                    group_instance_id=r.member.group_instance_id or "",
-                    error=_group_error(r.error),
-                )
-                for r in response.members
-            ],
-        )
+        return wire.leave_response(response)
 
     def describe_groups(
         self, request: broker_pb2.DescribeGroupsRequest
@@ -670,19 +615,7 @@ class GroupCoordinator:
             if description is None:
                 out.state = "Empty" if has_offsets else "Dead"
                 continue
-            out.state = str(description.state)
-            out.protocol_type = description.protocol_type or ""
-            out.protocol_name = description.protocol_name or ""
-            out.generation_id = description.generation_id
-            out.leader = description.leader_id or ""
-            for member in description.members:
-                out.members.add(
-                    member_id=member.member_id,
-                    group_instance_id=member.group_instance_id or "",
-                    client_id=member.client_id,
-                    member_metadata=member.metadata,
-                    member_assignment=member.assignment,
-                )
+            out.CopyFrom(wire.described_group(group_id, description))
         return response
 
     def expire_offsets(self, now_wall_ms: int) -> list[str]:
@@ -812,12 +745,6 @@ def _deliver(replies: list[gm.Reply]) -> None:
 
 def _now_ms() -> int:
     return int(time.monotonic() * 1000)
-
-
-def _group_error(error: gm.GroupError, context: str = "") -> common_pb2.Error | None:
-    if error is gm.GroupError.NONE:
-        return None
-    return _error(common_pb2.ErrorCode.Value(str(error)), f"{context}: {error}" if context else "")
 
 
 def _per_partition(

@@ -33,13 +33,8 @@ from broker.group import (
     ClassicGroup,
     GroupConfig,
     GroupDescription,
-    GroupError,
-    HeartbeatRequest,
-    JoinGroupRequest,
-    LeaveGroupRequest,
-    MemberIdentity,
     Reply,
-    SyncGroupRequest,
+    wire,
 )
 from broker.record_batch import (
     InvalidBatchError,
@@ -267,10 +262,6 @@ class _Waiter:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.response: Any = None
-
-
-def _group_error(error: GroupError) -> common_pb2.Error:
-    return _error(common_pb2.ErrorCode.Value(error.value))
 
 
 class _Servicer(broker_pb2_grpc.BrokerServicer):
@@ -529,87 +520,38 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
         refusal = self._not_coordinator()
         if refusal is not None:
             return broker_pb2.JoinGroupResponse(error=refusal, member_id=request.member_id)
-        join = JoinGroupRequest(
-            member_id=request.member_id,
-            group_instance_id=request.group_instance_id or None,
-            client_id=request.client_id,
-            protocol_type=request.protocol_type,
-            protocols=tuple((p.name, p.metadata) for p in request.protocols),
-            session_timeout_ms=request.session_timeout_ms,
-            rebalance_timeout_ms=request.rebalance_timeout_ms,
-        )
+        join = wire.join_request(request)
         answer = self._park(request.group_id, lambda g, now, w: g.join(join, now, w), context)
-        return broker_pb2.JoinGroupResponse(
-            error=_group_error(answer.error),
-            generation_id=answer.generation_id,
-            protocol_type=answer.protocol_type or "",
-            protocol_name=answer.protocol_name or "",
-            leader=answer.leader_id,
-            member_id=answer.member_id,
-            members=[
-                broker_pb2.JoinGroupMember(
-                    member_id=m.member_id,
-                    group_instance_id=m.group_instance_id or "",
-                    metadata=m.metadata,
-                )
-                for m in answer.members
-            ],
-        )
+        return wire.join_response(answer)
 
     def SyncGroup(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._enter("SyncGroup", request, context)
         refusal = self._not_coordinator()
         if refusal is not None:
             return broker_pb2.SyncGroupResponse(error=refusal)
-        sync = SyncGroupRequest(
-            member_id=request.member_id,
-            generation_id=request.generation_id,
-            group_instance_id=request.group_instance_id or None,
-            protocol_type=request.protocol_type or None,
-            protocol_name=request.protocol_name or None,
-            assignments=tuple((a.member_id, a.assignment) for a in request.assignments),
-        )
+        sync = wire.sync_request(request)
         answer = self._park(request.group_id, lambda g, now, w: g.sync(sync, now, w), context)
-        return broker_pb2.SyncGroupResponse(
-            error=_group_error(answer.error),
-            protocol_type=answer.protocol_type or "",
-            protocol_name=answer.protocol_name or "",
-            assignment=answer.assignment,
-        )
+        return wire.sync_response(answer)
 
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._enter("Heartbeat", request, context)
         refusal = self._not_coordinator()
         if refusal is not None:
             return broker_pb2.HeartbeatResponse(error=refusal)
-        heartbeat = HeartbeatRequest(
-            request.member_id, request.generation_id, request.group_instance_id or None
-        )
+        heartbeat = wire.heartbeat_request(request)
         with self.cluster._lock:
             group = self.cluster._group(request.group_id)
             answer = group.heartbeat(heartbeat, self.cluster._now_ms())
-        return broker_pb2.HeartbeatResponse(error=_group_error(answer.error))
+        return broker_pb2.HeartbeatResponse(error=wire.group_error(answer.error))
 
     def LeaveGroup(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._enter("LeaveGroup", request, context)
         refusal = self._not_coordinator()
         if refusal is not None:
             return broker_pb2.LeaveGroupResponse(error=refusal)
-        leave = LeaveGroupRequest(
-            tuple(MemberIdentity(m.member_id, m.group_instance_id or None) for m in request.members)
-        )
+        leave = wire.leave_request(request)
         answer = self._park(request.group_id, lambda g, now, w: g.leave(leave, now, w), context)
-        return broker_pb2.LeaveGroupResponse(
-            error=_group_error(answer.error),
-            members=[
-                broker_pb2.MemberLeaveResult(
-                    member_id=r.member.member_id,
-                    group_instance_id=r.member.group_instance_id or "",
-                    error=_group_error(r.error),
-                )
-                for r in answer.members
-            ],
-        )
+        return wire.leave_response(answer)
 
     def DescribeGroups(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._enter("DescribeGroups", request, context)
@@ -621,26 +563,7 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
                     groups.append(broker_pb2.DescribedGroup(group_id=group_id, error=refusal))
                     continue
                 d = self.cluster._group(group_id).describe()
-                groups.append(
-                    broker_pb2.DescribedGroup(
-                        group_id=group_id,
-                        state=d.state.value,
-                        protocol_type=d.protocol_type or "",
-                        protocol_name=d.protocol_name or "",
-                        generation_id=d.generation_id,
-                        leader=d.leader_id or "",
-                        members=[
-                            broker_pb2.DescribedGroupMember(
-                                member_id=m.member_id,
-                                group_instance_id=m.group_instance_id or "",
-                                client_id=m.client_id,
-                                member_metadata=m.metadata,
-                                member_assignment=m.assignment,
-                            )
-                            for m in d.members
-                        ],
-                    )
-                )
+                groups.append(wire.described_group(group_id, d))
         return broker_pb2.DescribeGroupsResponse(groups=groups)
 
     def OffsetCommit(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -656,7 +579,7 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
                     cluster._now_ms(),
                     request.group_instance_id or None,
                 )
-                refusal = None if allowed is None else _group_error(allowed)
+                refusal = None if allowed is None else wire.group_error(allowed)
             if refusal is None:
                 stored = cluster.committed.setdefault(request.group_id, {})
                 for topic in request.topics:
