@@ -75,10 +75,13 @@ class MetadataFollower:
         max_wait_ms: int = 500,
         stream_timeout_s: float = 5.0,
         snapshot_timeout_s: float = 30.0,
+        dial: Callable[[str], str] | None = None,
     ):
         if not controller_addresses:
             raise ValueError("no controller address given")
         self.addresses = list(controller_addresses)
+        # The address to dial for a controller's own (see network.dial.overrides).
+        self._dial = dial or (lambda address: address)
         self.broker_id = broker_id
         self.on_change = on_change
         self.max_records = max_records
@@ -180,7 +183,7 @@ class MetadataFollower:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(self._dial(address), options=_CHANNEL_OPTIONS)
                 self._channels[address] = channel
         return controller_pb2_grpc.ControllerStub(channel)
 

@@ -76,9 +76,13 @@ class BrokerNode:
         self.controller_addresses = [v.rpc_address for v in config.voters]
         # Replaced whole on every change, so readers on other threads need no lock.
         self.partitions: Mapping[TopicPartition, HostedPartition] = {}
-        self.client = ControllerClient(self.controller_addresses)
+        dial = config.dialer()
+        self.client = ControllerClient(self.controller_addresses, dial=dial)
         self.follower = MetadataFollower(
-            self.controller_addresses, self.broker_id, on_change=self._on_metadata_change
+            self.controller_addresses,
+            self.broker_id,
+            on_change=self._on_metadata_change,
+            dial=dial,
         )
         self.lifecycle: BrokerLifecycle | None = None
         if not config["log.dirs"]:
@@ -98,6 +102,7 @@ class BrokerNode:
             # Unfenced ("running") only once caught up with the metadata log.
             caught_up=lambda: self.lifecycle is not None and self.lifecycle.state == RUNNING,
             alter_partition=lambda request: self.client.call("AlterPartition", request),
+            dial=dial,
         )
         self.producer_ids = ProducerIdManager(
             self.broker_id,

@@ -127,6 +127,7 @@ class ReplicaManager:
         alter_partition: Callable[
             [controller_pb2.AlterPartitionRequest], controller_pb2.AlterPartitionResponse
         ],
+        dial: Callable[[str], str] = lambda address: address,
     ):
         self.broker_id = broker_id
         self.settings = settings
@@ -135,6 +136,8 @@ class ReplicaManager:
         self._broker_epoch = broker_epoch
         self.caught_up = caught_up
         self._alter_partition = alter_partition
+        # The address to dial for a leader's advertised one (network.dial.overrides).
+        self._dial = dial
         self._partitions: dict[TopicPartition, Partition] = {}
         self._lock = threading.RLock()
         self._fetchers: dict[tuple[int, str], ReplicaFetcher] = {}
@@ -298,7 +301,7 @@ class ReplicaManager:
         if endpoint is None:
             log.warning("%s-%d: leader %d has no listener", *key, reg.leader)
             return
-        source = (reg.leader, f"{endpoint.host}:{endpoint.port}")
+        source = (reg.leader, self._dial(f"{endpoint.host}:{endpoint.port}"))
         fetcher = self._fetchers.get(source)
         if fetcher is None:
             fetcher = ReplicaFetcher(

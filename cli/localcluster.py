@@ -216,6 +216,22 @@ class LocalCluster:
                 }
             )
 
+    def update_config(self, node_id: int, values: dict[str, Any]) -> None:
+        """Set config values in one node's file (read when the node next starts)."""
+        node = next((n for n in self.nodes() if n.id == node_id), None)
+        if node is None:
+            raise LocalClusterError(f"no node {node_id} in {self.directory}")
+        path = self.directory / node.config
+        pending = dict(values)
+        lines = []
+        for line in path.read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            if "=" in line and not line.lstrip().startswith("#") and key in pending:
+                line = f"{key} = {_toml_value(pending.pop(key))}"
+            lines.append(line)
+        lines += [f"{key} = {_toml_value(value)}" for key, value in pending.items()]
+        path.write_text("\n".join(lines) + "\n")
+
     # -- processes ---------------------------------------------------------
 
     def status(self) -> list[NodeStatus]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -53,9 +53,17 @@ def parse_addresses(bootstrap: str | Sequence[str]) -> list[str]:
 class ControllerClient:
     """Thread-safe; one gRPC channel per controller address, opened lazily."""
 
-    def __init__(self, bootstrap: str | Sequence[str], *, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str],
+        *,
+        timeout_s: float = 10.0,
+        dial: Callable[[str], str] | None = None,
+    ):
         self.addresses = parse_addresses(bootstrap)
         self.timeout_s = timeout_s
+        # The address to dial for a controller's own (see network.dial.overrides).
+        self._dial = dial or (lambda address: address)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, controller_pb2_grpc.ControllerStub] = {}
@@ -79,7 +87,7 @@ class ControllerClient:
             stub = self._stubs.get(address)
             if stub is None:
                 channel = grpc.insecure_channel(
-                    address,
+                    self._dial(address),
                     options=[
                         ("grpc.max_receive_message_length", 256 * 1024 * 1024),
                         ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "metadata.log.dir": ("", "a controller's directory for its Raft journal and snapshot"),
     "log.dirs": ("", "where a broker keeps partition data (comma-separated)"),
     "listeners": ("", "the broker's gRPC listener, 'host:port'"),
+    "network.dial.overrides": (
+        "",
+        "addresses this node dials in place of other nodes' own, 'host:port=host:port,...': "
+        "for a proxy or NAT between nodes (the chaos suite routes every link through its "
+        "proxies this way); identities stay the nodes' own addresses (raftka's own, not Kafka's)",
+    ),
     "broker.rack": ("", "rack of the broker, used to spread replicas"),
     "broker.session.timeout.ms": (
         9000,
@@ -192,6 +198,24 @@ def parse_voters(text: str) -> tuple[Voter, ...]:
     return tuple(voters)
 
 
+def parse_dial_overrides(text: str) -> dict[str, str]:
+    """Parse ``'127.0.0.1:9092=127.0.0.1:19092,...'`` (advertised = dialed)."""
+    overrides: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        advertised, _, dialed = item.partition("=")
+        for address in (advertised, dialed):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    f"network.dial.overrides: invalid entry {item!r}: "
+                    "expected 'host:port=host:port'"
+                )
+        overrides[advertised.strip()] = dialed.strip()
+    return overrides
+
+
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
@@ -277,6 +301,7 @@ class NodeConfig:
             )
         if "broker" in roles and not self["listeners"]:
             raise ConfigError("a broker needs listeners = 'host:port'")
+        self.dial_overrides  # noqa: B018 -- fails early on a malformed value
         if self["broker.heartbeat.interval.ms"] >= self["broker.session.timeout.ms"]:
             raise ConfigError("broker.heartbeat.interval.ms must be below the session timeout")
 
@@ -305,6 +330,15 @@ class NodeConfig:
         if not value:
             raise ConfigError(f"{name} is required")
         return Path(str(value).split(",")[0])
+
+    @property
+    def dial_overrides(self) -> dict[str, str]:
+        return parse_dial_overrides(str(self.values["network.dial.overrides"] or ""))
+
+    def dialer(self) -> Callable[[str], str]:
+        """The address to dial to reach a node that calls itself ``address``."""
+        overrides = self.dial_overrides
+        return lambda address: overrides.get(address, address)
 
     @property
     def listener(self) -> tuple[str, int]:

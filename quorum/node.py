@@ -61,6 +61,7 @@ class ControllerNode:
             tail_max_records=config["metadata.log.tail.records"],
             snapshot_min_entries=config["metadata.log.snapshot.min.entries"],
             fsync=config["metadata.log.fsync"],
+            dial=config.dialer(),
         )
         self.runtime = ControllerRuntime(self.raft_log, runtime_settings(config))
         self.raft_log.listener = self.runtime

@@ -40,6 +40,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.monotonic import monotonic as raft_monotonic
+from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from quorum import raft_journal
@@ -116,6 +117,28 @@ class _MetadataConsumer(SyncObjConsumer):  # type: ignore[misc]
         self._owner._on_snapshot_loaded()
 
 
+class _DialedNode(TCPNode):  # type: ignore[misc]
+    """A voter known by its own Raft address but reached at another one (a proxy).
+
+    pysyncobj names a node by its address: the connecting side announces its own
+    address, which the other side looks up among its peers. So the identity stays the
+    voter's address and only the host and port that are dialed change.
+    """
+
+    def __init__(self, address: str, dialed: str):
+        super().__init__(address)
+        host, port = dialed.rsplit(":", 1)
+        self._dialed = (host, int(port))
+
+    @property
+    def ip(self) -> str:
+        return self._dialed[0]
+
+    @property
+    def port(self) -> int:
+        return self._dialed[1]
+
+
 class RaftMetadataLog:
     """``MetadataLog`` over a pysyncobj voter; owns the raft thread."""
 
@@ -132,6 +155,7 @@ class RaftMetadataLog:
         fsync: bool = True,
         listener: LogListener | None = None,
         tick_interval_s: float = 0.01,
+        dial: Callable[[str], str] | None = None,
     ):
         self.node_id = node_id
         self.listener = listener
@@ -172,7 +196,12 @@ class RaftMetadataLog:
             onStateChanged=self._on_state_changed,
         )
         self._consumer = _MetadataConsumer(self, tail_max_records)
-        others = [v.raft_address for v in voters if v.node_id != node_id]
+        dial = dial or (lambda address: address)
+        others = [
+            _DialedNode(v.raft_address, dial(v.raft_address))
+            for v in voters
+            if v.node_id != node_id
+        ]
         self._so = SyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
         # Swap pysyncobj's journal for the crash-safe one on the same file.
         opened = self._so._SyncObj__raftLog
