@@ -36,6 +36,7 @@ from client.errors import RaftkaError
 from quorum import gc_policy
 from quorum.config import ConfigError, NodeConfig
 from quorum.image import MetadataImage, PartitionRegistration
+from quorum.snapshot import DigestCache
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class BrokerNode:
         self.port = 0
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self._digests = DigestCache()
 
     @property
     def state(self) -> str:
@@ -269,10 +271,10 @@ class BrokerNode:
                 reg.leader_epoch,
             )
 
-    def describe(self) -> broker_pb2.DescribeBrokerResponse:
+    def describe(self, include_image_digest: bool = False) -> broker_pb2.DescribeBrokerResponse:
         image, offset = self.follower.published()
         lifecycle = self.lifecycle
-        return broker_pb2.DescribeBrokerResponse(
+        response = broker_pb2.DescribeBrokerResponse(
             broker_id=self.broker_id,
             broker_epoch=-1 if lifecycle is None else lifecycle.broker_epoch,
             state=STOPPED if self._stopped.is_set() else self.state,
@@ -283,6 +285,11 @@ class BrokerNode:
             metadata_snapshots_loaded=self.follower.snapshots_loaded,
             metadata_high_watermark=self.follower.high_watermark,
         )
+        if include_image_digest:
+            # Of the image at metadata_offset (published together); only when
+            # asked, since it costs CPU on a large image.
+            response.image_digest = self._digests.digest(image)
+        return response
 
 
 class _BrokerService(broker_pb2_grpc.BrokerServicer):
@@ -292,7 +299,7 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
     def DescribeBroker(  # noqa: N802 (gRPC method name)
         self, request: broker_pb2.DescribeBrokerRequest, context: grpc.ServicerContext
     ) -> broker_pb2.DescribeBrokerResponse:
-        return self._node.describe()
+        return self._node.describe(request.include_image_digest)
 
     def Metadata(  # noqa: N802
         self, request: broker_pb2.MetadataRequest, context: grpc.ServicerContext

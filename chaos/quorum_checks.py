@@ -10,6 +10,17 @@ controller id). Checks:
   lower than an earlier one's (controller epochs only rise);
 - ``split-brain``: one controller epoch claimed by two different controllers (at most
   one active controller per epoch).
+
+And over the metadata images at the end (``check_images``): per node, its applied
+metadata offset and the digest of its image there (``quorum.snapshot.image_digest``):
+
+- ``image-divergence``: two nodes (controllers or brokers) at the same offset hold
+  images with different digests; every image is replayed from the same records, so
+  they must be equal;
+- ``image-behind``: after the cluster has been quiet, a node that has not reached the
+  controllers' offset (the highest a controller has applied);
+- ``image-ahead``: after the cluster has been quiet, a broker past every controller's
+  offset: it applied records that no running controller holds.
 """
 
 from __future__ import annotations
@@ -78,3 +89,70 @@ def check_quorum(logs: Mapping[int, Sequence[LogEntry]], limit: int = 20) -> Quo
         if len(claimants) > 1:
             report("split-brain", f"epoch {epoch} claimed by controllers {sorted(claimants)}")
     return QuorumVerdict(not anomalies, anomalies, compared)
+
+
+# Per node: (applied metadata offset, image digest at that offset).
+NodeImage = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class ImageVerdict:
+    valid: bool
+    anomalies: dict[str, list[str]] = field(default_factory=dict)
+    # The highest offset a controller has applied; -1 without controllers.
+    offset: int = -1
+    controllers: int = 0
+    brokers: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "valid": self.valid,
+            "anomalies": self.anomalies,
+            "offset": self.offset,
+            "controllers": self.controllers,
+            "brokers": self.brokers,
+        }
+
+
+def check_images(
+    controllers: Mapping[int, NodeImage],
+    brokers: Mapping[int, NodeImage],
+    *,
+    quiet: bool = True,
+    limit: int = 20,
+) -> ImageVerdict:
+    """Every image at one offset is the same image; with ``quiet`` (no metadata was
+    written while the images were gathered), every node is at the controllers' offset."""
+    anomalies: dict[str, list[str]] = {}
+
+    def report(name: str, text: str) -> None:
+        found = anomalies.setdefault(name, [])
+        if len(found) < limit:
+            found.append(text)
+
+    nodes = [("controller", node, image) for node, image in sorted(controllers.items())]
+    nodes += [("broker", node, image) for node, image in sorted(brokers.items())]
+    by_offset: dict[int, dict[str, list[str]]] = {}
+    for role, node, (offset, digest) in nodes:
+        by_offset.setdefault(offset, {}).setdefault(digest, []).append(f"{role} {node}")
+    for offset, digests in sorted(by_offset.items()):
+        if len(digests) > 1:
+            held = "; ".join(
+                f"{', '.join(names)} {'have' if len(names) > 1 else 'has'} {digest[:12] or '?'}"
+                for digest, names in sorted(digests.items(), key=lambda item: item[1])
+            )
+            report("image-divergence", f"offset {offset}: {held}")
+    target = max((offset for offset, _ in controllers.values()), default=-1)
+    if quiet and controllers:
+        for role, node, (offset, _) in nodes:
+            if offset < target:
+                report(
+                    "image-behind",
+                    f"{role} {node} at offset {offset}, the controllers reached {target}",
+                )
+            elif offset > target:
+                report(
+                    "image-ahead",
+                    f"{role} {node} at offset {offset}, past every controller ({target})",
+                )
+    return ImageVerdict(not anomalies, anomalies, target, len(controllers), len(brokers))

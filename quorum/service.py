@@ -27,7 +27,7 @@ from quorum.controller.runtime import ControllerRuntime, error_response
 from quorum.image import MetadataImage
 from quorum.raft import RaftMetadataLog
 from quorum.records import CONFIG_TOPIC, endpoints_to_pb
-from quorum.snapshot import encode_image
+from quorum.snapshot import DigestCache, encode_image
 from quorum.state import frame
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self._streams: dict[int, int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._digests = DigestCache()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -329,6 +330,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             controller_epoch=image.controller_epoch,
             metadata_offset=image.offset,
         )
+        if request.include_image_digest:
+            # Of this controller's own image (not the leader's), for the chaos
+            # suite's check that every image agrees; costs CPU, so only when asked.
+            response.image_digest = self._digests.digest(image)
         for broker_id in sorted(image.brokers.keys()):
             b = image.brokers[broker_id]
             response.brokers.append(

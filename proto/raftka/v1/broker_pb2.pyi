@@ -8,8 +8,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DescribeBrokerRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_image_digest",)
+    INCLUDE_IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    include_image_digest: bool
+    def __init__(self, include_image_digest: _Optional[bool] = ...) -> None: ...
 
 class LocalPartition(_message.Message):
     __slots__ = ("topic", "partition", "role", "leader", "leader_epoch", "log_start_offset", "log_end_offset", "high_watermark", "isr", "size_bytes")
@@ -36,7 +38,7 @@ class LocalPartition(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., role: _Optional[str] = ..., leader: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., isr: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeBrokerResponse(_message.Message):
-    __slots__ = ("error", "broker_id", "broker_epoch", "state", "metadata_offset", "controller_epoch", "partitions", "registrations", "metadata_snapshots_loaded", "metadata_high_watermark")
+    __slots__ = ("error", "broker_id", "broker_epoch", "state", "metadata_offset", "controller_epoch", "partitions", "registrations", "metadata_snapshots_loaded", "metadata_high_watermark", "image_digest")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BROKER_ID_FIELD_NUMBER: _ClassVar[int]
     BROKER_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class DescribeBrokerResponse(_message.Message):
     REGISTRATIONS_FIELD_NUMBER: _ClassVar[int]
     METADATA_SNAPSHOTS_LOADED_FIELD_NUMBER: _ClassVar[int]
     METADATA_HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     error: _common_pb2.Error
     broker_id: int
     broker_epoch: int
@@ -57,7 +60,8 @@ class DescribeBrokerResponse(_message.Message):
     registrations: int
     metadata_snapshots_loaded: int
     metadata_high_watermark: int
-    def __init__(self, error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., broker_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., state: _Optional[str] = ..., metadata_offset: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[LocalPartition, _Mapping]]] = ..., registrations: _Optional[int] = ..., metadata_snapshots_loaded: _Optional[int] = ..., metadata_high_watermark: _Optional[int] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., broker_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., state: _Optional[str] = ..., metadata_offset: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[LocalPartition, _Mapping]]] = ..., registrations: _Optional[int] = ..., metadata_snapshots_loaded: _Optional[int] = ..., metadata_high_watermark: _Optional[int] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class MetadataRequest(_message.Message):
     __slots__ = ("topics",)
