@@ -18,6 +18,9 @@ Errors (they make a `Verdict` invalid):
   only at other offsets than the one acknowledged.
 - nonmonotonic-poll: a consumer received an offset at or below one it already received on that
   partition since its last `RESET` (a regression across polls, or a reordering within one).
+- committed-reprocessed: a record of a consumer group processed again although a commit past
+  it had succeeded more than `COMMIT_SLACK_S` before: a committed offset was lost or went
+  backwards. (At least once allows reprocessing only what was not yet committed.)
 
 Reported, not errors:
 - unseen: an acknowledged value that no poll returned (an error only if also lost).
@@ -44,7 +47,13 @@ INCONSISTENT_OFFSETS = "inconsistent-offsets"
 NONMONOTONIC_POLL = "nonmonotonic-poll"
 UNSEEN = "unseen"
 UNACKNOWLEDGED_PRESENT = "unacknowledged-present"
-ERRORS: frozenset[str] = frozenset({LOST_WRITE, DUPLICATE, INCONSISTENT_OFFSETS, NONMONOTONIC_POLL})
+COMMITTED_REPROCESSED = "committed-reprocessed"
+ERRORS: frozenset[str] = frozenset(
+    {LOST_WRITE, DUPLICATE, INCONSISTENT_OFFSETS, NONMONOTONIC_POLL, COMMITTED_REPROCESSED}
+)
+COMMIT_SLACK_S = 1.0
+"""Members report polls and commits over separate pipes read by separate threads: events
+this close together may be recorded out of their real order."""
 
 Location = tuple[int, int]
 """(partition, offset)."""
@@ -111,6 +120,7 @@ def check(
         duplicate(history, final),
         inconsistent_offsets(history, final, replicas),
         nonmonotonic_poll(history),
+        committed_reprocessed(history),
         unseen(history),
         unacknowledged_present(history, final),
     )
@@ -190,6 +200,43 @@ def nonmonotonic_poll(history: Sequence[Op]) -> Anomaly:
     return _anomaly(NONMONOTONIC_POLL, findings)
 
 
+def committed_reprocessed(history: Sequence[Op], slack_s: float = COMMIT_SLACK_S) -> Anomaly:
+    """Records polled again after a commit past them had succeeded (see the module doc)."""
+    # partition -> [(time the commit was known to have succeeded, offset committed)]
+    commits: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for op in history:
+        if op.kind == "commit" and op.outcome == "ok" and op.offset is not None:
+            commits[op.partition].append((op.end_s, op.offset))
+    # The highest offset committed by each time, per partition.
+    highest: dict[int, tuple[list[float], list[int]]] = {}
+    for partition, entries in commits.items():
+        entries.sort()
+        times, tops, top = [], [], -1
+        for at, offset in entries:
+            top = max(top, offset)
+            times.append(at)
+            tops.append(top)
+        highest[partition] = (times, tops)
+    seen: set[Location] = set()
+    findings = []
+    for op, (partition, offset, value) in _polled_records(history):
+        location = (partition, offset)
+        if location in seen and partition in highest:
+            times, tops = highest[partition]
+            before = bisect_left(times, op.start_s - slack_s)
+            if before and tops[before - 1] > offset:
+                findings.append(
+                    Finding(
+                        (location,),
+                        (value,),
+                        f"processed again at {op.start_s:.3f} s by process {op.process} after "
+                        f"offset {tops[before - 1]} was committed",
+                    )
+                )
+        seen.add(location)
+    return _anomaly(COMMITTED_REPROCESSED, findings)
+
+
 def unseen(history: Sequence[Op]) -> Anomaly:
     """Acknowledged values that no poll returned (`lost_write` says whether they survived)."""
     polled = {value for _, (_, _, value) in _polled_records(history)}
@@ -217,16 +264,19 @@ def unacknowledged_present(history: Sequence[Op], final: PartitionLogs) -> Anoma
 
 
 def unavailability(
-    history: Sequence[Op], faults: Iterable[Op] | None = None
+    history: Sequence[Op], faults: Iterable[Op] | None = None, of: str = "send"
 ) -> list[Unavailability]:
     """For each fault, the longest time without an acknowledged send that began in its window.
+
+    With ``of="admin"`` the same over successful metadata operations instead of sends: the
+    metadata unavailability (its resolution is the admin workload's pace).
 
     A send counts when its acknowledgement arrived (`end_s`). The stretches considered run from
     the fault's start to the first acknowledgement, then between acknowledgements, up to the first
     acknowledgement after the fault's end; without one, the last stretch runs to the end of the
     history. `faults` defaults to the history's fault ops other than consumer resets.
     """
-    acks_s = sorted(op.end_s for op in history if op.acknowledged)
+    acks_s = sorted(op.end_s for op in history if op.kind == of and op.outcome == "ok")
     history_end_s = max((op.end_s for op in history), default=0.0)
     if faults is None:
         faults = [op for op in history if op.kind == "fault" and op.fault != RESET]

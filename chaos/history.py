@@ -10,6 +10,11 @@ names the send that wrote it.
 - send: `partition` and `value` are what was produced; `offset` is the acknowledged offset
   (outcome "ok"), otherwise None.
 - poll: `records` are the (partition, offset, value) triples returned, in the order returned.
+- commit: a group member committed: `partition` and `offset` (the next offset to read) are
+  what it committed, recorded once the commit succeeded.
+- admin: a metadata operation: `topic` is the topic, `detail` starts with the action
+  ("create-topic", "create-partitions"; an error may follow a colon) and `offset` is the
+  partition count asked for.
 - fault: `fault` names it ("kill-leader", "partition-network", ..., or `RESET`); `start_s` and
   `end_s` bound the window during which it was in force.
 
@@ -28,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
-OpKind = Literal["send", "poll", "fault"]
+OpKind = Literal["send", "poll", "fault", "commit", "admin"]
 Outcome = Literal["ok", "fail", "info"]
 Value = bytes | str | None
 PolledRecord = tuple[int, int, str]
@@ -80,7 +85,7 @@ class Op:
             raise ValueError(f"op ends ({self.end_s}) before it starts ({self.start_s})")
         if self.kind == "send" and self.partition < 0:
             raise ValueError("a send names its partition")
-        if self.kind == "send" and self.offset is not None and self.outcome != "ok":
+        if self.kind in ("send", "commit") and self.offset is not None and self.outcome != "ok":
             raise ValueError("only an acknowledged (ok) send has an offset")
 
     @property
@@ -103,6 +108,14 @@ class History(list[Op]):
     def polls(self) -> list[Op]:
         """All poll ops; records of any of them count as observed."""
         return [op for op in self if op.kind == "poll"]
+
+    def commits(self) -> list[Op]:
+        """Commits that succeeded."""
+        return [op for op in self if op.kind == "commit" and op.outcome == "ok"]
+
+    def admin_ops(self) -> list[Op]:
+        """Metadata operations, whatever their outcome."""
+        return [op for op in self if op.kind == "admin"]
 
     def faults(self) -> list[Op]:
         """All fault ops, consumer resets included."""

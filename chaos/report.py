@@ -52,6 +52,53 @@ def timeline(history: History, bin_s: float = BIN_S) -> Timeline:
     return Timeline([i * bin_s for i in range(bins)], [c / bin_s for c in counts], p99, faults)
 
 
+def _figures_html(history: History, verdict: dict[str, Any]) -> str:
+    """Summary figures and one row per fault: the nodes hit, and how long produce and
+    metadata operations were unavailable."""
+    checks = verdict.get("verdict", {})
+    rows = [
+        ("operations", len(history)),
+        ("acknowledged records", verdict.get("acknowledged")),
+        ("faults injected", len(verdict.get("faults", []))),
+        ("converged after healing (s)", verdict.get("converged_s")),
+        ("data checkers", ", ".join(checks.get("anomalies", {})) or "no anomaly"),
+    ]
+    for name in ("quorum", "metadata", "images"):
+        part = checks.get(name, {})
+        found = ", ".join(part.get("anomalies", {})) or "no anomaly"
+        rows.append((f"{name} checks", f"{'valid' if part.get('valid') else 'INVALID'}: {found}"))
+    summary = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    details = [op.detail for op in history.faults() if op.fault != RESET]
+    faults = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(cell))}</td>"
+            for cell in (
+                data["fault"],
+                f"{data['start_s']:.2f}-{data['end_s']:.2f}",
+                detail,
+                f"{data['unavailable_s']:.2f}",
+                f"{meta['unavailable_s']:.2f}",
+            )
+        )
+        + "</tr>"
+        for data, meta, detail in zip(
+            verdict.get("unavailability", []),
+            verdict.get("metadata_unavailability", []),
+            details,
+            strict=False,
+        )
+    )
+    return (
+        f"<h2>Figures</h2><table>{summary}</table>"
+        "<h2>Faults</h2><table><tr><th>fault</th><th>window s</th><th>what</th>"
+        "<th>produce unavailable s</th><th>metadata unavailable s</th></tr>"
+        f"{faults}</table>"
+    )
+
+
 def write_report(history: History, verdict: dict[str, Any], directory: Path) -> Path:
     """Draw ``report.png`` and write ``report.html`` (the picture and the verdict)."""
     import matplotlib
@@ -89,6 +136,7 @@ def write_report(history: History, verdict: dict[str, Any], directory: Path) -> 
         "pre{background:#f4f4f4;padding:1em;overflow:auto}</style>"
         f"<h1>{html.escape(str(verdict.get('scenario')))}: {status}</h1>"
         f'<img alt="timeline" src="data:image/png;base64,{encoded}" width="1100">'
+        f"{_figures_html(history, verdict)}"
         "<h2>Verdict and figures</h2>"
         f"<pre>{html.escape(json.dumps(verdict, indent=2, default=str))}</pre>"
     )

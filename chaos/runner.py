@@ -4,10 +4,12 @@ A run: start a cluster (controllers and brokers on loopback, each with its own d
 dir and log), create a topic (3 partitions, replication factor 3,
 ``min.insync.replicas=2``), then for ``duration_s`` a producer sends unique values with
 ``acks=all`` (idempotent), a consumer reads every partition, and the nemesis applies the
-scenario's faults. Every operation is recorded with its start, end and outcome. Then
+scenario's faults (``chaos.nemesis``). A metadata workload creates topics and adds
+partitions all along. Every operation is recorded with its start, end and outcome. Then
 everything is healed, the run waits for the cluster to converge, reads every partition
-back, and the checkers judge the history (``chaos.checkers``). The history is saved as
-JSON lines beside the verdict.
+back, stops the cluster and reads each replica's log from its files, and the checkers judge
+the history (``chaos.checkers``, ``chaos.metadata_checks``, ``chaos.quorum_checks``). The
+history is saved as JSON lines beside the verdict.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos import checkers
-from chaos.history import History, Op, write_jsonl
-from chaos.quorum_checks import LogEntry, check_quorum
+from chaos import checkers, disk
+from chaos.history import History, Op, Outcome, write_jsonl
+from chaos.images import gather_images
+from chaos.metadata_checks import CREATE, DELETE, GROW, check_metadata
+from chaos.nemesis import SMALL_DISK_MB, Applied, Nemesis, Network, wait_converged
+from chaos.quorum_checks import LogEntry, NodeImage, check_images, check_quorum
 from chaos.report import write_report
 from chaos.scenarios import SCENARIOS, Fault
 from cli.localcluster import LocalCluster
 from client import Admin, Consumer, Producer, TopicPartition
+from client.errors import RaftkaError, TopicAlreadyExistsError, UnknownOutcomeError
 
 TOPIC = "chaos"
 PARTITIONS = 3
@@ -51,6 +57,7 @@ class RunResult:
     verdict: dict[str, Any]
     faults: list[dict[str, Any]]
     unavailability: list[dict[str, Any]]
+    metadata_unavailability: list[dict[str, Any]]
     sends: int
     acknowledged: int
     converged_s: float | None
@@ -92,31 +99,70 @@ def run(
     directory.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(directory / "cluster")
     cluster.create(controllers=controllers, brokers=brokers, overrides=OVERRIDES)
+    network = Network(cluster) if any(f.kind.startswith("net-") for f in faults) else None
+    small_disks = [
+        cluster.directory / f"node-{n.id}" / "data"
+        for n in cluster.nodes()
+        if n.role == "broker" and any(f.kind == "fill-disk" for f in faults)
+    ]
+    mounted: list[Path] = []
     try:
+        if network is not None:
+            network.wire()
+        for path in small_disks:
+            disk.mount_tmpfs(path, SMALL_DISK_MB)
+            mounted.append(path)
         cluster.start()
         cluster.wait_ready(timeout_s=90)
-        return _run_on(cluster, scenario, seed, duration_s, faults, directory, rate)
+        outcome = _run_on(cluster, network, scenario, seed, duration_s, faults, directory, rate)
+        cluster.stop(timeout_s=15)
+        replicas = _read_replicas(cluster)
+        return _judge(cluster, outcome, replicas)
     finally:
         for node in cluster.status():
             if node.state == "paused":
                 cluster.resume(node.id)
         cluster.stop(timeout_s=15)
+        if network is not None:
+            network.close()
+        for path in mounted:
+            disk.unmount(path)
+
+
+@dataclass
+class _Outcome:
+    """What a run gathered while the cluster was up."""
+
+    scenario: str
+    seed: int
+    duration_s: float
+    faults: list[Fault]
+    directory: Path
+    ops: list[Op]
+    final: dict[int, list[tuple[int, str]]]
+    topics: dict[str, int]
+    voter_logs: dict[int, list[LogEntry]]
+    images: tuple[dict[int, NodeImage], dict[int, NodeImage]]
+    converged_s: float | None
+    notes: list[str]
+    group: bool
 
 
 def _run_on(
     cluster: LocalCluster,
+    network: Network | None,
     scenario: str,
     seed: int,
     duration_s: float,
     faults: list[Fault],
     directory: Path,
     rate: int,
-) -> RunResult:
+) -> _Outcome:
     recorder = _Recorder()
     notes: list[str] = []
     with Admin(cluster.bootstrap, timeout_s=15) as admin:
         admin.create_topic(TOPIC, PARTITIONS, 3, {"min.insync.replicas": "2"})
-        _wait_converged(admin, 60)
+        wait_converged(admin, TOPIC, 60)
         servers = ",".join(b.address for b in admin.describe_cluster().brokers)
         stop = threading.Event()
         producer_thread = threading.Thread(
@@ -125,21 +171,25 @@ def _run_on(
         consumer_thread = threading.Thread(
             target=_consume, args=(servers, recorder, stop), daemon=True
         )
+        admin_thread = threading.Thread(
+            target=_admin_workload,
+            args=(cluster.bootstrap, recorder, stop, random.Random(seed + 1)),
+            daemon=True,
+        )
         producer_thread.start()
+        admin_thread.start()
         group = _GroupWorkload(servers, recorder, directory) if scenario == "group-churn" else None
         if group is None:
             consumer_thread.start()
         else:
             for _ in range(3):
                 group.start_one()
-        _nemesis(cluster, admin, faults, recorder, duration_s, group, random.Random(seed))
+        nemesis = Nemesis(cluster, admin, TOPIC, random.Random(seed), network)
+        _nemesis(nemesis, faults, recorder, duration_s, group)
         # Heal everything, then let the workload run on while the cluster converges.
-        for node in cluster.status():
-            if node.state == "paused":
-                cluster.resume(node.id)
-        cluster.start()
+        nemesis.heal_everything()
         healed_at = time.monotonic()
-        converged_s = _wait_converged(admin, 60)
+        converged_s = wait_converged(admin, TOPIC, 60)
         if converged_s is not None:
             converged_s = time.monotonic() - healed_at
         else:
@@ -147,16 +197,41 @@ def _run_on(
         time.sleep(1.0)
         stop.set()
         producer_thread.join(timeout=150)
+        admin_thread.join(timeout=30)
         if group is None:
             consumer_thread.join(timeout=30)
         else:
             _wait_group_caught_up(recorder, 30)
             group.stop()
         final = _read_final(servers)
-    quorum = check_quorum(_voter_logs(cluster))
-    history = History(recorder.ops)
-    verdict = checkers.check(history, final)
-    if group is not None:
+        topics = {t.name: len(t.partitions) for t in admin.describe_topics()}
+    return _Outcome(
+        scenario,
+        seed,
+        duration_s,
+        faults,
+        directory,
+        list(recorder.ops),
+        final,
+        topics,
+        _voter_logs(cluster),
+        gather_images(cluster, timeout_s=30),
+        converged_s,
+        notes,
+        group is not None,
+    )
+
+
+def _judge(
+    cluster: LocalCluster, run: _Outcome, replicas: dict[int, dict[int, list[tuple[int, str]]]]
+) -> RunResult:
+    notes = run.notes
+    quorum = check_quorum(run.voter_logs)
+    history = History(run.ops)
+    verdict = checkers.check(history, run.final, replicas)
+    metadata = check_metadata(history, run.topics)
+    images = check_images(*run.images)
+    if run.group:
         # At least once: every acknowledged record was processed by some member.
         unseen = checkers.unseen(history)
         if unseen.count:
@@ -170,19 +245,30 @@ def _run_on(
             f"group: {again} records processed more than once (uncommitted when a member died)"
         )
     gaps = checkers.unavailability(history)
-    write_jsonl(directory / "history.jsonl", recorder.ops)
+    directory = run.directory
+    write_jsonl(directory / "history.jsonl", history)
     sends = history.sends()
     result = RunResult(
-        scenario=scenario,
-        seed=seed,
-        duration_s=duration_s,
-        valid=verdict.valid and quorum.valid and not any("no member" in n for n in notes),
-        verdict={**verdict.to_dict(), "quorum": quorum.to_dict()},
-        faults=[asdict(f) for f in faults],
+        scenario=run.scenario,
+        seed=run.seed,
+        duration_s=run.duration_s,
+        valid=verdict.valid
+        and quorum.valid
+        and metadata.valid
+        and images.valid
+        and not any("no member" in n for n in notes),
+        verdict={
+            **verdict.to_dict(),
+            "quorum": quorum.to_dict(),
+            "metadata": metadata.to_dict(),
+            "images": images.to_dict(),
+        },
+        faults=[asdict(f) for f in run.faults],
         unavailability=[g.to_dict() for g in gaps],
+        metadata_unavailability=[g.to_dict() for g in checkers.unavailability(history, of="admin")],
         sends=len(sends),
         acknowledged=sum(1 for op in sends if op.outcome == "ok"),
-        converged_s=None if converged_s is None else round(converged_s, 3),
+        converged_s=None if run.converged_s is None else round(run.converged_s, 3),
         directory=str(directory),
         notes=notes,
     )
@@ -208,7 +294,9 @@ while True:
         try:
             consumer.commit()  # ... then committed: at least once
         except RaftkaError:
-            pass  # a rebalance took the partitions: their next owner reads them again
+            continue  # a rebalance took the partitions: their next owner reads them again
+        done = {r.partition: r.offset + 1 for batch in fetched.values() for r in batch}
+        print("\\n".join(f"c {p} {o}" for p, o in done.items()), flush=True)
 """
 
 
@@ -249,6 +337,12 @@ class _GroupWorkload:
             if len(parts) != 3:
                 continue
             now = self.recorder.now()
+            if parts[0] == "c":  # A commit that succeeded: partition, next offset.
+                partition, offset = int(parts[1]), int(parts[2])
+                self.recorder.add(
+                    Op(process_id, "commit", now, now, "ok", TOPIC, partition, offset=offset)
+                )
+                continue
             record = (int(parts[0]), int(parts[1]), parts[2])
             self.recorder.add(Op(process_id, "poll", now, now, "ok", TOPIC, -1, records=(record,)))
 
@@ -317,13 +411,11 @@ def _consume(servers: str, recorder: _Recorder, stop: threading.Event) -> None:
 
 
 def _nemesis(
-    cluster: LocalCluster,
-    admin: Admin,
+    nemesis: Nemesis,
     faults: list[Fault],
     recorder: _Recorder,
     duration_s: float,
     group: _GroupWorkload | None = None,
-    rng: random.Random | None = None,
 ) -> None:
     began = time.monotonic()
     for fault in faults:
@@ -332,18 +424,17 @@ def _nemesis(
             time.sleep(delay)
         start = recorder.now()
         if fault.kind == "kill-group-member":
-            assert group is not None and rng is not None
-            victims = [group.kill_one(rng)]
+            assert group is not None
+            applied = Applied([group.kill_one(nemesis.rng)])
             time.sleep(fault.heal_after_s)
             group.start_one()
         else:
-            victims = _apply(cluster, admin, fault)
+            try:
+                applied = nemesis.apply(fault)
+            except RaftkaError as e:  # The node to hit could not be found: no fault.
+                applied = Applied([], f"not applied: {e}")
             time.sleep(fault.heal_after_s)
-        for victim in victims if fault.kind != "kill-group-member" else []:
-            if fault.kind.startswith("pause"):
-                cluster.resume(victim)
-            else:
-                cluster.start([victim])
+            nemesis.heal(applied)
         recorder.add(
             Op(
                 2,
@@ -354,7 +445,8 @@ def _nemesis(
                 TOPIC,
                 fault.partition,
                 fault=fault.kind,
-                detail=f"nodes {victims}",
+                detail=f"nodes {applied.victims}"
+                + (f": {applied.detail}" if applied.detail else ""),
             )
         )
     rest = began + duration_s - time.monotonic()
@@ -362,45 +454,55 @@ def _nemesis(
         time.sleep(rest)
 
 
-def _apply(cluster: LocalCluster, admin: Admin, fault: Fault) -> list[int]:
-    if fault.kind in ("kill-partition-leader", "pause-partition-leader"):
-        leader = admin.describe_topic(TOPIC).partitions[fault.partition].leader
-        if leader < 0:
-            return []
-        if fault.kind.startswith("pause"):
-            cluster.pause(leader)
-        else:
-            cluster.kill(leader)
-        return [leader]
-    controllers = [n.id for n in cluster.status() if n.role == "controller"]
-    active = admin.describe_quorum().leader_id
-    if fault.kind == "kill-active-controller":
-        victims = [active]
-    else:
-        minority = (len(controllers) - 1) // 2
-        others = [c for c in controllers if c != active]
-        victims = [active, *others][: max(1, min(fault.count, minority))]
-    for victim in victims:
-        cluster.kill(victim)
-    return victims
-
-
-def _wait_converged(admin: Admin, timeout_s: float) -> float | None:
-    """Seconds until every partition has a leader and a full ISR and no broker is fenced."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            info = admin.describe_topic(TOPIC)
-            fenced = any(b.fenced for b in admin.describe_cluster().brokers)
-        except Exception:
-            time.sleep(0.2)
-            continue
-        if not fenced and all(
-            p.leader >= 0 and len(p.isr) == len(p.replicas) for p in info.partitions
-        ):
-            return time.monotonic() - start
-        time.sleep(0.2)
-    return None
+def _admin_workload(
+    bootstrap: str, recorder: _Recorder, stop: threading.Event, rng: random.Random
+) -> None:
+    """Topics created, grown and deleted, one operation every 0.25-0.5 s, while faults
+    happen; also the probe for metadata unavailability."""
+    live: dict[str, int] = {}  # Topics to operate on, with the partition count asked last.
+    n = 0
+    with Admin(bootstrap, timeout_s=5) as admin:
+        while not stop.wait(rng.uniform(0.25, 0.5)):
+            if len(live) > 12:
+                topic = min(live, key=lambda t: int(t.split("-")[1]))
+                action, count = DELETE, 0
+            elif live and rng.random() < 0.4:
+                topic = rng.choice(sorted(live))
+                action, count = GROW, live[topic] + 1
+            else:
+                topic, action, count = f"meta-{n}", CREATE, 1
+                n += 1
+            start = recorder.now()
+            outcome: Outcome
+            try:
+                if action == CREATE:
+                    admin.create_topic(topic, count, 2)
+                elif action == DELETE:
+                    admin.delete_topic(topic)
+                else:
+                    error = admin.create_partitions({topic: count}).get(topic)
+                    if error is not None:
+                        raise error
+                outcome, detail = "ok", ""
+            except TopicAlreadyExistsError as e:
+                # The client retried a creation whose first answer was lost: it exists.
+                outcome, detail = "ok", str(e)
+            except RaftkaError as e:
+                # A refused creation did not happen. A refused increase or deletion may be
+                # the retry of one that did ("already has N partitions", "unknown topic").
+                definite = action == CREATE and not e.retriable
+                definite = definite and not isinstance(e, UnknownOutcomeError)
+                outcome, detail = ("fail" if definite else "info"), f"{type(e).__name__}: {e}"
+            except Exception as e:  # A transport error: the request may have been applied.
+                outcome, detail = "info", f"{type(e).__name__}: {e}"
+            if action == DELETE:
+                live.pop(topic)  # Gone, or maybe gone later: never touched again.
+            elif outcome != "fail":
+                live[topic] = max(live.get(topic, 0), count)
+            text = f"{action}: {detail}" if detail else action
+            recorder.add(
+                Op(3, "admin", start, recorder.now(), outcome, topic, offset=count, detail=text)
+            )
 
 
 def _read_final(servers: str) -> dict[int, list[tuple[int, str]]]:
@@ -417,6 +519,21 @@ def _read_final(servers: str) -> dict[int, list[tuple[int, str]]]:
             for tp, batch in consumer.poll(timeout_ms=500).items():
                 final[tp.partition].extend((r.offset, (r.value or b"").decode()) for r in batch)
     return final
+
+
+def _read_replicas(cluster: LocalCluster) -> dict[int, dict[int, list[tuple[int, str]]]]:
+    """Each broker's copy of every partition, read from its files (the cluster is stopped)."""
+    replicas: dict[int, dict[int, list[tuple[int, str]]]] = {}
+    for node in cluster.nodes():
+        if node.role != "broker":
+            continue
+        log_dir = cluster.directory / f"node-{node.id}" / "data"
+        replicas[node.id] = {
+            p: disk.read_replica_log(disk.partition_dir(log_dir, TOPIC, p))
+            for p in range(PARTITIONS)
+            if disk.partition_dir(log_dir, TOPIC, p).is_dir()
+        }
+    return replicas
 
 
 def _voter_logs(cluster: LocalCluster) -> dict[int, list[LogEntry]]:

@@ -68,18 +68,24 @@ def chaos_run(
             f"converged {result.converged_s} s after healing"
         )
         table = Table(title="faults")
-        for column in ("fault", "start s", "end s", "unavailable s"):
+        for column in ("fault", "start s", "end s", "produce unavailable s", "metadata s"):
             table.add_column(column)
-        for gap in result.unavailability:
+        for gap, meta in zip(result.unavailability, result.metadata_unavailability, strict=True):
             table.add_row(
                 gap["fault"],
                 f"{gap['start_s']:.2f}",
                 f"{gap['end_s']:.2f}",
                 f"{gap['unavailable_s']:.2f}",
+                f"{meta['unavailable_s']:.2f}",
             )
         out.print(table)
         for name, anomaly in result.verdict["anomalies"].items():
             out.print(f"{name}: {anomaly['count']}")
+        for part in ("quorum", "metadata", "images"):
+            check = result.verdict[part]
+            found = ", ".join(f"{k}: {len(v)}" for k, v in check["anomalies"].items())
+            state = "valid" if check["valid"] else "[bold red]INVALID[/]"
+            out.print(f"{part} checks: {state}" + (f" ({found})" if found else ""))
         for note in result.notes:
             out.print(f"note: {note}")
         out.print(f"history and verdict in {where}")
