@@ -17,11 +17,24 @@ Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup) runs the pure
 ``broker.group.ClassicGroup`` of each group under one lock; a request that must
 wait (a join until the rebalance ends, a follower's sync until the leader's
 assignment) parks a ``_Pending`` that a later call or the ticker thread (session
-and rebalance timeouts) completes. Membership is kept in memory only: when the
-coordinator moves, members are answered NOT_COORDINATOR and rejoin at the new
-one (their committed offsets are in the log). Offset commits are checked
-against the member's generation (an old generation cannot commit); a commit
-with generation -1 and no member id is allowed while the group has no members.
+and rebalance timeouts) completes. Offset commits are checked against the
+member's generation (an old generation cannot commit); a commit with generation
+-1 and no member id is allowed while the group has no members.
+
+Membership is in the same topic, as in Kafka: a group's metadata (GroupMetadataKey
+v2, GroupMetadataValue v3: protocol type, generation, protocol, leader, and per
+member its ids, timeouts, subscription and assignment) is written when the
+leader's SyncGroup completes a generation, and a tombstone when the group
+becomes Empty or is deleted. The group asks for these writes
+(``ClassicGroup.take_writes``) under the lock; they are queued there, so that
+they reach the log in the order the group decided them, appended by whichever
+thread flushes the queue first, and awaited (every in-sync replica) outside the
+lock, then reported back to the group (``ClassicGroup.stored``), which answers
+the SyncGroups that waited for it, or on failure sends them the error and
+rebalances. A new coordinator rebuilds each stored group Stable in its
+generation, every member's session starting at the load: members that go on
+heartbeating (to the new coordinator) carry on without a rebalance; the others
+expire after their session timeout and the group rebalances.
 """
 
 from __future__ import annotations
@@ -30,8 +43,9 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raftka.v1 import broker_pb2, common_pb2, controller_pb2
@@ -50,6 +64,8 @@ METADATA_MAX_BYTES = 4096  # Kafka's offset.metadata.max.bytes.
 _MAX_NAME_BYTES = 32767  # An int16-length string in the record layout.
 _KEY_VERSION = 1
 _VALUE_VERSION = 3
+_GROUP_KEY_VERSION = 2
+_GROUP_VALUE_VERSION = 3  # Kafka's last non-flexible GroupMetadataValue (static members).
 _COMMIT_TIMEOUT_S = 10.0
 
 
@@ -83,6 +99,8 @@ def _string(value: str) -> bytes:
 def _read_string(buf: bytes, pos: int) -> tuple[str, int]:
     (length,) = struct.unpack_from(">h", buf, pos)
     pos += 2
+    if length < 0 or pos + length > len(buf):
+        raise ValueError(f"a string of {length} bytes does not fit the record")
     return buf[pos : pos + length].decode("utf-8"), pos + length
 
 
@@ -123,11 +141,199 @@ def decode_offset_value(value: bytes) -> CommittedOffset:
     return CommittedOffset(offset, leader_epoch, metadata, stamp)
 
 
+def _nullable_string(value: str | None) -> bytes:
+    return struct.pack(">h", -1) if value is None else _string(value)
+
+
+def _read_nullable_string(buf: bytes, pos: int) -> tuple[str | None, int]:
+    (length,) = struct.unpack_from(">h", buf, pos)
+    if length < 0:
+        return None, pos + 2
+    return _read_string(buf, pos)
+
+
+def _bytes(value: bytes) -> bytes:
+    return struct.pack(">i", len(value)) + value
+
+
+def _read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
+    (length,) = struct.unpack_from(">i", buf, pos)
+    pos += 4
+    if length < 0:
+        return b"", pos
+    if pos + length > len(buf):
+        raise ValueError("a byte field runs past the end of the record")
+    return bytes(buf[pos : pos + length]), pos + length
+
+
+def encode_group_key(group: str) -> bytes:
+    """Kafka's GroupMetadataKey (version 2): the group id."""
+    return struct.pack(">h", _GROUP_KEY_VERSION) + _string(group)
+
+
+def decode_group_key(key: bytes) -> str | None:
+    """The group id of a group metadata key, or None for any other key."""
+    (version,) = struct.unpack_from(">h", key, 0)
+    if version != _GROUP_KEY_VERSION:
+        return None
+    group, _ = _read_string(key, 2)
+    return group
+
+
+def encode_group_value(value: gm.StoredGroup) -> bytes:
+    """Kafka's GroupMetadataValue, version 3."""
+    parts = [
+        struct.pack(">h", _GROUP_VALUE_VERSION),
+        _string(value.protocol_type),
+        struct.pack(">i", value.generation_id),
+        _nullable_string(value.protocol_name),
+        _nullable_string(value.leader_id),
+        struct.pack(">qi", value.current_state_timestamp_ms, len(value.members)),
+    ]
+    for m in value.members:
+        parts += [
+            _string(m.member_id),
+            _nullable_string(m.group_instance_id),
+            _string(m.client_id),
+            _string(m.client_host),
+            struct.pack(">ii", m.rebalance_timeout_ms, m.session_timeout_ms),
+            _bytes(m.subscription),
+            _bytes(m.assignment),
+        ]
+    return b"".join(parts)
+
+
+def decode_group_value(value: bytes) -> gm.StoredGroup:
+    """A GroupMetadataValue of version 0 to 3 (what Kafka wrote before flexible
+    versions); ValueError for any other, or for one cut short."""
+    try:
+        return _decode_group_value(value)
+    except struct.error as e:
+        raise ValueError(f"a group metadata value cut short: {e}") from e
+
+
+def _decode_group_value(value: bytes) -> gm.StoredGroup:
+    (version,) = struct.unpack_from(">h", value, 0)
+    if not 0 <= version <= _GROUP_VALUE_VERSION:
+        raise ValueError(f"group metadata value version {version} is not supported")
+    protocol_type, pos = _read_string(value, 2)
+    (generation,) = struct.unpack_from(">i", value, pos)
+    protocol, pos = _read_nullable_string(value, pos + 4)
+    leader, pos = _read_nullable_string(value, pos)
+    stamp = -1
+    if version >= 2:
+        (stamp,) = struct.unpack_from(">q", value, pos)
+        pos += 8
+    (count,) = struct.unpack_from(">i", value, pos)
+    pos += 4
+    members = []
+    for _ in range(max(count, 0)):
+        member_id, pos = _read_string(value, pos)
+        instance_id = None
+        if version >= 3:
+            instance_id, pos = _read_nullable_string(value, pos)
+        client_id, pos = _read_string(value, pos)
+        client_host, pos = _read_string(value, pos)
+        rebalance_timeout = -1
+        if version >= 1:
+            (rebalance_timeout,) = struct.unpack_from(">i", value, pos)
+            pos += 4
+        (session_timeout,) = struct.unpack_from(">i", value, pos)
+        subscription, pos = _read_bytes(value, pos + 4)
+        assignment, pos = _read_bytes(value, pos)
+        members.append(
+            gm.StoredMember(
+                member_id=member_id,
+                group_instance_id=instance_id,
+                client_id=client_id,
+                client_host=client_host,
+                # Version 0 had none: Kafka reads the session timeout for it.
+                rebalance_timeout_ms=session_timeout if version == 0 else rebalance_timeout,
+                session_timeout_ms=session_timeout,
+                subscription=subscription,
+                assignment=assignment,
+            )
+        )
+    return gm.StoredGroup(protocol_type, generation, protocol, leader, tuple(members), stamp)
+
+
 def _error(code: int, message: str = "") -> common_pb2.Error:
     return common_pb2.Error(code=code, message=message)
 
 
 GroupOffsets = dict[tuple[str, int], CommittedOffset]
+
+
+def replay(
+    offsets: dict[str, GroupOffsets], groups: dict[str, gm.StoredGroup], record: Record
+) -> None:
+    """Apply one record of ``__consumer_offsets`` (in log order) to the committed
+    offsets and the stored group metadata; a tombstone deletes. Records of other
+    key versions are ignored; a value that does not decode raises ValueError (or
+    struct.error), after forgetting what its key held: the log's latest word on it
+    is not understood."""
+    if record.key is None:
+        return
+    group_id = decode_group_key(record.key)
+    if group_id is not None:
+        if record.value is None:
+            groups.pop(group_id, None)
+            return
+        try:
+            groups[group_id] = decode_group_value(record.value)
+        except (ValueError, struct.error, UnicodeDecodeError):
+            groups.pop(group_id, None)
+            raise
+        return
+    key = decode_offset_key(record.key)
+    if key is None:
+        return
+    group, topic, index = key
+    if record.value is None:
+        committed = offsets.get(group)
+        if committed is not None:
+            committed.pop((topic, index), None)
+            if not committed:
+                del offsets[group]
+        return
+    offsets.setdefault(group, {})[(topic, index)] = decode_offset_value(record.value)
+
+
+def store_error(error: common_pb2.Error | None) -> gm.GroupError:
+    """What a failed group metadata append tells the members (Kafka's storeGroup)."""
+    if error is None:
+        return gm.GroupError.NONE
+    if error.code in (
+        common_pb2.UNKNOWN_TOPIC_OR_PARTITION,
+        common_pb2.NOT_ENOUGH_REPLICAS,
+        common_pb2.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    ):
+        return gm.GroupError.COORDINATOR_NOT_AVAILABLE
+    if error.code in (
+        common_pb2.NOT_COORDINATOR,
+        common_pb2.NOT_LEADER_OR_FOLLOWER,
+        common_pb2.KAFKA_STORAGE_ERROR,
+    ):
+        return gm.GroupError.NOT_COORDINATOR
+    if error.code == common_pb2.REQUEST_TIMED_OUT:
+        return gm.GroupError.REBALANCE_IN_PROGRESS
+    return gm.GroupError.UNKNOWN_SERVER_ERROR
+
+
+@dataclass(slots=True)
+class _Write:
+    """Records queued for the offsets partition, in the order they were decided; the
+    append's outcome once a thread flushed the queue."""
+
+    index: int
+    records: list[Record]
+    # The group that asked for the write and its id there; None for other writers.
+    group: ClassicGroup | None = None
+    write_id: int = 0
+    appended: threading.Event = field(default_factory=threading.Event)
+    partition: Partition | None = None
+    result: Any = None
+    error: common_pb2.Error | None = None
 
 
 class GroupCoordinator:
@@ -166,6 +372,10 @@ class GroupCoordinator:
         self._applied_at: dict[tuple[str, str, int], int] = {}
         # Group membership, for groups whose offsets partition is loaded here.
         self._groups: dict[str, ClassicGroup] = {}
+        # Group metadata writes in the order the groups asked for them (queued under
+        # the lock), appended in that order by whichever thread takes _append_lock.
+        self._append_queue: deque[_Write] = deque()
+        self._append_lock = threading.Lock()
         self._group_config = group_config or GroupConfig()
         self.offsets_retention_ms = offsets_retention_ms
         self._retention_interval_s = offsets_retention_check_interval_ms / 1000
@@ -209,6 +419,7 @@ class GroupCoordinator:
     def _load(self, index: int, token: object) -> None:
         partition = self._partition_of(OFFSETS_TOPIC, index)
         groups: dict[str, GroupOffsets] = {}
+        stored: dict[str, gm.StoredGroup] = {}
         started = time.monotonic()
         skipped = 0
         try:
@@ -216,9 +427,9 @@ class GroupCoordinator:
                 raise PartitionError("KAFKA_STORAGE_ERROR", "its log could not be opened")
             for record in self._read_all(partition):
                 try:
-                    self._replay(groups, record)
+                    replay(groups, stored, record)
                 except (ValueError, struct.error, UnicodeDecodeError):
-                    skipped += 1  # Not an offset commit this version writes: keep going.
+                    skipped += 1  # Not a record this version writes: keep going.
         except Exception as e:  # Never leave the partition "loading" forever.
             log.warning("loading offsets partition %d failed: %s", index, e)
             with self._lock:
@@ -230,10 +441,17 @@ class GroupCoordinator:
                 return  # Leadership moved on (and maybe came back) while loading.
             del self._loading[index]
             self._loaded[index] = groups
+            now = _now_ms()
+            for group_id, value in stored.items():
+                if group_id not in self._groups:
+                    self._groups[group_id] = ClassicGroup.loaded(
+                        group_id, value, now, self._group_config
+                    )
         log.info(
-            "coordinator for offsets partition %d: %d groups loaded in %.0f ms%s",
+            "coordinator for offsets partition %d: %d groups (%d with members) loaded in %.0f ms%s",
             index,
-            len(groups),
+            len(set(groups) | set(stored)),
+            sum(bool(v.members) for v in stored.values()),
             (time.monotonic() - started) * 1000,
             f" ({skipped} records not understood, skipped)" if skipped else "",
         )
@@ -252,23 +470,6 @@ class GroupCoordinator:
                 offset = header.next_offset
             if offset == before:
                 raise ValueError(f"no whole batch at offset {offset}")
-
-    @staticmethod
-    def _replay(groups: dict[str, GroupOffsets], record: Record) -> None:
-        if record.key is None:
-            return
-        key = decode_offset_key(record.key)
-        if key is None:
-            return
-        group, topic, index = key
-        if record.value is None:
-            offsets = groups.get(group)
-            if offsets is not None:
-                offsets.pop((topic, index), None)
-                if not offsets:
-                    del groups[group]
-            return
-        groups.setdefault(group, {})[(topic, index)] = decode_offset_value(record.value)
 
     # ------------------------------------------------------------------ find
 
@@ -445,17 +646,97 @@ class GroupCoordinator:
     def _append(self, index: int, records: list[Record]) -> tuple[common_pb2.Error | None, int]:
         """Append the records to the offsets partition and wait for every in-sync
         replica; (error or None, the offset of the last record)."""
-        partition = self._partition_of(OFFSETS_TOPIC, index)
-        if partition is None:
-            return _error(common_pb2.NOT_COORDINATOR, f"{OFFSETS_TOPIC}-{index} is not here"), -1
+        write = _Write(index, records)
+        self._append_now(write)
+        error = self._await_write(write)
+        return error, -1 if write.result is None else write.result.last_offset
+
+    def _append_now(self, write: _Write) -> None:
+        """Append, without waiting for replication; the outcome goes into ``write``."""
         try:
-            result = partition.append_as_leader(encode_batch(records), acks=-1, internal=True)
+            partition = self._partition_of(OFFSETS_TOPIC, write.index)
+            if partition is None:
+                write.error = _error(
+                    common_pb2.NOT_COORDINATOR, f"{OFFSETS_TOPIC}-{write.index} is not here"
+                )
+                return
+            write.partition = partition
+            write.result = partition.append_as_leader(
+                encode_batch(write.records), acks=-1, internal=True
+            )
         except PartitionError as e:
             code = common_pb2.ErrorCode.Value(e.code)
             if code == common_pb2.NOT_LEADER_OR_FOLLOWER:
                 code = common_pb2.NOT_COORDINATOR
-            return _error(code, e.message), -1
-        return self._await(partition, result), result.last_offset
+            write.error = _error(code, e.message)
+        except Exception as e:  # Whatever it is, the writer is answered.
+            log.exception("appending to %s-%d failed", OFFSETS_TOPIC, write.index)
+            write.error = _error(common_pb2.UNKNOWN_SERVER_ERROR, str(e))
+        finally:
+            write.appended.set()
+
+    def _await_write(self, write: _Write) -> common_pb2.Error | None:
+        """Wait for a queued or appended write to reach every in-sync replica."""
+        write.appended.wait()
+        if write.error is not None or write.partition is None:
+            return write.error
+        return self._await(write.partition, write.result)
+
+    # ------------------------------------------------------------------ group metadata writes
+
+    def _enqueue(self, write: _Write) -> _Write:
+        """Queue a write (under the lock: the queue's order is the order of decisions)."""
+        self._append_queue.append(write)
+        return write
+
+    def _queue_writes(self, group_id: str, group: ClassicGroup) -> list[_Write]:
+        """Queue what the group asked to write, under the lock, right after the call
+        that asked for it."""
+        writes = group.take_writes()
+        if not writes:
+            return []
+        index = self._index_of(group_id)
+        now = int(time.time() * 1000)
+        queued = []
+        for write in writes:
+            value = None
+            if write.group is not None:
+                stored = replace(write.group, current_state_timestamp_ms=now)
+                value = encode_group_value(stored)
+            record = Record(encode_group_key(group_id), value, (), now)
+            queued.append(self._enqueue(_Write(index, [record], group, write.write_id)))
+        return queued
+
+    def _flush_appends(self) -> None:
+        """Append every queued write, in queue order. A write queued before this call
+        is appended when it returns (by this thread or by one that flushed first)."""
+        with self._append_lock:
+            while self._append_queue:
+                self._append_now(self._append_queue.popleft())
+
+    def _start_writes(self, writes: list[_Write]) -> None:
+        """Append the queued writes and report their outcome to their groups, on a
+        thread of their own (a write waits for every in-sync replica)."""
+        if writes:
+            threading.Thread(
+                target=self._complete_writes, args=(writes,), name="group-store", daemon=True
+            ).start()
+
+    def _complete_writes(self, writes: list[_Write]) -> None:
+        self._flush_appends()
+        for write in writes:
+            error = self._await_write(write)
+            group_id = write.group.group_id if write.group is not None else "?"
+            if error is not None:
+                log.warning("storing the metadata of group %s failed: %s", group_id, error.message)
+            with self._lock:
+                group = self._groups.get(group_id)
+                if group is None or group is not write.group:
+                    continue  # Unloaded (or deleted) meanwhile: nobody waits for it here.
+                replies = group.stored(write.write_id, store_error(error), _now_ms())
+                more = self._queue_writes(group_id, group)
+            _deliver(replies)
+            self._start_writes(more)
 
     @staticmethod
     def _await(partition: Partition, result: Any) -> common_pb2.Error | None:
@@ -544,7 +825,9 @@ class GroupCoordinator:
             if group is None:
                 return None, refusal
             replies = call(group, pending)
+            writes = self._queue_writes(group_id, group)
         _deliver(replies)
+        self._start_writes(writes)
         response = pending.wait(timeout_s)
         if response is None:
             return None, _error(common_pb2.REQUEST_TIMED_OUT, "the group did not answer in time")
@@ -657,12 +940,17 @@ class GroupCoordinator:
             self._next_retention_check = time.monotonic() + self._retention_interval_s
             self.expire_offsets(int(time.time() * 1000))
         now = _now_ms()
+        writes: list[_Write] = []
         with self._lock:
-            replies = [r for group in self._groups.values() for r in group.tick(now)]
+            replies = []
+            for group_id, group in self._groups.items():
+                replies += group.tick(now)
+                writes += self._queue_writes(group_id, group)
             dead = [g for g, group in self._groups.items() if group.state is gm.GroupState.DEAD]
             for group_id in dead:
                 del self._groups[group_id]
         _deliver(replies)
+        self._start_writes(writes)
 
     def list_groups(self) -> broker_pb2.ListGroupsResponse:
         with self._lock:
@@ -680,8 +968,8 @@ class GroupCoordinator:
     def delete_groups(
         self, request: broker_pb2.DeleteGroupsRequest
     ) -> broker_pb2.DeleteGroupsResponse:
-        """Delete groups' committed offsets (tombstones); a group without members only,
-        which every group is until membership is served."""
+        """Delete groups without members: their committed offsets and their metadata
+        (tombstones, Kafka's DeleteGroups)."""
         response = broker_pb2.DeleteGroupsResponse()
         for group_id in request.group_ids:
             result = response.results.add(group_id=group_id)
@@ -689,30 +977,36 @@ class GroupCoordinator:
             if refusal is not None:
                 result.error.CopyFrom(refusal)
                 continue
+            now = int(time.time() * 1000)
+            write = None
             with self._lock:
                 group = self._groups.get(group_id)
                 deleted = group.delete() if group is not None else gm.GroupError.NONE
                 if deleted is gm.GroupError.NONE and group is not None:
                     del self._groups[group_id]
+                offsets = list(self._loaded.get(index, {}).get(group_id, {}))
+                if deleted is not gm.GroupError.NON_EMPTY_GROUP:
+                    tombstones = [
+                        Record(encode_offset_key(group_id, topic, part), None, (), now)
+                        for topic, part in offsets
+                    ]
+                    if group is not None:  # Its metadata too, queued after what it wrote.
+                        tombstones.append(Record(encode_group_key(group_id), None, (), now))
+                    if tombstones:
+                        write = self._enqueue(_Write(index, tombstones))
             if deleted is gm.GroupError.NON_EMPTY_GROUP:
                 result.error.CopyFrom(
                     _error(common_pb2.NON_EMPTY_GROUP, f"group {group_id!r} has members")
                 )
                 continue
-            with self._lock:
-                offsets = list(self._loaded.get(index, {}).get(group_id, {}))
-            if not offsets:
+            if write is None:
                 if group is None:
                     result.error.CopyFrom(
                         _error(common_pb2.GROUP_ID_NOT_FOUND, f"group {group_id!r} does not exist")
                     )
                 continue
-            now = int(time.time() * 1000)
-            tombstones = [
-                Record(encode_offset_key(group_id, topic, part), None, (), now)
-                for topic, part in offsets
-            ]
-            error, _ = self._append(index, tombstones)
+            self._flush_appends()
+            error = self._await_write(write)
             if error is not None:
                 result.error.CopyFrom(error)
                 continue

@@ -46,7 +46,9 @@ called for ``max_poll_interval_ms`` the thread leaves the group (LeaveGroup; a s
 member sends none and is only forgotten when its session expires), as Kafka's does, and
 the next ``poll`` loses the partitions and joins again. A coordinator that moved or is
 loading (NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS) or
-unreachable is found again and the request retried after ``retry_backoff_ms``.
+unreachable is found again and the request retried after ``retry_backoff_ms``; a
+heartbeat goes on with the same member id and generation, without rejoining: the new
+coordinator loads the group's members and generation from ``__consumer_offsets``.
 
 Other rejoins: the subscription changed (``subscribe`` again, or a pattern now matches
 other topics: all topic names are listed every ``metadata_max_age_ms``), or, on the

@@ -14,7 +14,9 @@ OffsetCommit and OffsetFetch; the others answer NOT_COORDINATOR. Membership is t
 state machine, ``broker.group.ClassicGroup``: a JoinGroup or SyncGroup it parks blocks
 its server thread until the group replies to it, and a ticker thread fires the group's
 deadlines. Its clock is the monotonic clock plus an offset a test may advance
-(``advance_clock``) to expire sessions and rebalances at once.
+(``advance_clock``) to expire sessions and rebalances at once. What a group asks to
+store in ``__consumer_offsets`` is stored at once (``stored_groups``, the latest per
+group), and a coordinator that takes over (``move_coordinator``) loads it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from broker.group import (
     ClassicGroup,
     GroupConfig,
     GroupDescription,
+    GroupError,
     Reply,
     wire,
 )
+from broker.group.messages import StoredGroup
 from broker.record_batch import (
     InvalidBatchError,
     decode_records,
@@ -86,6 +90,8 @@ class FakeCluster:
         self.coordinator_id = self.broker_ids[0]
         self.group_config = group_config
         self.groups: dict[str, ClassicGroup] = {}
+        # The group metadata a coordinator would find in __consumer_offsets.
+        self.stored_groups: dict[str, StoredGroup] = {}
         # group id -> (topic, partition) -> (offset, leader epoch, metadata)
         self.committed: dict[str, dict[tuple[str, int], tuple[int, int, str]]] = {}
         self.clock_offset_ms = 0
@@ -176,15 +182,23 @@ class FakeCluster:
             self.clock_offset_ms += ms
             self._tick_groups()
 
-    def move_coordinator(self, broker_id: int) -> None:
+    def move_coordinator(self, broker_id: int, *, keep_membership: bool = True) -> None:
         """Make ``broker_id`` the coordinator of every group. The old one unloads them
-        (parked requests get NOT_COORDINATOR) and the new one starts them empty, as a
-        coordinator that lost the group metadata does; committed offsets stay."""
+        (parked requests get NOT_COORDINATOR) and the new one loads what they stored, as
+        the real coordinator does; with ``keep_membership`` False it starts them empty,
+        as if the group metadata were lost. Committed offsets stay."""
         with self._lock:
             self.coordinator_id = broker_id
             for group in self.groups.values():
                 self._deliver(group.unload())
             self.groups.clear()
+            if not keep_membership:
+                self.stored_groups.clear()
+            now = self._now_ms()
+            for group_id, stored in self.stored_groups.items():
+                self.groups[group_id] = ClassicGroup.loaded(
+                    group_id, stored, now, self.group_config
+                )
 
     # -- what a test reads -------------------------------------------------
 
@@ -233,12 +247,22 @@ class FakeCluster:
             waiter.response = reply.response
             waiter.event.set()
 
+    def _settle(self, group: ClassicGroup, replies: list[Reply]) -> None:
+        """Deliver the replies and store what the group asked to (at once, always OK)."""
+        self._deliver(replies)
+        for write in group.take_writes():
+            if write.group is None:
+                self.stored_groups.pop(group.group_id, None)
+            else:
+                self.stored_groups[group.group_id] = write.group
+            self._settle(group, group.stored(write.write_id, GroupError.NONE, self._now_ms()))
+
     def _tick_groups(self) -> None:
         now = self._now_ms()
         for group in self.groups.values():
             deadline = group.next_deadline_ms()
             if deadline is not None and deadline <= now:
-                self._deliver(group.tick(now))
+                self._settle(group, group.tick(now))
 
     def _tick_loop(self) -> None:
         with self._lock:
@@ -506,7 +530,8 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
             if cluster._stopped:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
             cluster._waiters.add(waiter)
-            cluster._deliver(operation(cluster._group(group_id), cluster._now_ms(), waiter))
+            group = cluster._group(group_id)
+            cluster._settle(group, operation(group, cluster._now_ms(), waiter))
         context.add_callback(waiter.event.set)  # The client gave up: stop waiting.
         waiter.event.wait(context.time_remaining() or 60)
         with cluster._lock:

@@ -274,10 +274,42 @@ def test_a_commit_from_an_old_generation_fails_and_the_member_rejoins(cluster, m
     assert len(cluster.calls("LeaveGroup")) == 0  # Static members do not leave.
 
 
-def test_a_coordinator_that_moves_is_found_again(cluster, members):
+def test_a_member_carries_on_in_its_generation_when_the_coordinator_moves(cluster, members):
+    a, b = members("a"), members("b")
+    poll_until([a, b], lambda: split([a, b], 3, 3)() and stable(cluster)())
+    generation = cluster.describe_group("g").generation_id
+    joins = len(cluster.calls("JoinGroup"))
+    heartbeats_before = len(cluster.calls("Heartbeat"))
+    cluster.move_coordinator(2)  # It loads the stored group: same generation, same members.
+    # The old coordinator answers NOT_COORDINATOR; both members find the new one and
+    # heartbeat there with their member id and generation, without rejoining.
+    poll_until(
+        [a, b],
+        lambda: (
+            {
+                (r.member_id, r.generation_id)
+                for broker, r in cluster.calls("Heartbeat")[heartbeats_before:]
+                if broker == 2
+            }
+            == {(m.consumer.group_metadata().member_id, generation) for m in (a, b)}
+        ),
+    )
+    assert len(cluster.calls("JoinGroup")) == joins
+    assert cluster.describe_group("g").generation_id == generation
+    assert [m.consumer.group_metadata().generation_id for m in (a, b)] == [generation] * 2
+    assert not a.calls("lost") and not b.calls("lost") and split([a, b], 3, 3)()
+    # Their commits carry that generation and the new coordinator takes them.
+    fill(cluster, "t", 6, 1)
+    poll_until([a, b], lambda: len(a.records) + len(b.records) == 6)
+    a.consumer.commit()
+    broker, commit = cluster.calls("OffsetCommit")[-1]
+    assert (broker, commit.generation_id) == (2, generation)
+
+
+def test_a_coordinator_that_lost_the_group_is_found_again_and_joined(cluster, members):
     a = members("a", strict=False)
     poll_until([a], lambda: a.owns() == tps("t", *range(6)))
-    cluster.move_coordinator(2)
+    cluster.move_coordinator(2, keep_membership=False)
     # The new coordinator does not know the member: it loses its partitions and joins.
     poll_until([a], lambda: bool(a.calls("lost")) and a.owns() == tps("t", *range(6)))
     assert cluster.describe_group("g").state is GroupState.STABLE

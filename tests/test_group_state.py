@@ -29,7 +29,7 @@ from broker.group import (
     SyncGroupRequest,
     SyncGroupResponse,
 )
-from broker.group.messages import GroupResponse
+from broker.group.messages import GroupResponse, GroupWrite, StoredGroup
 
 E = GroupError
 S = GroupState
@@ -39,7 +39,11 @@ RANGE = (("range", b"subscription: orders"),)
 
 
 class Harness:
-    """One group, a clock, and every answer it gave, by request token."""
+    """One group, a clock, and every answer it gave, by request token.
+
+    The group's writes to ``__consumer_offsets`` are kept in ``writes`` and stored at
+    once, unless ``hold_writes`` is set: then they wait in ``held`` for ``store``.
+    """
 
     def __init__(self, **config: int) -> None:
         config.setdefault("initial_rebalance_delay_ms", 0)
@@ -48,11 +52,26 @@ class Harness:
         self.now = 0
         self.answers: dict[str, GroupResponse] = {}
         self._tokens = itertools.count(1)
+        self.writes: list[GroupWrite] = []
+        self.hold_writes = False
+        self.held: list[GroupWrite] = []
 
     def _collect(self, replies) -> None:
         for reply in replies:
             assert reply.reply_to not in self.answers, f"{reply.reply_to} answered twice"
             self.answers[reply.reply_to] = reply.response
+        for write in self.group.take_writes():
+            self.writes.append(write)
+            if self.hold_writes:
+                self.held.append(write)
+            else:
+                self._collect(self.group.stored(write.write_id, E.NONE, self.now))
+
+    def store(self, error: GroupError = GroupError.NONE) -> None:
+        """The held writes are stored (or fail with ``error``), in order."""
+        held, self.held = self.held, []
+        for write in held:
+            self._collect(self.group.stored(write.write_id, error, self.now))
 
     def join(
         self,
@@ -583,6 +602,185 @@ def test_heartbeat_answers(generation, member, instance, expected):
     assert h.heartbeat(member, generation, instance) is expected
 
 
+# ---- stored group metadata: writes, their outcome, and a group loaded by a new coordinator
+
+
+def test_the_generation_is_stored_before_any_member_gets_its_assignment():
+    h = Harness()
+    h.hold_writes = True
+    c1, c2 = h.joined_group("c1", "c2")
+    s2 = h.sync(c2)
+    s1 = h.sync(c1, assignments={c1: b"p0", c2: b"p1", "stranger": b"x"})
+    # Kafka's doSyncGroup: the group stays CompletingRebalance until the write is stored.
+    assert h.parked(s1, s2) and h.group.state is S.COMPLETING_REBALANCE
+    (write,) = h.held
+    stored = write.group
+    assert stored is not None
+    assert (stored.protocol_type, stored.generation_id, stored.protocol_name) == (
+        "consumer",
+        1,
+        "range",
+    )
+    assert stored.leader_id == c1
+    assert [(m.member_id, m.client_id, m.subscription, m.assignment) for m in stored.members] == [
+        (c1, "c1", b"subscription: orders", b"p0"),
+        (c2, "c2", b"subscription: orders", b"p1"),
+    ]
+    assert [(m.session_timeout_ms, m.rebalance_timeout_ms) for m in stored.members] == [
+        (SESSION_MS, REBALANCE_MS)
+    ] * 2
+    # The leader sending its SyncGroup again does not write again.
+    s1_again = h.sync(c1, assignments={c1: b"p0", c2: b"p1"})
+    assert h.sync_answer(s1).error is E.REBALANCE_IN_PROGRESS and h.parked(s1_again)
+    assert len(h.held) == 1
+    assert h.heartbeat(c1) is E.NONE  # members waiting for the write keep their session
+    assert h.group.commit_allowed(c2, 1, h.now) is E.REBALANCE_IN_PROGRESS
+    h.store()
+    assert h.group.state is S.STABLE
+    assert [h.sync_answer(t).assignment for t in (s1_again, s2)] == [b"p0", b"p1"]
+
+
+def test_a_failed_write_sends_its_error_to_every_waiting_sync_and_the_group_rebalances():
+    h = Harness()
+    h.hold_writes = True
+    c1, c2 = h.joined_group("c1", "c2")
+    s2 = h.sync(c2)
+    s1 = h.sync(c1, assignments={c1: b"p0", c2: b"p1"})
+    h.advance(1_000)
+    h.store(E.NOT_COORDINATOR)
+    assert [h.sync_answer(t).error for t in (s1, s2)] == [E.NOT_COORDINATOR] * 2
+    assert h.show() == "PreparingRebalance gen=1 leader=c1-1 members=['c1-1', 'c2-2']"
+    assert [m.assignment for m in h.group.describe().members] == [b"", b""]
+    assert h.heartbeat(c1) is E.REBALANCE_IN_PROGRESS
+    # The members rejoin (as the client does after NOT_COORDINATOR) and the next write works.
+    h.hold_writes = False
+    joins = {m: h.join(m, client=m[:2]) for m in (c1, c2)}
+    h.complete_sync(joins)
+    assert h.show() == "Stable gen=2 leader=c1-1 members=['c1-1', 'c2-2']"
+    assert [w.group.generation_id for w in h.writes if w.group] == [1, 2]
+
+
+def test_a_write_that_the_group_moved_past_is_ignored():
+    h = Harness()
+    h.hold_writes = True
+    c1, c2 = h.joined_group("c1", "c2")
+    s1 = h.sync(c1, assignments={c1: b"p0", c2: b"p1"})
+    h.new_member("c3")  # a rebalance starts while the write is in flight
+    assert h.sync_answer(s1).error is E.REBALANCE_IN_PROGRESS
+    h.store()
+    assert h.group.state is S.PREPARING_REBALANCE
+
+
+def test_a_group_that_becomes_empty_writes_a_tombstone():
+    h = Harness()
+    (c1,) = h.stable_group("c1")
+    assert [w.group is None for w in h.writes] == [False]
+    h.leave(c1)
+    assert h.group.state is S.EMPTY
+    assert [w.group is None for w in h.writes] == [False, True]
+    # A group that never stored anything has nothing to delete.
+    h = Harness()
+    h.leave(h.join_answer(h.join()).member_id)  # a pending member leaves
+    h.join("c-9")
+    assert h.writes == []
+
+
+def _loaded(h: Harness) -> Harness:
+    """A new coordinator's view of ``h``'s group: loaded from its last write, at a
+    later time of its own."""
+    stored = h.writes[-1].group
+    assert stored is not None
+    later = Harness()
+    later.now = h.now + 123_456
+    later.group = ClassicGroup.loaded("orders-app", stored, later.now, GroupConfig())
+    return later
+
+
+def test_a_loaded_group_carries_on_in_its_generation_with_its_members():
+    h = Harness()
+    c1, static_id = h.group_with_static_member()
+    before = h.group.describe()
+    loaded = _loaded(h)
+    g = loaded.group
+    assert loaded.show() == f"Stable gen=2 leader=c1-1 members=['c1-1', '{static_id}']"
+    after = g.describe()
+    assert [
+        (m.member_id, m.group_instance_id, m.assignment, m.metadata) for m in after.members
+    ] == [(m.member_id, m.group_instance_id, m.assignment, m.metadata) for m in before.members]
+    assert (after.protocol_type, after.protocol_name) == ("consumer", "range")
+    # Heartbeats and commits with the stored generation are accepted; older ones are not.
+    assert loaded.heartbeat(c1, 2) is E.NONE
+    assert loaded.heartbeat(static_id, 2, "i1") is E.NONE
+    assert g.commit_allowed(c1, 2, loaded.now) is None
+    assert g.commit_allowed(static_id, 2, loaded.now, "i1") is None
+    assert g.commit_allowed(c1, 1, loaded.now) is E.ILLEGAL_GENERATION
+    assert loaded.heartbeat("c9-9", 2) is E.UNKNOWN_MEMBER_ID
+    # The static member's instance id still names it: another member id is fenced.
+    assert loaded.heartbeat("i1-old", 2, "i1") is E.FENCED_INSTANCE_ID
+    # A member that lost its SyncGroup answer gets its assignment again.
+    assert loaded.sync_answer(loaded.sync(static_id, 2, instance="i1")).assignment == (
+        static_id.encode()
+    )
+    assert g.state is S.STABLE and g.generation_id == 2
+
+
+def test_members_missing_after_the_load_expire_after_their_session_and_it_rebalances():
+    h = Harness()
+    c1, c2, c3 = h.stable_group("c1", "c2", "c3")
+    loaded = _loaded(h)
+    assert loaded.group.next_deadline_ms() == loaded.now + SESSION_MS  # fresh sessions
+    for _ in range(3):  # c1 and c2 heartbeat to the new coordinator; c3 is gone
+        loaded.advance(SESSION_MS // 3)
+        assert loaded.group.state is S.STABLE
+        assert loaded.heartbeat(c1) is E.NONE and loaded.heartbeat(c2) is E.NONE
+    loaded.advance(1)
+    assert loaded.show() == "PreparingRebalance gen=1 leader=c1-1 members=['c1-1', 'c2-2']"
+    assert loaded.heartbeat(c1) is E.REBALANCE_IN_PROGRESS
+    # The survivors rejoin: the loaded members support the stored protocol only, so
+    # the group agrees on it again.
+    joins = {m: loaded.join(m, client=m[:2]) for m in (c1, c2)}
+    assert loaded.show() == "CompletingRebalance gen=2 leader=c1-1 members=['c1-1', 'c2-2']"
+    loaded.complete_sync(joins)
+    assert loaded.group.state is S.STABLE and loaded.writes[-1].group is not None
+
+
+def test_a_loaded_group_without_members_is_empty_in_its_generation():
+    stored = StoredGroup("consumer", 7, None, None, ())
+    group = ClassicGroup.loaded("orders-app", stored, 0)
+    assert (group.state, group.generation_id, group.member_ids) == (S.EMPTY, 7, ())
+    assert group.commit_allowed("", -1, 0) is None
+
+
+def test_a_restarted_static_member_is_answered_once_its_new_member_id_is_stored():
+    h = Harness()
+    c1, old_id = h.group_with_static_member()
+    h.hold_writes = True
+    js = h.join(client="app", instance="i1")
+    assert h.parked(js)
+    (write,) = h.held
+    assert write.group is not None
+    assert [m.member_id for m in write.group.members] == [c1, "i1-3"]
+    assert [m.assignment for m in write.group.members] == [c1.encode(), old_id.encode()]
+    h.store()
+    restarted = h.join_answer(js)
+    assert (restarted.error, restarted.member_id, restarted.leader_id) == (E.NONE, "i1-3", c1)
+
+
+def test_a_static_member_whose_new_member_id_was_not_stored_is_reverted():
+    h = Harness()
+    c1, old_id = h.group_with_static_member()
+    h.hold_writes = True
+    js = h.join(client="app", instance="i1")
+    assert h.heartbeat(old_id, instance="i1") is E.FENCED_INSTANCE_ID  # replaced meanwhile
+    h.store(E.COORDINATOR_NOT_AVAILABLE)
+    answer = h.join_answer(js)
+    assert (answer.error, answer.member_id) == (E.COORDINATOR_NOT_AVAILABLE, "")
+    # Kafka's revert: the old member id is the member again, with its assignment.
+    assert h.show() == f"Stable gen=2 leader=c1-1 members=['c1-1', '{old_id}']"
+    assert h.heartbeat(old_id, instance="i1") is E.NONE
+    assert h.heartbeat("i1-3", instance="i1") is E.FENCED_INSTANCE_ID
+
+
 # ---- simulation: Kafka-like consumers, crashes, restarts; invariants after every step
 
 
@@ -604,6 +802,7 @@ class Simulation:
     def __init__(self, seed: int, consumers: int) -> None:
         self.rng = random.Random(seed)
         self.h = Harness(initial_rebalance_delay_ms=3_000)
+        self.h.hold_writes = True  # stored (or failed) when the simulation says
         self.consumers = [
             Consumer(f"c{i}", f"i{i}" if self.rng.random() < 0.4 else None)
             for i in range(consumers)
@@ -659,8 +858,8 @@ class Simulation:
         if error in (E.UNKNOWN_MEMBER_ID, E.ILLEGAL_GENERATION):
             c.member_id = "" if error is E.UNKNOWN_MEMBER_ID else c.member_id
             c.phase, c.assignment = "idle", None
-        elif error is E.REBALANCE_IN_PROGRESS:
-            c.phase = "idle"
+        elif error in (E.REBALANCE_IN_PROGRESS, E.NOT_COORDINATOR, E.COORDINATOR_NOT_AVAILABLE):
+            c.phase = "idle"  # rejoin (after finding the coordinator again)
         elif error is E.FENCED_INSTANCE_ID:
             c.phase = "dead"
         else:
@@ -695,6 +894,8 @@ class Simulation:
         assert deadline is None or deadline > self.h.now
 
     def step(self) -> None:
+        if self.h.held and self.rng.random() < 0.5:
+            self.h.store(E.NONE if self.rng.random() < 0.8 else E.NOT_COORDINATOR)
         if self.rng.random() < 0.1:
             self.fault()
         else:
@@ -714,6 +915,7 @@ class Simulation:
         for _ in range(200):
             for c in self.consumers:
                 self.act(c)
+            self.h.store()
             self.deliver()
             self.h.advance(1_000)
             self.deliver()

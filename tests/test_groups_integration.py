@@ -420,6 +420,123 @@ def test_the_group_carries_on_when_its_coordinator_is_killed(cluster, admin):
             member.close()
 
 
+def test_the_group_keeps_its_generation_when_its_coordinator_is_killed(cluster, admin):
+    """Kafka's group metadata in __consumer_offsets: the new coordinator loads the
+    members and their generation, the members heartbeat there with the same member id
+    and generation, and nobody rejoins."""
+    import threading
+
+    topic, group, session_ms = "keep-generation", "keepers", 4000
+    admin.create_topic(topic, 4, 3, {"min.insync.replicas": "2"})
+    servers = brokers(admin)
+    events: list[tuple[int, str, frozenset[TopicPartition]]] = []
+
+    def listener(i: int) -> dict:
+        def record(kind: str):
+            return lambda partitions: events.append((i, kind, frozenset(partitions)))
+
+        return {
+            "on_partitions_assigned": record("assigned"),
+            "on_partitions_revoked": record("revoked"),
+            "on_partitions_lost": record("lost"),
+        }
+
+    members = [
+        Consumer(
+            servers,
+            group_id=group,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=300,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        for _ in range(2)
+    ]
+    for i, member in enumerate(members):
+        member.subscribe([topic], **listener(i))
+    stop = threading.Event()
+    lock = threading.Lock()  # A consumer is used by one thread at a time.
+
+    def poll_forever() -> None:
+        while not stop.is_set():
+            with lock:
+                for member in members:
+                    member.poll(50)
+
+    poller = threading.Thread(target=poll_forever, daemon=True)
+    poller.start()
+    index = partition_for(group, OFFSETS_PARTITIONS)
+    try:
+
+        def described(broker_id: int) -> broker_pb2.DescribedGroup:
+            return (
+                stub(cluster, broker_id)
+                .DescribeGroups(broker_pb2.DescribeGroupsRequest(group_ids=[group]), timeout=5)
+                .groups[0]
+            )
+
+        def coordinator_of_group() -> int:
+            return admin.describe_topic(OFFSETS_TOPIC).partitions[index].leader
+
+        def stable_with_both() -> bool:
+            with lock:
+                owned = [m.assignment() for m in members]
+            d = described(coordinator_of_group())
+            return d.state == "Stable" and len(d.members) == 2 and list(map(len, owned)) == [2, 2]
+
+        wait_until("two members sharing four partitions", stable_with_both, timeout_s=60)
+        coordinator = coordinator_of_group()
+        with lock:
+            before = [m.group_metadata() for m in members]
+            owned = [m.assignment() for m in members]
+        generation = before[0].generation_id
+        assert generation >= 1 and {b.generation_id for b in before} == {generation}
+        assert described(coordinator).generation_id == generation
+        events_before = len(events)
+
+        cluster.kill(coordinator)  # kill -9
+        killed_at = time.monotonic()
+
+        def loaded_elsewhere() -> tuple[int] | None:
+            new = coordinator_of_group()
+            if new in (coordinator, -1):
+                return None
+            d = described(new)
+            return (new,) if d.error.code == 0 and d.state == "Stable" else None
+
+        found = wait_until("the group loaded at a new coordinator", loaded_elsewhere, 30)
+        assert isinstance(found, tuple)
+        (new_coordinator,) = found
+        print(f"group loaded at broker {new_coordinator} {time.monotonic() - killed_at:.2f} s")
+        loaded = described(new_coordinator)
+        assert loaded.generation_id == generation
+        assert sorted(m.member_id for m in loaded.members) == sorted(b.member_id for b in before)
+        # The sessions started at the load: a member that did not heartbeat to the new
+        # coordinator would expire within a session timeout and make the group rebalance.
+        # Watch for longer than that: the generation holds.
+        watch_until = time.monotonic() + 1.5 * session_ms / 1000
+        while time.monotonic() < watch_until:
+            d = described(new_coordinator)
+            assert (d.state, d.generation_id, len(d.members)) == ("Stable", generation, 2), d
+            time.sleep(0.1)
+        with lock:
+            after = [m.group_metadata() for m in members]
+            assert [m.assignment() for m in members] == owned
+            # Commits carry the generation and the new coordinator takes them.
+            for member, partitions in zip(members, owned, strict=True):
+                member.commit({tp: 1 for tp in partitions})
+            committed = {tp: members[0].committed(tp) for tp in owned[0] | owned[1]}
+        assert after == before  # same member ids, same generation
+        assert set(committed.values()) == {1}
+        assert events[events_before:] == []  # nothing revoked, lost or assigned again
+        assert described(new_coordinator).generation_id == generation
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+        for member in members:
+            member.close()
+
+
 _PROCESSING_MEMBER = """
 import sys
 from client import Consumer

@@ -2,9 +2,11 @@
 
 ``ClassicGroup`` (state.py) is one group under Kafka's classic protocol
 (JoinGroup, SyncGroup, Heartbeat, LeaveGroup, offset commit validation), with
-no sockets, threads or clock. ``assignors`` holds the strategies a group
-leader uses to assign partitions (range, roundrobin, sticky,
-cooperative-sticky). The network layer and ``__consumer_offsets`` sit on top.
+no sockets, threads or clock; it asks its caller to store its metadata
+(``GroupWrite``, ``StoredGroup``) and can be rebuilt from it
+(``ClassicGroup.loaded``). ``assignors`` holds the strategies a group leader
+uses to assign partitions (range, roundrobin, sticky, cooperative-sticky). The
+network layer and ``__consumer_offsets`` sit on top.
 """
 
 from broker.group.assignors import (
@@ -26,6 +28,7 @@ from broker.group.messages import (
     GroupDescription,
     GroupError,
     GroupState,
+    GroupWrite,
     HeartbeatRequest,
     HeartbeatResponse,
     JoinGroupMember,
@@ -37,6 +40,8 @@ from broker.group.messages import (
     MemberIdentity,
     MemberLeaveResult,
     Reply,
+    StoredGroup,
+    StoredMember,
     SyncGroupRequest,
     SyncGroupResponse,
 )
@@ -55,6 +60,7 @@ __all__ = [
     "GroupDescription",
     "GroupError",
     "GroupState",
+    "GroupWrite",
     "HeartbeatRequest",
     "HeartbeatResponse",
     "JoinGroupMember",
@@ -67,6 +73,8 @@ __all__ = [
     "MemberLeaveResult",
     "RebalanceProtocol",
     "Reply",
+    "StoredGroup",
+    "StoredMember",
     "Subscription",
     "SyncGroupRequest",
     "SyncGroupResponse",

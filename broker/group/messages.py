@@ -36,6 +36,8 @@ class GroupError(StrEnum):
     NOT_COORDINATOR = "NOT_COORDINATOR"
     NON_EMPTY_GROUP = "NON_EMPTY_GROUP"
     GROUP_ID_NOT_FOUND = "GROUP_ID_NOT_FOUND"
+    # Storing the group's metadata failed in a way the client cannot act on.
+    UNKNOWN_SERVER_ERROR = "UNKNOWN_SERVER_ERROR"
 
 
 class GroupState(StrEnum):
@@ -188,3 +190,46 @@ class GroupDescription:
     generation_id: int
     leader_id: str | None
     members: tuple[MemberDescription, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMember:
+    """One member as ``__consumer_offsets`` keeps it (Kafka's GroupMetadataValue.MemberMetadata).
+
+    ``subscription`` is the member's metadata for the group's selected protocol;
+    ``assignment`` what the leader assigned it in that generation.
+    """
+
+    member_id: str
+    group_instance_id: str | None
+    client_id: str
+    client_host: str
+    rebalance_timeout_ms: int
+    session_timeout_ms: int
+    subscription: bytes
+    assignment: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGroup:
+    """A group's membership as ``__consumer_offsets`` keeps it (Kafka's GroupMetadataValue),
+    written when a generation's assignment is complete; a new coordinator loads it."""
+
+    protocol_type: str
+    generation_id: int
+    protocol_name: str | None
+    leader_id: str | None
+    members: tuple[StoredMember, ...]
+    # Wall-clock time of the write (Kafka's currentStateTimestamp); -1 when unknown.
+    current_state_timestamp_ms: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class GroupWrite:
+    """A record the group asks its caller to append to ``__consumer_offsets``: its
+    metadata, or a tombstone (``group`` None) when it no longer has any. The caller
+    reports how the append ended with ``ClassicGroup.stored(write_id, error, now_ms)``;
+    some answers wait for it."""
+
+    write_id: int
+    group: StoredGroup | None

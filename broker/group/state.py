@@ -65,9 +65,21 @@ States (Kafka's names) and how the group moves between them:
   management commits with generation -1 and no member id, and only while the
   group is Empty.
 
-Group metadata is not persisted here: the network layer may write
-``describe()`` to ``__consumer_offsets``. A coordinator that lost it starts the
-group Empty; members then get UNKNOWN_MEMBER_ID and join again.
+- Persistence (Kafka's GroupMetadataManager.storeGroup). The group does no I/O:
+  it hands its caller ``GroupWrite``s (``take_writes()``) to append to
+  ``__consumer_offsets`` and is told the outcome with ``stored()``. The
+  leader's SyncGroup writes the generation (members, subscriptions, the new
+  assignment); the group stays CompletingRebalance and every SyncGroup stays
+  parked until the write is stored, then it becomes Stable and answers them.
+  If the write fails, every parked SyncGroup gets the error (REQUEST_TIMED_OUT
+  becomes REBALANCE_IN_PROGRESS, as in Kafka) and the group rebalances. A
+  static member that replaces itself in a Stable group writes its new member id
+  too, and gets its JoinGroup answer once it is stored; if that fails, the
+  replacement is undone and the JoinGroup gets the error. A group that becomes
+  Empty writes a tombstone. ``loaded()`` rebuilds a group from what was
+  stored: Stable (Empty without members), in that generation, every member's
+  session starting at the load, so members that go on heartbeating keep their
+  generation and the others expire and make it rebalance.
 """
 
 from __future__ import annotations
@@ -83,6 +95,7 @@ from broker.group.messages import (
     GroupError,
     GroupResponse,
     GroupState,
+    GroupWrite,
     HeartbeatRequest,
     HeartbeatResponse,
     JoinGroupMember,
@@ -95,6 +108,8 @@ from broker.group.messages import (
     MemberLeaveResult,
     Protocol,
     Reply,
+    StoredGroup,
+    StoredMember,
     SyncGroupRequest,
     SyncGroupResponse,
 )
@@ -139,12 +154,34 @@ class _Member:
     heartbeat_deadline_ms: int
     is_new: bool = True
     assignment: bytes = b""
+    client_host: str = ""
     # The tokens of this member's parked JoinGroup and SyncGroup, if any.
     join_waiter: object | None = None
     sync_waiter: object | None = None
 
     def metadata(self, protocol_name: str | None) -> bytes:
         return dict(self.protocols).get(protocol_name or "", b"")
+
+
+@dataclass(frozen=True, slots=True)
+class _SyncStore:
+    """The leader's assignment of the current generation, being stored."""
+
+    assignments: Mapping[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _StaticStore:
+    """A static member's new member id in a Stable group, being stored; what to
+    restore if that fails."""
+
+    old_id: str
+    new_id: str
+    protocols: tuple[Protocol, ...]
+    session_timeout_ms: int
+    rebalance_timeout_ms: int
+    leader_before: str | None
+    reply_to: object
 
 
 @dataclass(slots=True)
@@ -181,6 +218,52 @@ class ClassicGroup:
         self._initial_delay: _InitialDelay | None = None
         self._sync_deadline_ms: int | None = None
         self._replies: list[Reply] = []
+        # Records for the caller to append, and those appended whose outcome is awaited.
+        self._writes: list[GroupWrite] = []
+        self._next_write_id = 1
+        self._in_flight: dict[int, _SyncStore | _StaticStore] = {}
+        self._sync_store: int | None = None  # The write of this generation's assignment.
+        self._stored = False  # A record of this group may be in the log (not a tombstone).
+
+    @classmethod
+    def loaded(
+        cls,
+        group_id: str,
+        stored: StoredGroup,
+        now_ms: int,
+        config: GroupConfig | None = None,
+        new_uuid: Callable[[], str] = random_uuid,
+    ) -> ClassicGroup:
+        """The group as a new coordinator finds it in ``__consumer_offsets``: Stable in the
+        stored generation (Empty if it has no members), every member's session starting
+        now. A member supports the group's protocol only, with its stored subscription
+        (as in Kafka's loadGroup)."""
+        group = cls(group_id, config, new_uuid)
+        group._generation_id = stored.generation_id
+        group._protocol_type = stored.protocol_type or None
+        group._stored = True
+        if not stored.members:
+            return group
+        group._protocol_name = stored.protocol_name
+        for m in stored.members:
+            group._members[m.member_id] = _Member(
+                member_id=m.member_id,
+                group_instance_id=m.group_instance_id,
+                client_id=m.client_id,
+                protocols=((stored.protocol_name or "", m.subscription),),
+                session_timeout_ms=m.session_timeout_ms,
+                rebalance_timeout_ms=m.rebalance_timeout_ms,
+                heartbeat_deadline_ms=now_ms + m.session_timeout_ms,
+                is_new=False,
+                assignment=m.assignment,
+                client_host=m.client_host,
+            )
+            if m.group_instance_id is not None:
+                group._static_members[m.group_instance_id] = m.member_id
+        leader = stored.leader_id
+        group._leader_id = leader if leader in group._members else next(iter(group._members))
+        group._state = S.STABLE
+        return group
 
     # ---- views
 
@@ -367,9 +450,29 @@ class ClassicGroup:
             member.join_waiter = member.sync_waiter = None
         self._pending_members.clear()
         self._join_deadline_ms = self._sync_deadline_ms = None
+        self._writes.clear()
+        self._in_flight.clear()
+        self._sync_store = None
         self._transition(S.DEAD)
         replies, self._replies = self._replies, []
         return replies
+
+    def take_writes(self) -> list[GroupWrite]:
+        """The records to append to ``__consumer_offsets``, in order; call ``stored`` for
+        each once its append is replicated or failed."""
+        writes, self._writes = self._writes, []
+        return writes
+
+    def stored(self, write_id: int, error: GroupError, now_ms: int) -> list[Reply]:
+        """A write from ``take_writes`` is stored (``error`` NONE) or failed (the error for
+        the requests that wait for it, e.g. NOT_COORDINATOR). Kafka's storeGroup callback:
+        an outcome that the group moved past (a new rebalance) is ignored."""
+        context = self._in_flight.pop(write_id, None)
+        if isinstance(context, _SyncStore) and write_id == self._sync_store:
+            self._assignment_stored(context, error, now_ms)
+        elif isinstance(context, _StaticStore):
+            self._static_member_stored(context, error, now_ms)
+        return self._finish(now_ms)
 
     # ---- joining
 
@@ -490,27 +593,73 @@ class ClassicGroup:
         if member.sync_waiter is not None:
             self._reply(member.sync_waiter, SyncGroupResponse(E.FENCED_INSTANCE_ID))
         member.join_waiter = member.sync_waiter = None
-        member.member_id = new_id
-        self._members = {(new_id if k == old_id else k): m for k, m in self._members.items()}
-        self._static_members[instance_id] = new_id
-        if self._leader_id == old_id:
-            self._leader_id = new_id
-        if old_id in self._pending_sync:
-            self._pending_sync = (self._pending_sync - {old_id}) | {new_id}
+        before = _StaticStore(
+            old_id,
+            new_id,
+            member.protocols,
+            member.session_timeout_ms,
+            member.rebalance_timeout_ms,
+            leader_before,
+            reply_to,
+        )
+        self._rename_member(old_id, new_id)
         member.heartbeat_deadline_ms = now_ms + request.session_timeout_ms
         unchanged = member.protocols == request.protocols
         self._update_member(member, request, reply_to)
         if self._state is S.STABLE and unchanged:
-            # The member keeps its assignment; the response names the leader from before the
-            # replacement so that a restarted leader does not compute an assignment that a
-            # Stable group would never hand out.
-            member.join_waiter = None
-            response = self._join_response(member)
-            self._reply(reply_to, replace(response, leader_id=leader_before or ""))
+            # The member keeps its assignment. Its new member id is stored first (a new
+            # coordinator would fence it otherwise): the JoinGroup stays parked until then.
+            write_id = self._store({m.member_id: m.assignment for m in self._members.values()})
+            self._in_flight[write_id] = before
         elif self._state is not S.PREPARING_REBALANCE:
             # New protocols, or CompletingRebalance, where the leader may be assigning
             # partitions to the old member id: rebalance.
             self._prepare_rebalance(now_ms)
+
+    def _static_member_stored(self, context: _StaticStore, error: GroupError, now_ms: int) -> None:
+        member = self._members.get(context.new_id)
+        if (
+            self._state is not S.STABLE
+            or member is None
+            or member.join_waiter is not context.reply_to
+        ):
+            return  # Answered meanwhile: a rebalance, a removal, or another restart.
+        member.join_waiter = None
+        if error is E.NONE:
+            # The response names the leader from before the replacement so that a
+            # restarted leader does not compute an assignment that a Stable group would
+            # never hand out.
+            response = self._join_response(member)
+            self._reply(context.reply_to, replace(response, leader_id=context.leader_before or ""))
+            return
+        # Kafka reverts the replacement: the old member id is the member again.
+        self._rename_member(context.new_id, context.old_id)
+        member.protocols = context.protocols
+        member.session_timeout_ms = context.session_timeout_ms
+        member.rebalance_timeout_ms = context.rebalance_timeout_ms
+        member.heartbeat_deadline_ms = now_ms + member.session_timeout_ms
+        self._reply(
+            context.reply_to,
+            JoinGroupResponse(
+                error,
+                NO_MEMBER_ID,
+                self._generation_id,
+                self._protocol_type,
+                self._protocol_name,
+                context.leader_before or "",
+            ),
+        )
+
+    def _rename_member(self, old_id: str, new_id: str) -> None:
+        member = self._members[old_id]
+        member.member_id = new_id
+        self._members = {(new_id if k == old_id else k): m for k, m in self._members.items()}
+        if member.group_instance_id is not None:
+            self._static_members[member.group_instance_id] = new_id
+        if self._leader_id == old_id:
+            self._leader_id = new_id
+        if old_id in self._pending_sync:
+            self._pending_sync = (self._pending_sync - {old_id}) | {new_id}
 
     def _update_member(self, member: _Member, request: JoinGroupRequest, reply_to: object) -> None:
         member.protocols = request.protocols
@@ -529,6 +678,7 @@ class ClassicGroup:
             self._prepare_rebalance(now_ms)
 
     def _prepare_rebalance(self, now_ms: int) -> None:
+        self._sync_store = None  # An assignment being stored will not be used.
         if self._state is S.COMPLETING_REBALANCE:
             # The leader's assignment for this generation will never be used: members
             # waiting for it must rejoin.
@@ -589,6 +739,9 @@ class ClassicGroup:
         if not self._members:
             self._protocol_name = None
             self._transition(S.EMPTY)
+            if self._stored:
+                self._stored = False
+                self._emit(None)
             return
         self._protocol_name = self._select_protocol()
         self._transition(S.COMPLETING_REBALANCE)
@@ -670,18 +823,31 @@ class ClassicGroup:
             self._reply(member.sync_waiter, SyncGroupResponse(E.REBALANCE_IN_PROGRESS))
         member.sync_waiter = reply_to
         self._synced(member.member_id)
-        if member.member_id != self._leader_id:
+        if member.member_id != self._leader_id or self._sync_store is not None:
             return
         # Members the leader left out get an empty assignment; unknown member ids are ignored.
         assignments = dict(request.assignments)
+        plan = {m: assignments.get(m, b"") for m in self._members}
+        # Kafka's doSyncGroup: store the generation, then hand the assignment out.
+        self._sync_store = self._store(plan)
+        self._in_flight[self._sync_store] = _SyncStore(plan)
+
+    def _assignment_stored(self, context: _SyncStore, error: GroupError, now_ms: int) -> None:
+        self._sync_store = None
+        ok = error is E.NONE
         for m in self._members.values():
-            m.assignment = assignments.get(m.member_id, b"")
-        self._transition(S.STABLE)
-        for m in self._members.values():
+            m.assignment = context.assignments.get(m.member_id, b"") if ok else b""
             if m.sync_waiter is not None:
-                self._reply(m.sync_waiter, self._sync_response(m))
+                self._reply(
+                    m.sync_waiter, self._sync_response(m) if ok else SyncGroupResponse(error)
+                )
                 m.sync_waiter = None
+                # It could not expire while it waited; its session starts now.
                 m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms
+        if ok:
+            self._transition(S.STABLE)
+        else:
+            self._prepare_rebalance(now_ms)
 
     def _sync_response(self, member: _Member) -> SyncGroupResponse:
         return SyncGroupResponse(
@@ -754,6 +920,38 @@ class ClassicGroup:
 
     def _rebalance_timeout_ms(self) -> int:
         return max((m.rebalance_timeout_ms for m in self._members.values()), default=0)
+
+    def _store(self, assignments: Mapping[str, bytes]) -> int:
+        """Ask for the generation, with these assignments, to be stored; the write's id."""
+        members = tuple(
+            StoredMember(
+                member_id=m.member_id,
+                group_instance_id=m.group_instance_id,
+                client_id=m.client_id,
+                client_host=m.client_host,
+                rebalance_timeout_ms=m.rebalance_timeout_ms,
+                session_timeout_ms=m.session_timeout_ms,
+                subscription=m.metadata(self._protocol_name),
+                assignment=assignments.get(m.member_id, b""),
+            )
+            for m in self._members.values()
+        )
+        self._stored = True
+        return self._emit(
+            StoredGroup(
+                protocol_type=self._protocol_type or "",
+                generation_id=self._generation_id,
+                protocol_name=self._protocol_name,
+                leader_id=self._leader_id,
+                members=members,
+            )
+        )
+
+    def _emit(self, group: StoredGroup | None) -> int:
+        write_id = self._next_write_id
+        self._next_write_id += 1
+        self._writes.append(GroupWrite(write_id, group))
+        return write_id
 
     def _transition(self, state: GroupState) -> None:
         if self._state not in VALID_PREVIOUS_STATES[state]:
