@@ -463,7 +463,8 @@ def _admin_workload(
     happen; also the probe for metadata unavailability."""
     live: dict[str, int] = {}  # Topics to operate on, with the partition count asked last.
     n = 0
-    with Admin(bootstrap, timeout_s=5) as admin:
+    # A short timeout: an operation stuck on a dead controller would blind the probe.
+    with Admin(bootstrap, timeout_s=2) as admin:
         while not stop.wait(rng.uniform(0.25, 0.5)):
             if len(live) > 12:
                 topic = min(live, key=lambda t: int(t.split("-")[1]))
