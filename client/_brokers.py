@@ -17,6 +17,7 @@ leader, so a client in trouble does not hammer the cluster.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -54,8 +55,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-# The longest one broker is given to answer Metadata before the next one is asked.
+# The longest one broker is given to answer Metadata.
 _METADATA_TRY_S = 3.0
+# A broker that has not answered Metadata within this long is not waited for alone: the
+# next one is asked too, and the first answer wins. A paused or cut-off broker (the one
+# that answered last, often) then costs this much, not _METADATA_TRY_S, and the sender
+# thread that refreshes metadata does not stall every partition behind it.
+_METADATA_HEDGE_S = 0.15
 
 
 class TopicPartition(NamedTuple):
@@ -277,20 +283,48 @@ class Cluster:
     def _ask_any(
         self, request: broker_pb2.MetadataRequest, deadline: float
     ) -> broker_pb2.MetadataResponse:
+        """The first Metadata answer: brokers are asked in turn, the next one whenever
+        the ones asked so far are silent for ``_METADATA_HEDGE_S`` or have failed."""
+        candidates = self._candidates()
+        answers: queue.SimpleQueue[tuple[str, grpc.Future]] = queue.SimpleQueue()
+        asked: list[grpc.Future] = []
+        waiting = 0
         last: RaftkaError | None = None
-        for address in self._candidates():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                # Capped per broker, so that one that hangs does not use up the deadline.
-                timeout_s = min(remaining, _METADATA_TRY_S)
-                response = self.stub(address).Metadata(request, timeout=timeout_s)
-            except grpc.RpcError as exc:
-                last = rpc_error(exc, f"Metadata from {address}")
-                continue
-            self._last_good = address
-            return response
+        next_ask = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if candidates and (now >= next_ask or not waiting):
+                    address = candidates.pop(0)
+                    # Capped per broker, so that one that hangs does not use up the deadline.
+                    call = self.stub(address).Metadata.future(
+                        request, timeout=min(deadline - now, _METADATA_TRY_S)
+                    )
+                    call.add_done_callback(lambda c, a=address: answers.put((a, c)))
+                    asked.append(call)
+                    waiting += 1
+                    next_ask = now + _METADATA_HEDGE_S
+                if not waiting:
+                    break
+                until = min(next_ask, deadline) if candidates else deadline
+                try:
+                    address, call = answers.get(timeout=max(until - time.monotonic(), 0.0))
+                except queue.Empty:
+                    continue
+                waiting -= 1
+                try:
+                    response = call.result()
+                except grpc.RpcError as exc:
+                    last = rpc_error(exc, f"Metadata from {address}")
+                    next_ask = time.monotonic()  # Ask the next one at once.
+                    continue
+                self._last_good = address
+                return response
+        finally:
+            for call in asked:
+                call.cancel()
         raise last or NetworkError("no broker answered Metadata in time")
 
     def wait_for_topic(self, topic: str, timeout_s: float) -> tuple[PartitionLeader, ...]:

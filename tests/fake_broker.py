@@ -82,6 +82,9 @@ class FakeCluster:
         self.partitions: dict[tuple[str, int], FakePartition] = {}
         self.requests: list[tuple[int, str, Any]] = []
         self.down: set[int] = set()  # Brokers that answer UNAVAILABLE.
+        # Brokers that answer nothing (as if paused) until ``released`` is set.
+        self.hung: set[int] = set()
+        self.released = threading.Event()
         # Produce requests wait here (bounded) before they are handled: clear it to hold
         # them in the broker, set it to let them through.
         self.produce_gate = threading.Event()
@@ -119,6 +122,7 @@ class FakeCluster:
 
     def stop(self) -> None:
         self.produce_gate.set()
+        self.released.set()
         with self._lock:
             self._stopped = True
             self._changed.notify_all()
@@ -299,6 +303,9 @@ class _Servicer(broker_pb2_grpc.BrokerServicer):
             cluster.requests.append((self.broker_id, method, request))
             cluster._changed.notify_all()
             down = self.broker_id in cluster.down
+            hung = self.broker_id in cluster.hung
+        if hung:
+            cluster.released.wait(10)
         if down:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"broker {self.broker_id} is down")
 

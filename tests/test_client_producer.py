@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -304,3 +305,28 @@ def test_flush_and_close_time_out_and_fail_what_was_not_delivered(cluster):
     finally:
         cluster.produce_gate.set()
         p.close(timeout=5)
+
+
+def test_a_silent_broker_does_not_hold_up_a_metadata_refresh():
+    """The broker that answered last is paused: the next one is asked after a short
+    wait, so the sender thread (which refreshes) does not stall for seconds."""
+    from client._brokers import Cluster
+
+    with FakeCluster(brokers=2) as fake:
+        fake.create_topic("t", 1, leaders=[2])
+        silent, good = fake.addresses[1], fake.addresses[2]
+        cluster = Cluster([silent, good], request_timeout_ms=10_000)
+        try:
+            cluster.add_topics(["t"])
+            cluster.update()
+            fake.hung.add(1)
+            cluster._last_good = silent  # As if broker 1 had answered last.
+            started = time.monotonic()
+            view = cluster.update()
+            took = time.monotonic() - started
+            fake.released.set()
+        finally:
+            cluster.close()
+        assert view.leader("t", 0) is not None and view.leader("t", 0).leader == 2
+        assert took < 1.0, took
+        assert cluster._last_good == good
