@@ -185,7 +185,7 @@ def _run_on(
             for _ in range(3):
                 group.start_one()
         nemesis = Nemesis(cluster, admin, TOPIC, random.Random(seed), network)
-        _nemesis(nemesis, faults, recorder, duration_s, group)
+        faults = _nemesis(nemesis, faults, recorder, duration_s, group)
         # Heal everything, then let the workload run on while the cluster converges.
         nemesis.heal_everything()
         healed_at = time.monotonic()
@@ -416,8 +416,10 @@ def _nemesis(
     recorder: _Recorder,
     duration_s: float,
     group: _GroupWorkload | None = None,
-) -> None:
+) -> list[Fault]:
+    """Apply the faults on schedule; returns those applied (a late one is dropped)."""
     began = time.monotonic()
+    applied_faults: list[Fault] = []
     for fault in faults:
         delay = began + fault.at_s - time.monotonic()
         if delay > 0:
@@ -425,6 +427,7 @@ def _nemesis(
         if time.monotonic() - began + fault.heal_after_s > duration_s - 2.0:
             break  # Faults that take longer than planned (a rolling restart) ran late.
         start = recorder.now()
+        applied_faults.append(fault)
         if fault.kind == "kill-group-member":
             assert group is not None
             applied = Applied([group.kill_one(nemesis.rng)])
@@ -454,6 +457,7 @@ def _nemesis(
     rest = began + duration_s - time.monotonic()
     if rest > 0:
         time.sleep(rest)
+    return applied_faults
 
 
 def _admin_workload(
