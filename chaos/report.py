@@ -119,10 +119,13 @@ def write_report(history: History, verdict: dict[str, Any], directory: Path) -> 
     for name, start, end in line.faults:
         for axis in (top, bottom):
             axis.axvspan(start, end, color="tab:red", alpha=0.15)
-        top.annotate(name, (start, 0), xytext=(2, 2), textcoords="offset points", fontsize=7)
+        if len(line.faults) <= 12:  # More names than that would only overlap.
+            top.annotate(name, (start, 0), xytext=(2, 2), textcoords="offset points", fontsize=7)
     status = "valid" if verdict.get("valid") else "INVALID"
+    kinds = ", ".join(sorted({name for name, _, _ in line.faults}))
     figure.suptitle(
         f"{verdict.get('scenario', 'chaos run')} (seed {verdict.get('seed')}): {status}"
+        + (f"\nshaded: {len(line.faults)} faults ({kinds})" if line.faults else "")
     )
     figure.tight_layout()
     png = directory / "report.png"
