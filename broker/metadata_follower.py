@@ -16,8 +16,9 @@ the follower loads the snapshot image and continues from its end offset + 1;
 a snapshot that is not ahead of the applied offset is refused, so the image
 never goes back in time.
 
-A stream lives at most ``stream_timeout_s``; a controller that is paused or
-cut off therefore costs at most that long before another address is tried.
+A stream lives at most ``stream_timeout_s`` (2 s; the controller answers at least
+every ``max_wait_ms``, 500 ms); a controller that is paused or cut off therefore costs
+at most that long before another address is tried.
 A stream that ends after delivering something is re-opened at once on the
 same controller; a stream that fails or delivers nothing moves to the next
 address after a short backoff. ``stop()`` cancels the call in flight, so the
@@ -73,7 +74,7 @@ class MetadataFollower:
         *,
         max_records: int = 2000,
         max_wait_ms: int = 500,
-        stream_timeout_s: float = 5.0,
+        stream_timeout_s: float = 2.0,
         snapshot_timeout_s: float = 30.0,
         dial: Callable[[str], str] | None = None,
     ):

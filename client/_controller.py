@@ -140,6 +140,11 @@ class ControllerClient:
                     common_pb2.REQUEST_TIMED_OUT, f"controller {address} unreachable"
                 )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Silent: paused, or cut off without a reset. The next call starts with
+                # the other controllers (one of them names the active one) instead of
+                # waiting here again: a broker's heartbeats would otherwise all go to a
+                # cut-off controller, and the new active one would fence the broker.
+                self._demote(address)
                 raise error_for(
                     common_pb2.UNKNOWN_OUTCOME, f"{method} timed out at {address}"
                 ) from exc
@@ -153,6 +158,13 @@ class ControllerClient:
             return None, error_for(code, error.message if error is not None else "")
         self._preferred = address
         return response, None
+
+    def _demote(self, address: str) -> None:
+        if self._preferred == address:
+            self._preferred = None
+        if address in self.addresses:
+            # A new list: calls on other threads go on iterating the one they took.
+            self.addresses = [a for a in self.addresses if a != address] + [address]
 
     def _follow_hint(self, response: Any) -> None:
         hint = getattr(response, "hint", None)

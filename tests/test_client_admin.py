@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -277,3 +279,41 @@ def test_admin_over_grpc_follows_the_hint_to_the_active_controller(controllers):
             admin.create_topic("t", 2)
         assert [len(t.partitions) for t in admin.describe_topics()] == [2]
     assert active.topics == {"t": 2}
+
+
+class SilentController(FakeController):
+    """Answers nothing (as if paused or cut off) until ``released`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def DescribeTopics(self, request, context):  # noqa: N802
+        self.released.wait(10)
+        return super().DescribeTopics(request, context)
+
+
+def test_a_controller_that_timed_out_is_not_asked_first_again():
+    """A broker's heartbeats must not all go to a controller that went silent: after one
+    call timed out there, the next starts with the others."""
+    from client._controller import ControllerClient
+
+    silent, active = SilentController(), FakeController()
+    silent_server, silent_port = serve(silent)
+    active_server, active_port = serve(active)
+    silent_address = f"127.0.0.1:{silent_port}"
+    try:
+        with ControllerClient([silent_address, f"127.0.0.1:{active_port}"]) as client:
+            client._preferred = silent_address  # It answered last.
+            request = controller_pb2.DescribeTopicsRequest()
+            with pytest.raises(RaftkaError) as timed_out:
+                client.call("DescribeTopics", request, timeout_s=0.5)
+            assert timed_out.value.code_name == "UNKNOWN_OUTCOME"
+            started = time.monotonic()
+            client.call("DescribeTopics", request, timeout_s=0.5)
+            assert time.monotonic() - started < 0.4
+            assert client.addresses[-1] == silent_address
+    finally:
+        silent.released.set()
+        silent_server.stop(grace=None)
+        active_server.stop(grace=None)
