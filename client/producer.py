@@ -100,6 +100,12 @@ COMPRESSION_TYPES: dict[str | None, Compression] = {
 _RPC_MARGIN_S = 1.0
 # The longest the sender sleeps with nothing to do: a bound, not a synchronisation.
 _IDLE_WAIT_S = 1.0
+# A Produce request unanswered for this long makes the sender look for a new leader:
+# metadata is refreshed every _STALL_S while it waits, and once another broker leads one
+# of its partitions the call is cancelled and its batches are retried there (with the
+# same sequence numbers: the new leader answers a batch it already has as a duplicate).
+# A paused or cut-off leader would otherwise hold its partitions for request_timeout_ms.
+_STALL_S = 0.5
 
 _Callback = Callable[[RecordMetadata | None, BaseException | None], Any]
 _new_tuple = tuple.__new__
@@ -186,7 +192,7 @@ class _TopicState:
 class _Request:
     """One Produce request to one broker: partitions and their batches."""
 
-    __slots__ = ("broker_id", "address", "parts", "size_bytes", "call")
+    __slots__ = ("broker_id", "address", "parts", "size_bytes", "call", "sent_s")
 
     def __init__(self, broker_id: int, address: str):
         self.broker_id = broker_id
@@ -194,6 +200,7 @@ class _Request:
         self.parts: list[tuple[_PartitionQueue, list[_Batch]]] = []
         self.size_bytes = 0
         self.call: Any = None
+        self.sent_s = 0.0
 
 
 # A partition's part of an answer: an error, or (base offset, log append time ms).
@@ -305,6 +312,7 @@ class Producer:
         self._responses: deque[_Request] = deque()
         self._broker_in_flight: dict[int, int] = {}
         self._requests_in_flight: set[_Request] = set()
+        self._stall_refresh_s = 0.0  # When stalled requests last asked for metadata.
         self._closing = False
         self._aborting = False
         self._view_seen = self._cluster.view
@@ -571,6 +579,7 @@ class Producer:
         """One round: refresh metadata if due, handle answers, expire, send. False at
         the end of ``close``."""
         self._cluster.maybe_update()
+        self._check_stalled(time.monotonic())
         if self.idempotent and (self.producer_id < 0 or self._new_epoch_needed):
             if self._nonempty and not self._init_producer_id():
                 with self._lock:
@@ -597,6 +606,15 @@ class Producer:
                         return False
                 if self._cluster.update_due():
                     return True
+                if self._requests_in_flight:
+                    # Back to the top to look for a new leader when a request stalls.
+                    stall_at = max(
+                        min(r.sent_s for r in self._requests_in_flight) + _STALL_S,
+                        self._stall_refresh_s + _STALL_S,
+                    )
+                    if now >= stall_at:
+                        return True
+                    wake_at = min(wake_at, stall_at)
                 self._wakeup.wait(max(0.0, min(wake_at - now, _IDLE_WAIT_S)))
         for request in responses:
             self._handle_answer(request)
@@ -606,6 +624,33 @@ class Producer:
         for request in requests:
             self._send(request)
         return True
+
+    def _check_stalled(self, now: float) -> None:
+        """Cancel in-flight requests whose partitions another broker now leads; while
+        any request has been waiting for ``_STALL_S``, keep the metadata fresh."""
+        with self._lock:
+            stalled = [
+                r for r in self._requests_in_flight if r.sent_s and now - r.sent_s >= _STALL_S
+            ]
+        if not stalled:
+            return
+        view = self._cluster.view
+        for request in stalled:
+            for queue, _ in request.parts:
+                leader = view.leader(queue.topic, queue.partition)
+                if leader is not None and leader.leader >= 0 and leader.leader != request.broker_id:
+                    log.info(
+                        "%s-%d is now led by broker %d: cancelling the request to broker %d",
+                        queue.topic,
+                        queue.partition,
+                        leader.leader,
+                        request.broker_id,
+                    )
+                    request.call.cancel()  # Answered as a network error: retried.
+                    break
+        if now - self._stall_refresh_s >= _STALL_S:
+            self._stall_refresh_s = now
+            self._cluster.request_update()
 
     def _collect(
         self, now: float
@@ -774,6 +819,7 @@ class Producer:
             request.call = _FailedCall(e)
             self._on_done(request)
             return
+        request.sent_s = time.monotonic()
         request.call = call
         if self.acks == 0:
             for _, batches in request.parts:
@@ -794,7 +840,7 @@ class Producer:
         except grpc.RpcError as exc:
             error = rpc_error(exc, f"Produce to broker {request.broker_id} at {request.address}")
             outcomes = [(queue, batches, error) for queue, batches in request.parts]
-        except concurrent.futures.CancelledError:
+        except (concurrent.futures.CancelledError, grpc.FutureCancelledError):
             error = NetworkError(f"Produce to broker {request.broker_id}: cancelled")
             outcomes = [(queue, batches, error) for queue, batches in request.parts]
         except Exception as exc:

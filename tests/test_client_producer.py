@@ -330,3 +330,22 @@ def test_a_silent_broker_does_not_hold_up_a_metadata_refresh():
         assert view.leader("t", 0) is not None and view.leader("t", 0).leader == 2
         assert took < 1.0, took
         assert cluster._last_good == good
+
+
+def test_a_request_stuck_at_a_silent_leader_moves_to_the_new_one(cluster):
+    """The leader goes silent (paused, or cut off from the client too) and another broker
+    takes over: the producer does not wait for request_timeout_ms but finds the new
+    leader, and the record is written once."""
+    with producer(cluster, request_timeout_ms=30_000, delivery_timeout_ms=60_000) as p:
+        assert p.send("t", VALUE, partition=0).result(5).offset == 0, "first"
+        cluster.hung.add(1)  # Broker 1 leads partition 0; it answers nothing now.
+        started = time.monotonic()
+        stuck = p.send("t", VALUE, partition=0)
+        cluster.wait_for_calls("Produce", 2)  # The request is at broker 1.
+        cluster.move_leader("t", 0, 2)
+        metadata = stuck.result(10)
+        took = time.monotonic() - started
+        cluster.released.set()
+    assert took < 3.0, took
+    assert metadata.offset == 1
+    assert [broker for broker, _ in cluster.calls("Produce")][-1] == 2
