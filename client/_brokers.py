@@ -173,6 +173,7 @@ class Cluster:
         self._backoff_s = self._backoff_min_s
         self._next_refresh_s = 0.0
         self._last_good: str | None = None
+        self._avoid: str | None = None
         self._closed = False
 
     # -- connections -------------------------------------------------------
@@ -212,8 +213,12 @@ class Cluster:
                 self._stale = True
                 self._next_refresh_s = 0.0
 
-    def request_update(self) -> None:
-        """Mark the view stale: the next ``maybe_update`` refreshes, after the backoff."""
+    def request_update(self, avoid: str | None = None) -> None:
+        """Mark the view stale: the next ``maybe_update`` refreshes, after the backoff.
+
+        ``avoid``: a broker to ask last (one that is not answering the caller, or may
+        be a deposed leader cut off from the controllers, whose view is stale)."""
+        self._avoid = avoid
         self._stale = True
 
     def update_due(self) -> bool:
@@ -278,7 +283,12 @@ class Cluster:
         known = list(self.view.brokers.values())
         random.shuffle(known)
         ordered = ([self._last_good] if self._last_good else []) + known + self.bootstrap
-        return list(dict.fromkeys(ordered))
+        ordered = list(dict.fromkeys(ordered))
+        avoid = self._avoid
+        if avoid in ordered and len(ordered) > 1:
+            ordered.remove(avoid)
+            ordered.append(avoid)
+        return ordered
 
     def _ask_any(
         self, request: broker_pb2.MetadataRequest, deadline: float

@@ -650,7 +650,8 @@ class Producer:
                     break
         if now - self._stall_refresh_s >= _STALL_S:
             self._stall_refresh_s = now
-            self._cluster.request_update()
+            oldest = min(stalled, key=lambda r: r.sent_s)
+            self._cluster.request_update(avoid=oldest.address)
 
     def _collect(
         self, now: float
