@@ -15,6 +15,7 @@ history is saved as JSON lines beside the verdict.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -96,6 +97,10 @@ def run(
         raise ValueError(f"unknown scenario {scenario!r}; see `raftka chaos list`")
     make, _ = SCENARIOS[scenario]
     faults = make(random.Random(seed), duration_s)
+    if any(f.kind == "fill-disk" for f in faults) and os.geteuid() != 0:
+        raise PermissionError(
+            f"{scenario} gives each broker a small disk of its own (a tmpfs mount): run it as root"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(directory / "cluster")
     cluster.create(controllers=controllers, brokers=brokers, overrides=OVERRIDES)

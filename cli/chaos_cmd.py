@@ -54,7 +54,7 @@ def chaos_run(
             controllers=controllers,
             brokers=brokers,
         )
-    except ValueError as e:
+    except (ValueError, PermissionError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if as_json:

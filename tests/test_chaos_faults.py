@@ -226,3 +226,14 @@ def test_a_refused_creation_that_exists_is_a_phantom():
     verdict = check_metadata(history, {"m0": 1, "m1": 4})
     assert not verdict.valid
     assert len(verdict.anomalies["metadata-phantom"]) == 2
+
+
+def test_a_disk_full_run_without_root_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from chaos import runner
+
+    monkeypatch.setattr(runner.os, "geteuid", lambda: 1000)
+    with pytest.raises(PermissionError, match="run it as root"):
+        runner.run("disk-full", duration_s=30, seed=1, directory=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="unknown scenario"):
+        runner.run("no-such-scenario", directory=tmp_path / "run")
