@@ -42,12 +42,15 @@ logged.
 
 Futures and callbacks
 ---------------------
-Futures are ``concurrent.futures.Future`` objects resolving to ``RecordMetadata``. The
-futures of one batch share one condition variable and are completed together under it,
-which costs a fraction of ``Future.set_result`` per record: the per-record cost of the
-producer is its throughput limit. They cannot be cancelled. Callbacks (``callback=`` of
-``send``, and ``add_done_callback``) run on the sender thread, in offset order within a
-partition; they must be quick and must not call ``flush`` or ``close``.
+Futures are ``concurrent.futures.Future`` objects resolving to ``RecordMetadata``. As in
+Kafka's Java client, a record's future is a view of its batch's outcome: it holds the
+batch and its offset delta, shares the batch's condition variable, and builds its
+``RecordMetadata`` when asked. Completing a batch sets its outcome once, whatever its
+record count, and notifies only the futures someone waits on or added a callback to: the
+per-record cost of the producer is its throughput limit. They cannot be cancelled.
+Callbacks (``callback=`` of ``send``, and ``add_done_callback``) run on the sender thread,
+in offset order within a partition; they must be quick and must not call ``flush`` or
+``close``.
 """
 
 from __future__ import annotations
@@ -112,17 +115,57 @@ _new_tuple = tuple.__new__
 
 
 class FutureRecordMetadata(Future[RecordMetadata]):
-    """The future ``send`` returns. A ``concurrent.futures.Future`` whose condition is
-    shared with the other records of its batch (see the module docstring)."""
+    """The future ``send`` returns: a ``concurrent.futures.Future`` of one record's
+    ``RecordMetadata``, read from its batch (see the module docstring).
 
-    def __init__(self, condition: threading.Condition):
-        # Future.__init__ would make a condition per record; this one is the batch's.
-        self._condition = condition
-        self._state = PENDING
-        self._result = None
-        self._exception = None
-        self._waiters = []
-        self._done_callbacks: list[Callable[[Future[RecordMetadata]], object]] = []
+    ``Future``'s methods (``result``, ``done``, ``add_done_callback``, and
+    ``concurrent.futures.wait``) read the attributes below, which come from the batch;
+    the waiter and callback lists are made on first use, when the future registers
+    with its batch to be told of the outcome.
+    """
+
+    __slots__ = ("_batch", "_index", "_lists")
+    _lists: tuple[list[Any], list[Callable[[Future[RecordMetadata]], object]]]
+
+    def __init__(self, batch: _Batch, index: int):  # Not Future.__init__: nothing per record.
+        self._batch = batch
+        self._index = index
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        return self._batch.condition
+
+    @property
+    def _state(self) -> str:  # type: ignore[override]
+        return FINISHED if self._batch.done else PENDING
+
+    @property
+    def _result(self) -> RecordMetadata | None:  # type: ignore[override]
+        batch = self._batch
+        return batch.metadata(self._index) if batch.done and batch.error is None else None
+
+    @property
+    def _exception(self) -> BaseException | None:  # type: ignore[override]
+        return self._batch.error
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        return self._observed()[0]
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[RecordMetadata]], object]]:
+        return self._observed()[1]
+
+    def _observed(self) -> tuple[list[Any], list[Callable[[Future[RecordMetadata]], object]]]:
+        """This future's waiters and callbacks; the first call (always under the batch's
+        condition, as ``Future`` takes it) registers the future with its batch."""
+        try:
+            return self._lists
+        except AttributeError:
+            lists: tuple[list[Any], list[Callable[[Future[RecordMetadata]], object]]] = ([], [])
+            self._lists = lists
+            self._batch.observed.append(self)
+            return lists
 
     def cancel(self) -> bool:
         """A record handed to the producer cannot be taken back: always False."""
@@ -130,15 +173,16 @@ class FutureRecordMetadata(Future[RecordMetadata]):
 
 
 class _Batch:
-    """One producer batch of one partition and the futures of its records."""
+    """One producer batch of one partition, its records' timestamps and callbacks, and
+    (once done) its outcome: a base offset and log append time, or an error."""
 
     __slots__ = (
         "topic",
         "partition",
         "builder",
-        "futures",
         "timestamps",
         "callbacks",
+        "observed",
         "condition",
         "created_s",
         "reserved_bytes",
@@ -146,6 +190,9 @@ class _Batch:
         "retry_at_s",
         "alone",
         "done",
+        "base_offset",
+        "append_time_ms",
+        "error",
         "last_error",
         "sequenced",
     )
@@ -154,10 +201,11 @@ class _Batch:
         self.topic = topic
         self.partition = partition
         self.builder = builder
-        self.futures: list[FutureRecordMetadata] = []
         self.timestamps: list[int] = []
         self.sequenced = False  # Given sequence numbers (idempotence) when first sent.
         self.callbacks: list[tuple[int, _Callback]] = []
+        # Futures someone waits on or added a callback to (see FutureRecordMetadata).
+        self.observed: list[FutureRecordMetadata] = []
         self.condition = threading.Condition()
         self.created_s = time.monotonic()
         self.reserved_bytes = reserved
@@ -165,7 +213,29 @@ class _Batch:
         self.retry_at_s = 0.0
         self.alone = False  # Send without other batches of its partition (after too-large).
         self.done = False
+        self.base_offset = -1  # -1 with acks=0.
+        self.append_time_ms = -1  # -1 for CreateTime.
+        self.error: BaseException | None = None
         self.last_error: RaftkaError | None = None
+
+    @property
+    def record_count(self) -> int:
+        return len(self.timestamps)
+
+    def metadata(self, index: int) -> RecordMetadata:
+        """The ``RecordMetadata`` of the record at ``index`` (the batch is done, without
+        error)."""
+        base = self.base_offset
+        append_time_ms = self.append_time_ms
+        return _new_tuple(
+            RecordMetadata,
+            (
+                self.topic,
+                self.partition,
+                base + index if base >= 0 else -1,
+                append_time_ms if append_time_ms >= 0 else self.timestamps[index],
+            ),
+        )
 
 
 class _PartitionQueue:
@@ -384,11 +454,11 @@ class Producer:
                 )
             if sticky and state.sticky_batch is None:
                 state.sticky_batch = batch
-            future = FutureRecordMetadata(batch.condition)
-            batch.futures.append(future)
-            batch.timestamps.append(timestamp_ms)
+            timestamps = batch.timestamps
+            future = FutureRecordMetadata(batch, len(timestamps))
+            timestamps.append(timestamp_ms)
             if callback is not None:
-                batch.callbacks.append((len(batch.futures) - 1, callback))
+                batch.callbacks.append((future._index, callback))
             if batch.builder.is_full:
                 queue.open = None
                 self._wakeup.notify()
@@ -412,7 +482,7 @@ class Producer:
                     if remaining is not None and remaining <= 0:
                         raise ClientTimeoutError(
                             common_pb2.REQUEST_TIMED_OUT,
-                            f"flush: {sum(len(b.futures) for b in pending)} record(s) "
+                            f"flush: {sum(b.record_count for b in pending)} record(s) "
                             f"not delivered after {timeout} s",
                         )
                     self._progress.wait(remaining)
@@ -793,7 +863,7 @@ class Producer:
         last = f"; last error: {batch.last_error}" if batch.last_error else ""
         return ClientTimeoutError(
             common_pb2.REQUEST_TIMED_OUT,
-            f"{len(batch.futures)} record(s) for {batch.topic}-{batch.partition} expired: "
+            f"{batch.record_count} record(s) for {batch.topic}-{batch.partition} expired: "
             f"{(now - batch.created_s) * 1000:.0f} ms since the batch was created "
             f"(delivery_timeout_ms {self._delivery_timeout_s * 1000:.0f}){last}",
         )
@@ -944,27 +1014,16 @@ class Producer:
         """Resolve the batch's futures with their offsets (-1 with acks=0)."""
         if batch.done:
             return
-        topic, partition = batch.topic, batch.partition
-        futures = batch.futures
         with batch.condition:
-            for index, (future, timestamp) in enumerate(
-                zip(futures, batch.timestamps, strict=True)
-            ):
-                future._result = _new_tuple(
-                    RecordMetadata,
-                    (
-                        topic,
-                        partition,
-                        base_offset + index if base_offset >= 0 else -1,
-                        append_time_ms if append_time_ms >= 0 else timestamp,
-                    ),
-                )
-                future._state = FINISHED
+            batch.base_offset = base_offset
+            batch.append_time_ms = append_time_ms
+            batch.done = True
+            observed = list(batch.observed)
+            for future in observed:
                 for waiter in future._waiters:
                     waiter.add_result(future)
-            batch.done = True
             batch.condition.notify_all()
-        self._run_callbacks(batch, None)
+        self._run_callbacks(batch, observed, None)
 
     def _finish(self, batch: _Batch, error: BaseException) -> None:
         """Fail the batch's futures with ``error`` (each gets the same exception)."""
@@ -975,17 +1034,19 @@ class Producer:
             # partition would leave a gap. Start a new epoch before sending more.
             self._new_epoch_needed = True
         with batch.condition:
-            for future in batch.futures:
-                future._exception = error
-                future._state = FINISHED
+            batch.error = error
+            batch.done = True
+            observed = list(batch.observed)
+            for future in observed:
                 for waiter in future._waiters:
                     waiter.add_exception(future)
-            batch.done = True
             batch.condition.notify_all()
-        self._run_callbacks(batch, error)
+        self._run_callbacks(batch, observed, error)
 
-    def _run_callbacks(self, batch: _Batch, error: BaseException | None) -> None:
-        for future in batch.futures:
+    def _run_callbacks(
+        self, batch: _Batch, observed: list[FutureRecordMetadata], error: BaseException | None
+    ) -> None:
+        for future in observed:
             for fn in future._done_callbacks:
                 try:
                     fn(future)
@@ -993,7 +1054,7 @@ class Producer:
                     log.exception("a future's done callback raised")
         for index, callback in batch.callbacks:
             try:
-                callback(None if error else batch.futures[index]._result, error)
+                callback(None if error else batch.metadata(index), error)
             except Exception:
                 log.exception("a send() callback raised")
 
