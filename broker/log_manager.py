@@ -89,6 +89,8 @@ class LogManager:
         self.default_config = default_config
         self._lock = threading.Lock()
         self._logs: dict[TopicPartition, tuple[Path, str | None]] = {}
+        # Partitions per log dir, kept with _logs (a new partition goes to the emptiest).
+        self._dir_counts: dict[Path, int] = {d: 0 for d in self.log_dirs}
         self._open: dict[TopicPartition, PartitionLog] = {}
         self._saved_hws: dict[TopicPartition, int] = {}
 
@@ -112,7 +114,7 @@ class LogManager:
                     raise RuntimeError(f"partition {entry} exists in two log dirs")
                 topic_id = read_topic_id(path)
                 found[key] = topic_id
-                self._logs[key] = (path, topic_id)
+                self._set_log(key, path, topic_id)
             for key, offset in read_partition_offsets(log_dir / HW_CHECKPOINT).items():
                 self._saved_hws[key] = offset
         return found
@@ -140,6 +142,7 @@ class LogManager:
                     "%s-%d: removing the log of deleted topic id %s", topic, partition, known[1]
                 )
                 self._delete_dir(known[0])
+                self._drop_log(key)
                 self._saved_hws.pop(key, None)
                 known = None
             if known is None:
@@ -151,7 +154,7 @@ class LogManager:
             if known is None or known[1] is None:
                 write_topic_id(directory, topic_id)
             opened = PartitionLog(directory, config or self.default_config)
-            self._logs[key] = (directory, topic_id)
+            self._set_log(key, directory, topic_id)
             self._open[key] = opened
             return opened
 
@@ -162,7 +165,7 @@ class LogManager:
             opened = self._open.pop(key, None)
             if opened is not None:
                 opened.close()
-            known = self._logs.pop(key, None)
+            known = self._drop_log(key)
             self._saved_hws.pop(key, None)
             if known is not None:
                 self._delete_dir(known[0])
@@ -173,11 +176,23 @@ class LogManager:
 
     def _pick_dir(self) -> Path:
         """The log dir with the fewest partitions (Kafka's choice for new ones)."""
-        counts = {d: 0 for d in self.log_dirs}
-        for path, _ in self._logs.values():
-            if path.parent in counts:
-                counts[path.parent] += 1
+        counts = self._dir_counts
         return min(self.log_dirs, key=lambda d: counts[d])
+
+    def _set_log(self, key: TopicPartition, path: Path, topic_id: str | None) -> None:
+        """Under the lock (or while loading): record where a partition's log is."""
+        previous = self._logs.get(key)
+        if previous is not None and previous[0].parent in self._dir_counts:
+            self._dir_counts[previous[0].parent] -= 1
+        self._logs[key] = (path, topic_id)
+        if path.parent in self._dir_counts:
+            self._dir_counts[path.parent] += 1
+
+    def _drop_log(self, key: TopicPartition) -> tuple[Path, str | None] | None:
+        known = self._logs.pop(key, None)
+        if known is not None and known[0].parent in self._dir_counts:
+            self._dir_counts[known[0].parent] -= 1
+        return known
 
     def _delete_dir(self, directory: Path) -> None:
         doomed = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}{_DELETE_SUFFIX}")
