@@ -16,6 +16,14 @@ the follower loads the snapshot image and continues from its end offset + 1;
 a snapshot that is not ahead of the applied offset is refused, so the image
 never goes back in time.
 
+A follower that starts publishes nothing until it has replayed up to the high
+watermark the controller first reported (as a KRaft broker waits to catch up
+before its first publish); one that falls behind later replays on but publishes
+at most every ``_CATCH_UP_PUBLISH_S``. on_change sees the change from the last
+published image to the latest, so a broker acts on where the log is, not on
+every topic that was created and deleted on the way (each would cost it a log
+directory). Once caught up, every response is published as it is replayed.
+
 A stream lives at most ``stream_timeout_s`` (2 s; the controller answers at least
 every ``max_wait_ms``, 500 ms); a controller that is paused or cut off therefore costs
 at most that long before another address is tried.
@@ -49,6 +57,8 @@ log = logging.getLogger(__name__)
 OnChange = Callable[[MetadataImage, MetadataImage, frozenset[str] | None], None]
 
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
+# While behind the high watermark, what was replayed is published at most this often.
+_CATCH_UP_PUBLISH_S = 0.5
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -91,6 +101,13 @@ class MetadataFollower:
         self.snapshot_timeout_s = snapshot_timeout_s
         # The last applied offset and the image at it, always assigned together.
         self._published: tuple[MetadataImage, int] = (EMPTY_IMAGE, EMPTY_IMAGE.offset)
+        # The last replayed offset and image (ahead of the published ones while catching
+        # up), the topics touched since the last publish, and when it was.
+        self._replayed: tuple[MetadataImage, int] = self._published
+        self._unpublished_topics: set[str] = set()
+        self._last_publish_s = time.monotonic()
+        # The high watermark of the first response: nothing is published before it.
+        self._first_high_watermark: int | None = None
         # The committed end of the log as last reported by a controller (next offset to write).
         self.high_watermark = 0
         self.snapshots_loaded = 0
@@ -200,7 +217,7 @@ class MetadataFollower:
     def _follow(self, address: str) -> _Outcome:
         """One FetchMetadata stream, from the next offset until it ends or fails."""
         request = controller_pb2.FetchMetadataRequest(
-            offset=self.offset + 1,
+            offset=self._replayed[1] + 1,
             max_records=self.max_records,
             max_wait_ms=self.max_wait_ms,
             replica_id=self.broker_id,
@@ -240,15 +257,17 @@ class MetadataFollower:
             log.info(
                 "metadata fetch from %s at offset %d: %s %s",
                 address,
-                self.offset + 1,
+                self._replayed[1] + 1,
                 common_pb2.ErrorCode.Name(code),
                 response.error.message,
             )
             return _Outcome.SWITCH
         self.high_watermark = max(self.high_watermark, response.high_watermark)
-        if not self._apply(response.entries):
-            return _Outcome.SWITCH
-        return None
+        if self._first_high_watermark is None:
+            self._first_high_watermark = response.high_watermark
+        contiguous = self._apply(response.entries)
+        self._maybe_publish()
+        return None if contiguous else _Outcome.SWITCH
 
     def _redirect(self, hint: controller_pb2.ControllerHint) -> bool:
         """Point at the leader the hint names; False when it names none."""
@@ -262,7 +281,7 @@ class MetadataFollower:
 
     def _apply(self, entries: Sequence[pb.MetadataLogEntry]) -> bool:
         """Replay entries in offset order; False when they skip an offset."""
-        old_image, applied = self._published
+        old_image, applied = self._replayed
         fresh = [entry for entry in entries if entry.offset > applied]
         if len(fresh) < len(entries):
             log.warning("dropping %d metadata entries already applied", len(entries) - len(fresh))
@@ -287,8 +306,26 @@ class MetadataFollower:
         applied = fresh[-1].offset
         if image is not old_image:
             assert image.offset == applied, (image.offset, applied)
-            self._publish(old_image, image, applied, touched_topic_ids(records))
+            self._replayed = (image, applied)
+            self._unpublished_topics.update(touched_topic_ids(records))
         return contiguous
+
+    def _maybe_publish(self) -> None:
+        """Publish what was replayed: once caught up; while behind, not before the first
+        high watermark, then ``_CATCH_UP_PUBLISH_S`` after the last publish."""
+        image, offset = self._replayed
+        published, _ = self._published
+        if image is published:
+            return
+        if offset + 1 < self.high_watermark:
+            first = self._first_high_watermark
+            if first is not None and offset + 1 < first:
+                return  # Starting up: not caught up with the log as it was at the start.
+            if time.monotonic() - self._last_publish_s < _CATCH_UP_PUBLISH_S:
+                return
+        topics = frozenset(self._unpublished_topics)
+        self._unpublished_topics.clear()
+        self._publish(published, image, offset, topics)
 
     def _load_snapshot(self, address: str) -> _Outcome:
         future = self._stub(address).FetchSnapshot.future(
@@ -311,7 +348,8 @@ class MetadataFollower:
         if response.error.code != common_pb2.NONE:
             log.info("metadata snapshot from %s: %s", address, response.error.message)
             return _Outcome.SWITCH
-        old_image, applied = self._published
+        old_image, _ = self._published
+        _, applied = self._replayed
         end_offset = response.snapshot.end_offset
         if end_offset <= applied:
             # Loading it would take the image back in time; ask someone else.
@@ -331,6 +369,7 @@ class MetadataFollower:
             (time.monotonic() - started) * 1000,
         )
         self.snapshots_loaded += 1
+        self._unpublished_topics.clear()  # Whatever they were, the snapshot has them.
         self._publish(old_image, image, end_offset, None)
         return _Outcome.RENEW
 
@@ -349,5 +388,6 @@ class MetadataFollower:
             except Exception:
                 log.exception("metadata change handler failed at offset %d", offset)
         with self._published_cond:
-            self._published = (image, offset)
+            self._published = self._replayed = (image, offset)
             self._published_cond.notify_all()
+        self._last_publish_s = time.monotonic()

@@ -357,6 +357,36 @@ def test_follows_new_entries_and_waits(make_cluster, make_follower, recorded_off
     assert follower.high_watermark == last + 1
 
 
+def test_catching_up_publishes_where_the_log_is_not_every_step_on_the_way(
+    make_cluster, make_follower, recorded_offsets, monkeypatch
+):
+    # Starting far behind: nothing is published before the first high watermark, so a
+    # topic created and deleted on the way is never acted on (however slow the replay).
+    monkeypatch.setattr(metadata_follower, "_CATCH_UP_PUBLISH_S", 0.0)
+    records = base_records()
+    records += [r.topic("gone", "id-gone"), r.partition("id-gone", 0, [BROKER], [BROKER], BROKER)]
+    records += [r.remove_topic("id-gone"), r.topic("kept", "id-kept")]
+    cluster = make_cluster(records)
+    changes = []
+    follower = make_follower(
+        cluster.addresses(),
+        lambda old, new, topics: changes.append((old, new, topics)),
+        max_records=2,  # The catch-up takes several responses.
+    )
+    last = len(records) - 1
+    assert follower.wait_for_offset(last, 10)
+    assert recorded_offsets == list(range(last + 1)), "every record is still replayed"
+    assert len(changes) == 1
+    old, new, topics = changes[0]
+    assert old is EMPTY_IMAGE and new is follower.image == build(records)
+    assert new.topic_by_name("gone") is None and new.topic_by_name("kept") is not None
+    assert topics is not None and {"id-gone", "id-kept", "id0"} <= topics
+    # Caught up, each new entry is published as it arrives.
+    later = cluster.append([r.topic("late", "id-late")])
+    assert follower.wait_for_offset(later, 10)
+    assert len(changes) == 2 and changes[1][0] is new
+
+
 @pytest.mark.parametrize("fault", ["gap", "duplicate"])
 def test_offsets_stay_contiguous_under_a_faulty_stream(
     make_cluster, make_follower, recorded_offsets, fault
