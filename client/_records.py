@@ -168,6 +168,12 @@ class BatchBuilder:
         """True once another record of even the smallest size would not fit."""
         return len(self._buf) + 7 > self._limit
 
+    def discard(self) -> None:
+        """Drop the batch's bytes once it is delivered or failed (its records' futures may
+        outlive it)."""
+        self._buf = bytearray()
+        self._built = b""
+
     def try_append(
         self,
         timestamp_ms: int,

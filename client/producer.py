@@ -1068,6 +1068,7 @@ class Producer:
                 if batch in self._incomplete:
                     self._incomplete.discard(batch)
                     self._buffered_bytes -= batch.reserved_bytes
+                    batch.builder.discard()  # Its futures keep the batch, not its bytes.
             if self._space_waiters:
                 self._space.notify_all()
             if self._flushing:
