@@ -217,6 +217,15 @@ def test_callbacks_and_future_protocol(cluster):
     assert late == [futures[0]]
 
 
+def test_a_delivered_batch_keeps_no_bytes_for_its_futures(cluster):
+    with producer(cluster, linger_ms=5) as p:
+        futures = [p.send("t", VALUE, partition=0) for _ in range(5)]
+        p.flush(5)
+    assert [f.result().offset for f in futures] == list(range(5))
+    # The futures answer from the batch's outcome; the batch's bytes are gone.
+    assert futures[0]._batch.builder.size_bytes == 0
+
+
 def test_acks_zero_completes_without_offsets(cluster):
     with producer(cluster, acks=0) as p:
         futures = [p.send("t", VALUE, partition=0) for _ in range(3)]

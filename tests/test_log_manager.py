@@ -25,15 +25,14 @@ def test_new_partitions_go_to_the_log_dir_with_the_fewest(tmp_path):
     for p in range(9):
         logs.get_or_create("t", p, "id-t")
     assert placement(dirs) == {"a": 3, "b": 3, "c": 3}
-    # Deleting frees room: the next three fill the dir they left.
-    for p in range(3):
-        partition_dir = next(d for d in dirs if (d / f"t-{p}").exists())
-        if partition_dir.name == "a":
-            logs.delete("t", p)
-    emptied = 3 - placement(dirs)["a"]
-    for p in range(emptied):
+    # Deleting two logs of dir b frees room there: the next two go to b, not a.
+    in_b = [p for p in range(9) if (dirs[1] / f"t-{p}").exists()][:2]
+    for p in in_b:
+        logs.delete("t", p)
+    for p in range(2):
         logs.get_or_create("u", p, "id-u")
-    assert placement(dirs)["a"] == 3
+    assert (dirs[1] / "u-0").exists() and (dirs[1] / "u-1").exists()
+    assert placement(dirs) == {"a": 3, "b": 3, "c": 3}
     logs.close()
 
 
@@ -51,8 +50,11 @@ def test_a_restart_counts_the_partitions_it_finds(tmp_path):
 
 def test_a_log_replaced_by_a_newer_topic_of_the_same_name_is_counted_once(tmp_path):
     dirs = [tmp_path / "a", tmp_path / "b"]
+    manager(dirs).get_or_create("t", 0, "old-id")  # In a; then the broker restarts.
     logs = manager(dirs)
-    logs.get_or_create("t", 0, "old-id")
     logs.get_or_create("t", 0, "new-id")  # Recreated topic: the old log is deleted.
+    assert (dirs[0] / "t-0").exists()
     logs.get_or_create("t", 1, "new-id")
-    assert placement(dirs) == {"a": 1, "b": 1}
+    logs.get_or_create("t", 2, "new-id")
+    # The old log no longer counts: a holds t-0 and t-2, b holds t-1.
+    assert placement(dirs) == {"a": 2, "b": 1}
