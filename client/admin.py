@@ -377,10 +377,14 @@ class Admin:
     def read_metadata_log(self, offset: int = 0, max_records: int = 100) -> list[LogEntry]:
         """Committed metadata records from ``offset`` on, at most ``max_records``.
 
+        Read from the active controller, whose log holds every committed record.
+
         Raises ``RaftkaError`` with SNAPSHOT_REQUIRED when ``offset`` is older
         than the retained log.
         """
-        request = controller_pb2.ReadMetadataLogRequest(offset=offset, max_records=max_records)
+        request = controller_pb2.ReadMetadataLogRequest(
+            offset=offset, max_records=max_records, active_only=True
+        )
         response = self._call("ReadMetadataLog", request)
         return [
             LogEntry(e.offset, e.controller_epoch, e.append_time_ms, e.record)

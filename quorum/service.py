@@ -93,6 +93,24 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             hint.leader_id = -1
         return hint
 
+    def _not_active(self) -> common_pb2.Error:
+        """NOT_CONTROLLER for a request only the active controller answers.
+
+        A newly elected Raft leader is not active until it has committed its
+        controller epoch: until then its log may end before records that were
+        committed under the previous leader, so it would answer from the past.
+        """
+        if self.raft_log.is_leader():
+            why = f"node {self.node_id} was elected and has not yet claimed its epoch"
+        elif self.raft_log.leader_id() is None:
+            return common_pb2.Error(
+                code=common_pb2.QUORUM_UNAVAILABLE,
+                message="no controller has a majority of the quorum",
+            )
+        else:
+            why = f"node {self.node_id} is not the active controller"
+        return common_pb2.Error(code=common_pb2.NOT_CONTROLLER, message=why)
+
     def _write(self, kind: str, request: Any) -> Any:
         response_type = self.runtime.response_type(kind)
         if not self.runtime.active:
@@ -249,6 +267,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return cpb.FetchSnapshotResponse(snapshot=encode_image(image))
 
     def ReadMetadataLog(self, request: Any, context: Any) -> Any:  # noqa: N802
+        if request.active_only and not self.runtime.active:
+            return cpb.ReadMetadataLogResponse(error=self._not_active())
         max_records = min(request.max_records or 100, MAX_FETCH_RECORDS)
         entries, high_watermark, start, code = self._read_entries(
             max(request.offset, 0), max_records
@@ -267,10 +287,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
     # -- descriptions ----------------------------------------------------------------
 
     def DescribeQuorum(self, request: Any, context: Any) -> Any:  # noqa: N802
-        if not self.raft_log.is_leader():
-            return cpb.DescribeQuorumResponse(
-                error=common_pb2.Error(code=common_pb2.NOT_CONTROLLER, message="ask the leader"),
-            )
+        if not self.runtime.active:
+            return cpb.DescribeQuorumResponse(error=self._not_active())
         state = self.raft_log.state
         high_watermark = state.next_offset
         now_ms = _now_ms()

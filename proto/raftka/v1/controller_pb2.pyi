@@ -459,12 +459,14 @@ class DescribeTopicsResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., topics: _Optional[_Iterable[_Union[TopicDescription, _Mapping]]] = ..., metadata_offset: _Optional[int] = ...) -> None: ...
 
 class ReadMetadataLogRequest(_message.Message):
-    __slots__ = ("offset", "max_records")
+    __slots__ = ("offset", "max_records", "active_only")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
     offset: int
     max_records: int
-    def __init__(self, offset: _Optional[int] = ..., max_records: _Optional[int] = ...) -> None: ...
+    active_only: bool
+    def __init__(self, offset: _Optional[int] = ..., max_records: _Optional[int] = ..., active_only: _Optional[bool] = ...) -> None: ...
 
 class ReadMetadataLogResponse(_message.Message):
     __slots__ = ("error", "entries", "high_watermark", "log_start_offset")
