@@ -35,12 +35,22 @@ log = logging.getLogger(__name__)
 MAX_FETCH_RECORDS = 5000
 # How long a woken metadata stream waits before reading (see FetchMetadata).
 FETCH_LINGER_S = 0.010
+# A metadata stream ends this long before the broker's deadline for it.
+STREAM_END_MARGIN_S = 0.25
 _FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].number
 _READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class _StreamEnd:
+    """How a metadata stream ended, as far as the server made it end."""
+
+    by_server: bool = False  # with an answer that sends the broker elsewhere
+    at_time: bool = False  # at its time, just before the broker's deadline
 
 
 @dataclass(slots=True)
@@ -184,12 +194,16 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         max_records = min(request.max_records or 1000, MAX_FETCH_RECORDS)
         max_wait_s = (request.max_wait_ms or 500) / 1000.0
         condition = self.raft_log.commit_condition
-        ended_here = threading.Event()
+        remaining = context.time_remaining()
+        # The stream ends here, a little before the broker's deadline, so that
+        # an end the server did not make is always the broker's loss.
+        end_at = None if remaining is None else time.monotonic() + remaining - STREAM_END_MARGIN_S
+        ended = _StreamEnd()
         if request.replica_id >= 0 and self.raft_log.is_leader():
-            self._track_stream(request.replica_id, context, ended_here)
+            self._track_stream(request.replica_id, context, ended)
         while context.is_active() and not self._stopping.is_set():
             if not self.raft_log.is_leader():
-                ended_here.set()
+                ended.by_server = True
                 yield cpb.FetchMetadataResponse(
                     error=common_pb2.Error(
                         code=common_pb2.NOT_CONTROLLER, message="fetch from the leader"
@@ -199,8 +213,13 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 return
             entries, high_watermark, start, code = self._read_entries(offset, max_records)
             if not entries and code == common_pb2.NONE:
+                wait_s = (
+                    max_wait_s if end_at is None else min(max_wait_s, end_at - time.monotonic())
+                )
                 with condition:
-                    woken = self.raft_log.state.next_offset > offset or condition.wait(max_wait_s)
+                    woken = self.raft_log.state.next_offset > offset or condition.wait(
+                        max(wait_s, 0.0)
+                    )
                 if woken and not self._stopping.is_set():
                     # The commit that woke this stream also completes the write
                     # it carries; let that answer go out first (and more records
@@ -215,23 +234,28 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             if code != common_pb2.NONE:
                 response.error.code = code
                 response.error.message = f"offset {offset} outside [{start}, {high_watermark}]"
-                ended_here.set()
+                ended.by_server = True
+                yield response
+                return
+            if end_at is not None and time.monotonic() >= end_at:
+                ended.at_time = True
                 yield response
                 return
             yield response
 
-    def _track_stream(self, broker_id: int, context: Any, ended_here: threading.Event) -> None:
+    def _track_stream(self, broker_id: int, context: Any, ended: _StreamEnd) -> None:
         """Tell the runtime when a broker's last metadata stream drops from its side.
 
-        A stream that ends well before its deadline, without the server ending
-        it, is a loss: the broker's process died or its connection broke. One
-        that reaches its deadline was ended by the broker's own timer and it
-        reconnects at once; if it does not, it is suspect as well, with more time.
-        Streams are counted, so a reconnect that overtakes the old stream's end
-        does not leave the broker suspect.
+        The server ends every stream itself: with an answer that sends the
+        broker elsewhere (nothing to report), or at its time, shortly before
+        the broker's deadline, after which the broker reconnects at once. Any
+        other end is a loss: the broker's process died or its connection broke.
+        Ending at its time still makes the broker suspect, with a heartbeat
+        interval more to reconnect (it may be busy applying a large change), so
+        that a kill landing between two streams is found long before the
+        session timeout. Streams are counted, so a reconnect that overtakes the
+        old stream's end does not leave the broker suspect.
         """
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
         with self._lock:
             self._streams[broker_id] = self._streams.get(broker_id, 0) + 1
             self.runtime.broker_connection(broker_id, opened=True)
@@ -240,14 +264,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             with self._lock:
                 left = self._streams.get(broker_id, 1) - 1
                 self._streams[broker_id] = left
-                early = deadline is None or time.monotonic() < deadline - 0.25
-                if left == 0 and not ended_here.is_set() and not self._stopping.is_set():
-                    # At its deadline the broker reconnects at once, so a broker that
-                    # does not is suspect too, with a heartbeat interval to show up
-                    # (it may be busy applying a large change): a kill that lands
-                    # between two streams is still found long before the session
-                    # timeout.
-                    self.runtime.broker_connection(broker_id, opened=False, dropped=early)
+                if left == 0 and not ended.by_server and not self._stopping.is_set():
+                    self.runtime.broker_connection(
+                        broker_id, opened=False, dropped=not ended.at_time
+                    )
 
         context.add_callback(on_done)
 

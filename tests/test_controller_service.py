@@ -9,10 +9,13 @@ the metadata log must not answer from that past.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from raftka.v1 import common_pb2
 from raftka.v1 import controller_pb2 as cpb
 
+from quorum import service as service_module
 from quorum.config import Voter
 from quorum.controller.runtime import ControllerRuntime, RuntimeSettings
 from quorum.log import InMemoryMetadataLog
@@ -80,3 +83,82 @@ def test_without_a_leader_the_reads_say_the_quorum_is_unavailable(service):
     log.set_leader(None)
     for response in (svc.DescribeQuorum(cpb.DescribeQuorumRequest(), None), read(svc, True)):
         assert response.error.code == common_pb2.QUORUM_UNAVAILABLE
+
+
+class StreamContext:
+    """A server-side stream context: a deadline, cancellation and end callbacks."""
+
+    def __init__(self, remaining_s: float):
+        self.remaining_s = remaining_s
+        self.active = True
+        self.callbacks: list = []
+
+    def time_remaining(self) -> float:
+        return self.remaining_s
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def add_callback(self, fn) -> bool:
+        self.callbacks.append(fn)
+        return True
+
+    def end(self) -> None:
+        self.active = False
+        for fn in self.callbacks:
+            fn()
+
+
+@pytest.fixture
+def leading(service, monkeypatch):
+    log, runtime, svc = service
+    log.commit_condition = threading.Condition()
+    log.set_leader(1)
+    log.run_pending()
+    reports: list[tuple[int, bool, bool]] = []
+    monkeypatch.setattr(
+        runtime,
+        "broker_connection",
+        lambda broker_id, opened, dropped=True: reports.append((broker_id, opened, dropped)),
+    )
+    return log, svc, reports
+
+
+def fetch(svc: ControllerService, context: StreamContext):
+    request = cpb.FetchMetadataRequest(offset=0, max_wait_ms=500, replica_id=100)
+    return svc.FetchMetadata(request, context)
+
+
+def test_a_stream_the_broker_drops_just_before_its_deadline_is_a_loss(leading, monkeypatch):
+    _, svc, reports = leading
+    # Within the last quarter second of the broker's deadline: a broker killed
+    # there used to look like one whose stream had reached its deadline, and
+    # was fenced a heartbeat interval late (1 leader kill in 8).
+    monkeypatch.setattr(service_module, "STREAM_END_MARGIN_S", 0.1)
+    context = StreamContext(remaining_s=0.25)
+    stream = fetch(svc, context)
+    assert next(stream).entries
+    stream.close()
+    context.end()
+    assert reports == [(100, True, True), (100, False, True)]
+
+
+def test_a_stream_the_server_ends_at_its_time_leaves_the_broker_only_suspect(leading):
+    _, svc, reports = leading
+    context = StreamContext(remaining_s=0.3)
+    answers = list(fetch(svc, context))  # Ends by itself, before the deadline.
+    context.end()
+    assert answers and not any(a.error.code for a in answers)
+    assert reports == [(100, True, True), (100, False, False)]
+
+
+def test_a_stream_ended_with_a_redirect_reports_nothing(leading):
+    log, svc, reports = leading
+    context = StreamContext(remaining_s=2.0)
+    stream = fetch(svc, context)
+    next(stream)
+    log.set_leader(2)
+    (redirect,) = list(stream)
+    context.end()
+    assert redirect.error.code == common_pb2.NOT_CONTROLLER
+    assert reports == [(100, True, True)]
