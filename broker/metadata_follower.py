@@ -24,9 +24,13 @@ published image to the latest, so a broker acts on where the log is, not on
 every topic that was created and deleted on the way (each would cost it a log
 directory). Once caught up, every response is published as it is replayed.
 
-A stream lives at most ``stream_timeout_s`` (2 s; the controller answers at least
-every ``max_wait_ms``, 500 ms); a controller that is paused or cut off therefore costs
-at most that long before another address is tried.
+A stream lives at most ``stream_timeout_s`` (10 s). The controller ends it a
+little before that deadline, so an end it did not make is a broker lost (see
+quorum/service.py). It answers at least every ``max_wait_ms`` (500 ms), so a
+stream that has said nothing for ``silence_s`` (2 s) is cancelled by a watchdog
+and the next address tried: a controller that is paused or cut off keeps its
+connection up, and the stream would otherwise wait out its deadline. Waiting
+here is what counts as silence, not the time the broker takes to apply an answer.
 A stream that ends after delivering something is re-opened at once on the
 same controller; a stream that fails or delivers nothing moves to the next
 address after a short backoff. ``stop()`` cancels the call in flight, so the
@@ -57,6 +61,8 @@ log = logging.getLogger(__name__)
 OnChange = Callable[[MetadataImage, MetadataImage, frozenset[str] | None], None]
 
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.5)
+# The watchdog's "last heard" while the follower applies an answer: never silent.
+_APPLYING = float("inf")
 # While behind the high watermark, what was replayed is published at most this often.
 _CATCH_UP_PUBLISH_S = 0.5
 _CHANNEL_OPTIONS = [
@@ -84,7 +90,8 @@ class MetadataFollower:
         *,
         max_records: int = 2000,
         max_wait_ms: int = 500,
-        stream_timeout_s: float = 2.0,
+        stream_timeout_s: float = 10.0,
+        silence_s: float = 2.0,
         snapshot_timeout_s: float = 30.0,
         dial: Callable[[str], str] | None = None,
     ):
@@ -98,6 +105,7 @@ class MetadataFollower:
         self.max_records = max_records
         self.max_wait_ms = max_wait_ms
         self.stream_timeout_s = stream_timeout_s
+        self.silence_s = silence_s
         self.snapshot_timeout_s = snapshot_timeout_s
         # The last applied offset and the image at it, always assigned together.
         self._published: tuple[MetadataImage, int] = (EMPTY_IMAGE, EMPTY_IMAGE.offset)
@@ -115,10 +123,18 @@ class MetadataFollower:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._call: grpc.Future | None = None
+        # The stream the watchdog watches, when it last heard from the controller (or
+        # the follower went back to waiting on it), and the one it cancelled.
+        self._watched: grpc.Future | None = None
+        self._last_heard = 0.0
+        self._silenced: grpc.Future | None = None
         self._channels: dict[str, grpc.Channel] = {}
         self._address_index = 0
         self._thread = threading.Thread(
             target=self._run, name=f"metadata-follower-{broker_id}", daemon=True
+        )
+        self._watchdog = threading.Thread(
+            target=self._watch_silence, name=f"metadata-watchdog-{broker_id}", daemon=True
         )
 
     # -- what readers see ---------------------------------------------------
@@ -149,6 +165,7 @@ class MetadataFollower:
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Stop the thread; True if it ended within ``timeout_s``."""
@@ -158,6 +175,8 @@ class MetadataFollower:
                 self._call.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._watchdog.is_alive():
+            self._watchdog.join(timeout_s)
         stopped = not self._thread.is_alive()
         if stopped:
             with self._lock:
@@ -205,6 +224,21 @@ class MetadataFollower:
                 self._channels[address] = channel
         return controller_pb2_grpc.ControllerStub(channel)
 
+    def _watch(self, call: grpc.Future | None) -> None:
+        with self._lock:
+            self._watched = call
+            self._last_heard = time.monotonic()
+
+    def _watch_silence(self) -> None:
+        """Cancel the stream in flight once the controller has said nothing on it
+        for ``silence_s``; the follower then tries the next address."""
+        while not self._stopping.wait(self.silence_s / 4):
+            with self._lock:
+                call = self._watched
+                if call is not None and time.monotonic() - self._last_heard > self.silence_s:
+                    self._silenced = call
+                    call.cancel()
+
     def _track(self, call: grpc.Future | None) -> bool:
         """Remember the call in flight so stop() can cancel it; False when stopping."""
         with self._lock:
@@ -225,21 +259,28 @@ class MetadataFollower:
         call = self._stub(address).FetchMetadata(request, timeout=self.stream_timeout_s)
         if not self._track(call):
             return _Outcome.STOPPED
+        self._watch(call)
         received = False
         try:
             for response in call:
                 received = True
+                self._last_heard = _APPLYING
                 outcome = self._handle(address, response)
                 if outcome is not None:
                     return outcome
+                self._last_heard = time.monotonic()  # Waiting again from here.
         except grpc.RpcError as exc:
             if self._stopping.is_set():
                 return _Outcome.STOPPED
+            if self._silenced is call:
+                log.info("controller %s said nothing for %.1f s", address, self.silence_s)
+                return _Outcome.SWITCH
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and received:
                 return _Outcome.RENEW
             log.info("metadata fetch from %s failed: %s", address, exc.code())
             return _Outcome.SWITCH
         finally:
+            self._watch(None)
             self._track(None)
             call.cancel()
         return _Outcome.RENEW if received else _Outcome.SWITCH

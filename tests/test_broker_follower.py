@@ -417,12 +417,33 @@ def test_switches_controller_when_one_dies(make_cluster, make_follower, recorded
 
 
 def test_leaves_a_stalled_controller(make_cluster, make_follower):
+    # A paused controller keeps its connection up: only its silence shows, long
+    # before the stream's deadline.
     cluster = make_cluster(base_records(), controllers=(10, 11))
     cluster.controllers[10].stalled = True
-    follower = make_follower(cluster.addresses(), stream_timeout_s=0.5)
+    follower = make_follower(cluster.addresses(), stream_timeout_s=60, silence_s=0.3)
     assert follower.wait_for_offset(cluster.next_offset - 1, 10)
     assert cluster.fetches[0][0] == 10
     assert any(node == 11 for node, _ in cluster.fetches)
+
+
+def test_a_slow_apply_is_not_the_controllers_silence(make_cluster, make_follower):
+    cluster = make_cluster(base_records(), controllers=(10, 11))
+    applied = threading.Event()
+
+    def slow_on_change(*args) -> None:
+        if not applied.is_set():
+            time.sleep(1.0)  # The broker is busy, far longer than silence_s.
+        applied.set()
+
+    follower = make_follower(
+        cluster.addresses(), slow_on_change, stream_timeout_s=60, silence_s=0.3, max_wait_ms=50
+    )
+    assert follower.wait_for_offset(cluster.next_offset - 1, 10)
+    last = cluster.append([r.topic("after", "id-after")])
+    assert follower.wait_for_offset(last, 10)
+    assert applied.is_set()
+    assert [node for node, _ in cluster.fetches] == [10]
 
 
 def test_offset_out_of_range_moves_on_and_never_rewinds(make_cluster, make_follower):
