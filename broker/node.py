@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +316,14 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.FetchRequest, context: grpc.ServicerContext
     ) -> broker_pb2.FetchResponse:
         return self._node.replicas.fetch(request)
+
+    def FetchStream(  # noqa: N802
+        self, request_iterator: Iterator[broker_pb2.FetchRequest], context: grpc.ServicerContext
+    ) -> Iterator[broker_pb2.FetchResponse]:
+        # One answer per request, in order; the stream holds one server thread, as a
+        # long poll does (num.rpc.threads).
+        for request in request_iterator:
+            yield self._node.replicas.fetch(request)
 
     def ListOffsets(  # noqa: N802
         self, request: broker_pb2.ListOffsetsRequest, context: grpc.ServicerContext

@@ -14,6 +14,7 @@ maintenance every 500 ms) so that failures are detected in seconds.
 from __future__ import annotations
 
 import functools
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -453,3 +454,57 @@ def test_acks_one_and_zero_deliver(cluster, admin, brokers):
         assert values == [f"one-{i}".encode() for i in range(p, 100, 2)] + [
             f"zero-{i}".encode() for i in range(p, 100, 2)
         ]
+
+
+def test_a_fetch_stream_answers_each_request_in_turn(cluster, admin, brokers):
+    create_topic(cluster, admin, "stream", 1)
+    with Producer(brokers, **PRODUCER_OPTIONS) as producer:
+        for i in range(10):
+            producer.send("stream", f"v{i}".encode(), partition=0)
+        producer.flush(30)
+    leader = admin.describe_topic("stream").partitions[0].leader
+
+    def request(offset: int, max_wait_ms: int = 0) -> broker_pb2.FetchRequest:
+        return broker_pb2.FetchRequest(
+            replica_id=-1,
+            max_wait_ms=max_wait_ms,
+            min_bytes=1,
+            max_bytes=1024 * 1024,
+            topics=[
+                broker_pb2.FetchTopic(
+                    topic="stream",
+                    partitions=[
+                        broker_pb2.FetchPartition(
+                            partition=0,
+                            fetch_offset=offset,
+                            current_leader_epoch=-1,
+                            last_fetched_epoch=-1,
+                            partition_max_bytes=1024 * 1024,
+                        )
+                    ],
+                )
+            ],
+        )
+
+    def offsets(answer: broker_pb2.FetchResponse) -> list[int]:
+        data = answer.topics[0].partitions[0].records
+        return [
+            o
+            for _, header in iter_batches(data)
+            for o in range(header.base_offset, header.last_offset + 1)
+        ]
+
+    # Each request goes out once the previous one is answered, as a fetcher sends them.
+    outgoing: queue.SimpleQueue[broker_pb2.FetchRequest | None] = queue.SimpleQueue()
+    call = stub(cluster, leader).FetchStream(iter(outgoing.get, None), timeout=30)
+    answers = []
+    for sent in (request(0), request(5), request(10, max_wait_ms=200)):
+        outgoing.put(sent)
+        answers.append(next(call))
+    outgoing.put(None)  # The end of the requests ends the stream.
+    assert list(call) == []
+    assert 0 in offsets(answers[0]) and 9 in offsets(answers[0])
+    assert offsets(answers[1])[0] <= 5 <= offsets(answers[1])[-1]
+    # At the log end the third long-polls and comes back empty with the high watermark.
+    assert offsets(answers[2]) == []
+    assert [a.topics[0].partitions[0].high_watermark for a in answers] == [10, 10, 10]

@@ -54,6 +54,11 @@ class BrokerStub:
                 request_serializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
                 response_deserializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.FetchStream = channel.stream_stream(
+                '/raftka.v1.Broker/FetchStream',
+                request_serializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.ListOffsets = channel.unary_unary(
                 '/raftka.v1.Broker/ListOffsets',
                 request_serializer=raftka_dot_v1_dot_broker__pb2.ListOffsetsRequest.SerializeToString,
@@ -140,6 +145,17 @@ class BrokerServicer:
 
     def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStream(self, request_iterator, context):
+        """A fetch session on one stream: each FetchRequest is answered by one
+        FetchResponse, in order, one at a time (send the next request after the
+        answer). The same answers as Fetch, at about half the cost per round trip:
+        a message on an open stream skips the call set-up a unary Fetch pays. A
+        follower keeps one open to each broker it replicates from.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -242,6 +258,11 @@ def add_BrokerServicer_to_server(servicer, server):
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
+                    request_deserializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.SerializeToString,
+            ),
+            'FetchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.FetchStream,
                     request_deserializer=raftka_dot_v1_dot_broker__pb2.FetchRequest.FromString,
                     response_serializer=raftka_dot_v1_dot_broker__pb2.FetchResponse.SerializeToString,
             ),
@@ -412,6 +433,33 @@ class Broker:
             request,
             target,
             '/raftka.v1.Broker/Fetch',
+            raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
+            raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/raftka.v1.Broker/FetchStream',
             raftka_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
             raftka_dot_v1_dot_broker__pb2.FetchResponse.FromString,
             options,
