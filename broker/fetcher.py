@@ -15,6 +15,13 @@ a new follower starts replicating without waiting out a long poll. A session
 lasts at most ``_SESSION_S``: the bound on a fetch that never gets an answer
 (a leader that went silent is normally noticed sooner, by the metadata that
 moves its partitions away).
+
+The stream is also a fetch session (KIP-227, broker/fetch_session.py): its
+first request lists every partition; later ones list only those whose
+position moved since they were last sent, and the answer holds only the
+partitions with something new. A request goes out full again whenever the set
+of partitions it covers changes (one enters or leaves a back-off) or the
+leader refused the last one as a whole.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ class _FetchSession:
         # that feeds the stream from it.
         self._call = stub.FetchStream(iter(self._requests.get, None), timeout=lifetime_s)
         self.closed = False
+        # What each partition's last request on this session said (leader epoch, fetch
+        # offset, last fetched epoch, log start); None before the first, full, request.
+        self.sent: dict[tuple[str, int], tuple[int, int, int, int]] | None = None
 
     def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
         """Send ``request`` and wait for its answer. Raises ``grpc.RpcError`` when the
@@ -195,7 +205,6 @@ class ReplicaFetcher:
             wait = 1.0 if next_due is None else max(0.0, next_due - now)
             self._wake.wait(min(wait, 1.0))
             return
-        request, sent = self._build_request(entries)
         with self._lock:
             # Checked under the lock that add/remove take: a change from here on
             # closes the session this fetch goes out on.
@@ -204,6 +213,7 @@ class ReplicaFetcher:
             session = self._session
             if session is None:
                 session = self._session = _FetchSession(self._stub, _SESSION_S)
+        request, sent = self._build_request(entries, session)
         try:
             response = session.exchange(request)
         except (grpc.RpcError, _SessionEnded) as e:
@@ -222,26 +232,42 @@ class ReplicaFetcher:
             return
         self._last_rpc_error = None
         self.fetches += 1
+        if response.error.code != common_pb2.NONE:
+            session.sent = None  # The leader has dropped the session: start it afresh.
         self._handle(response, sent)
 
     def _build_request(
-        self, entries: dict[tuple[str, int], _Entry]
+        self, entries: dict[tuple[str, int], _Entry], session: _FetchSession
     ) -> tuple[broker_pb2.FetchRequest, dict[tuple[str, int], _Entry]]:
+        """The next request on ``session``: full when the set of partitions differs
+        from its last request's, else incremental, listing only the partitions
+        whose position moved (the leader fetches the others where they were)."""
+        positions = {
+            key: (entry.leader_epoch, *entry.partition.fetch_position())
+            for key, entry in entries.items()
+        }
+        previous = session.sent
+        full = previous is None or previous.keys() != positions.keys()
         by_topic: dict[str, list[broker_pb2.FetchPartition]] = {}
         topic_ids: dict[str, str] = {}
-        for (topic, index), entry in sorted(entries.items()):
-            offset, last_epoch, log_start = entry.partition.fetch_position()
+        for key in sorted(positions):
+            position = positions[key]
+            if not full and previous is not None and previous[key] == position:
+                continue
+            leader_epoch, offset, last_epoch, log_start = position
+            topic, index = key
             by_topic.setdefault(topic, []).append(
                 broker_pb2.FetchPartition(
                     partition=index,
-                    current_leader_epoch=entry.leader_epoch,
+                    current_leader_epoch=leader_epoch,
                     fetch_offset=offset,
                     last_fetched_epoch=last_epoch,
                     log_start_offset=log_start,
                     partition_max_bytes=self.settings.partition_max_bytes,
                 )
             )
-            topic_ids[topic] = entry.partition.topic_id
+            topic_ids[topic] = entries[key].partition.topic_id
+        session.sent = positions
         request = broker_pb2.FetchRequest(
             replica_id=self.broker_id,
             replica_epoch=self._broker_epoch(),
@@ -252,6 +278,7 @@ class ReplicaFetcher:
                 broker_pb2.FetchTopic(topic=t, topic_id=topic_ids[t], partitions=parts)
                 for t, parts in by_topic.items()
             ],
+            incremental=not full,
         )
         return request, entries
 

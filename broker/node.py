@@ -321,9 +321,14 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request_iterator: Iterator[broker_pb2.FetchRequest], context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.FetchResponse]:
         # One answer per request, in order; the stream holds one server thread, as a
-        # long poll does (num.rpc.threads).
-        for request in request_iterator:
-            yield self._node.replicas.fetch(request)
+        # long poll does (num.rpc.threads). A follower's stream is a fetch session.
+        replicas = self._node.replicas
+        session = replicas.new_fetch_session()
+        try:
+            for request in request_iterator:
+                yield replicas.fetch_in_session(session, request)
+        finally:
+            session.close()
 
     def ListOffsets(  # noqa: N802
         self, request: broker_pb2.ListOffsetsRequest, context: grpc.ServicerContext

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 from raftka.v1 import broker_pb2, common_pb2, controller_pb2
 
+from broker.fetch_session import FetchSession, Key
 from broker.fetcher import FetcherSettings, ReplicaFetcher
 from broker.local_changes import LocalChanges, TopicPartition
 from broker.log_manager import LogManager
@@ -428,6 +429,10 @@ class ReplicaManager:
     # ------------------------------------------------------------------ fetch
 
     def fetch(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
+        if request.incremental:
+            return broker_pb2.FetchResponse(
+                error=_error("INVALID_REQUEST", "an incremental fetch needs a FetchStream session")
+            )
         replica_id = request.replica_id
         if replica_id != CONSUMER:
             refusal = self._check_replica(replica_id, request.replica_epoch)
@@ -476,6 +481,92 @@ class ReplicaManager:
             for partition in live:
                 partition.remove_waiter(waiter)
         return response
+
+    def new_fetch_session(self) -> FetchSession:
+        """State for one FetchStream; ``close()`` it when the stream ends."""
+        return FetchSession(min(1.0, self.settings.replica_lag_time_max_ms / 4000))
+
+    def fetch_in_session(
+        self, session: FetchSession, request: broker_pb2.FetchRequest
+    ) -> broker_pb2.FetchResponse:
+        """A fetch on a FetchStream: a follower's reads only what changed (KIP-227,
+        see broker/fetch_session.py); a consumer's is a plain fetch."""
+        if request.replica_id == CONSUMER and not request.incremental:
+            return self.fetch(request)
+        if request.incremental and (
+            request.replica_id == CONSUMER
+            or not session.started
+            or request.replica_id != session.replica_id
+        ):
+            session.reset()
+            return broker_pb2.FetchResponse(
+                error=_error(
+                    "INVALID_REQUEST",
+                    "an incremental fetch needs a full one from the same follower before it",
+                )
+            )
+        refusal = self._check_replica(request.replica_id, request.replica_epoch)
+        if refusal is not None:
+            session.reset()
+            return broker_pb2.FetchResponse(error=refusal)
+        deadline = time.monotonic() + min(max(request.max_wait_ms, 0), _MAX_WAIT_MS) / 1000
+        max_bytes = request.max_bytes if request.max_bytes > 0 else 50 * 1024 * 1024
+        min_bytes = max(request.min_bytes, 1)
+        listed = session.take_request(request)
+        changed = session.changed()
+        if session.full_pass_due(time.monotonic()):
+            work = list(session.asked)
+        else:
+            seen = set(listed)
+            work = listed + sorted(changed - seen)
+        answers: dict[Key, broker_pb2.FetchPartitionResponse] = {}
+        total, stop = self._read_session(session, work, answers, max_bytes, first=True, used=0)
+        while not stop and total < min_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not session.waiter.wait(remaining):
+                break
+            again = sorted(session.changed())
+            used = total - sum(len(answers[k].records) for k in again if k in answers)
+            total, stop = self._read_session(
+                session, again, answers, max_bytes, first=False, used=used
+            )
+        listed_keys = set(listed)
+        by_topic: dict[str, list[broker_pb2.FetchPartitionResponse]] = {}
+        for key, answer in answers.items():
+            if session.should_tell(key, answer, key in listed_keys):
+                by_topic.setdefault(key[0], []).append(answer)
+        response = broker_pb2.FetchResponse()
+        for topic, parts in by_topic.items():
+            response.topics.add(topic=topic).partitions.extend(parts)
+        return response
+
+    def _read_session(
+        self,
+        session: FetchSession,
+        keys: list[Key],
+        answers: dict[Key, broker_pb2.FetchPartitionResponse],
+        max_bytes: int,
+        first: bool,
+        used: int,
+    ) -> tuple[int, bool]:
+        """Read these partitions of the session into ``answers``; as ``_read_all``."""
+        targets = []
+        for key in keys:
+            topic_id, part = session.asked[key]
+            answer = broker_pb2.FetchPartitionResponse(partition=key[1])
+            partition = self._partitions.get(key)
+            if partition is None:
+                self._set_unknown(answer, *key)
+            elif topic_id and topic_id != partition.topic_id:
+                answer.error.CopyFrom(
+                    _error("UNKNOWN_TOPIC_ID", f"{key[0]} is not topic id {topic_id}")
+                )
+                partition = None
+            session.watch(key, partition)
+            answers[key] = answer
+            targets.append((answer, partition, part))
+        assert session.replica_id is not None
+        return self._read_all(targets, session.replica_id, max_bytes, first=first, used=used)
 
     def _read_all(
         self,

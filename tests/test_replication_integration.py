@@ -7,13 +7,15 @@ session, 2 s replica lag) so failures are detected in seconds.
 
 from __future__ import annotations
 
+import queue
 import time
 
 import pytest
 from conftest import running_cluster
 from dataplane import address, error_name, produce, read_all, stub, wait_until
-from raftka.v1 import broker_pb2
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
+from broker.record_batch import decode_records
 from client import Admin
 
 pytestmark = pytest.mark.integration
@@ -325,3 +327,111 @@ def test_brokers_answer_metadata_for_clients(cluster, admin):
     meta, nope = answer.topics
     assert meta.name == "meta" and meta.partitions[0].leader in BROKERS
     assert error_name(nope) == "UNKNOWN_TOPIC_OR_PARTITION"
+
+
+class _Stream:
+    """A FetchStream driven by hand: a request, then its answer."""
+
+    def __init__(self, broker: broker_pb2_grpc.BrokerStub):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = broker.FetchStream(iter(self._requests.get, None), timeout=60)
+
+    def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
+        self._requests.put(request)
+        return next(self._call)
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._requests.put(None)
+
+
+def _session_request(replica_id: int, topic: str, offsets: dict[int, int], **kw):
+    return broker_pb2.FetchRequest(
+        replica_id=replica_id,
+        replica_epoch=-1,
+        min_bytes=1,
+        max_bytes=1 << 20,
+        topics=[
+            broker_pb2.FetchTopic(
+                topic=topic,
+                partitions=[
+                    broker_pb2.FetchPartition(
+                        partition=p,
+                        current_leader_epoch=-1,
+                        fetch_offset=offset,
+                        last_fetched_epoch=-1,
+                        partition_max_bytes=1 << 20,
+                    )
+                    for p, offset in offsets.items()
+                ],
+            )
+        ]
+        if offsets
+        else [],
+        **kw,
+    )
+
+
+def _answered(response: broker_pb2.FetchResponse) -> dict[int, broker_pb2.FetchPartitionResponse]:
+    return {p.partition: p for t in response.topics for p in t.partitions}
+
+
+def test_a_fetch_session_answers_only_what_changed(cluster, admin):
+    admin.create_topic("sessions", 6, 3)
+
+    def led_with_full_isr():
+        described = admin.describe_topic("sessions").partitions
+        return all(p.leader > 0 and len(p.isr) == 3 for p in described) and described
+
+    parts = wait_until("every partition of sessions led with a full ISR", led_with_full_isr)
+    leader = parts[0].leader  # type: ignore[index]
+    mine = [p.partition for p in parts if p.leader == leader]  # type: ignore[attr-defined]
+    assert len(mine) >= 2, parts
+    quiet, busy = mine[0], mine[1]
+    wait_until(
+        f"broker {leader} to lead {mine}",
+        lambda: all(
+            (p := local(cluster, leader, "sessions", i)) and p.role == "leader" for i in mine
+        ),
+    )
+    follower = next(b for b in BROKERS if b != leader)
+    broker = stub(cluster, leader)
+    stream = _Stream(broker)
+    try:
+        # The first request is full and every partition it lists is answered.
+        first = stream.exchange(_session_request(follower, "sessions", {quiet: 0, busy: 0}))
+        assert first.error.code == common_pb2.NONE, first.error
+        assert sorted(_answered(first)) == sorted([quiet, busy])
+        # Nothing moved: an incremental fetch waits out its time and says nothing.
+        idle = stream.exchange(
+            _session_request(follower, "sessions", {}, incremental=True, max_wait_ms=300)
+        )
+        assert _answered(idle) == {}
+        # Records on one partition: answered though the request did not list it,
+        # read from where the session last asked.
+        assert error_name(produce(broker, "sessions", busy, values("s", 3), acks=1)) == "NONE"
+        moved = stream.exchange(
+            _session_request(follower, "sessions", {}, incremental=True, max_wait_ms=2000)
+        )
+        answered = _answered(moved)
+        assert list(answered) == [busy]
+        records = [r.value for r in decode_records(answered[busy].records)]
+        assert records == values("s", 3)
+        # A listed partition is answered; the quiet one still is not.
+        listed = stream.exchange(
+            _session_request(follower, "sessions", {busy: 3}, incremental=True, max_wait_ms=0)
+        )
+        assert list(_answered(listed)) == [busy] and not _answered(listed)[busy].records
+    finally:
+        stream.close()
+
+    # An incremental fetch needs its session: refused as a unary call, and as the
+    # first request of a stream.
+    unary = broker.Fetch(_session_request(follower, "sessions", {}, incremental=True), timeout=10)
+    assert error_name(unary) == "INVALID_REQUEST"
+    fresh = _Stream(broker)
+    try:
+        refused = fresh.exchange(_session_request(follower, "sessions", {}, incremental=True))
+        assert error_name(refused) == "INVALID_REQUEST"
+    finally:
+        fresh.close()
