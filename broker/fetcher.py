@@ -58,6 +58,9 @@ _BACKOFF_CODES = {
 
 # The longest a fetch session stays open; it is then opened again (no back-off).
 _SESSION_S = 60.0
+# How often a session's request reads every partition's position, not only those
+# the last answer held.
+_POSITION_SCAN_S = 1.0
 
 
 class _SessionEnded(Exception):
@@ -76,6 +79,10 @@ class _FetchSession:
         # What each partition's last request on this session said (leader epoch, fetch
         # offset, last fetched epoch, log start); None before the first, full, request.
         self.sent: dict[tuple[str, int], tuple[int, int, int, int]] | None = None
+        # The partitions whose position may have moved since the last request (those
+        # the last answer held), and when every position is next read regardless.
+        self.touched: set[tuple[str, int]] = set()
+        self.next_scan = 0.0
 
     def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
         """Send ``request`` and wait for its answer. Raises ``grpc.RpcError`` when the
@@ -234,6 +241,9 @@ class ReplicaFetcher:
         self.fetches += 1
         if response.error.code != common_pb2.NONE:
             session.sent = None  # The leader has dropped the session: start it afresh.
+        session.touched.update(
+            (t.topic, p.partition) for t in response.topics for p in t.partitions
+        )
         self._handle(response, sent)
 
     def _build_request(
@@ -242,12 +252,25 @@ class ReplicaFetcher:
         """The next request on ``session``: full when the set of partitions differs
         from its last request's, else incremental, listing only the partitions
         whose position moved (the leader fetches the others where they were)."""
-        positions = {
-            key: (entry.leader_epoch, *entry.partition.fetch_position())
-            for key, entry in entries.items()
-        }
         previous = session.sent
-        full = previous is None or previous.keys() != positions.keys()
+        full = previous is None or previous.keys() != entries.keys()
+        now = time.monotonic()
+        if full or previous is None or now >= session.next_scan:
+            # Every position: a partition's log start also moves by retention.
+            session.next_scan = now + _POSITION_SCAN_S
+            positions = {
+                key: (entry.leader_epoch, *entry.partition.fetch_position())
+                for key, entry in entries.items()
+            }
+        else:
+            # Only this fetcher's appends and truncations move a position between
+            # scans, and it made them from the partitions in the last answer.
+            positions = dict(previous)
+            for key in session.touched:
+                entry = entries.get(key)
+                if entry is not None:
+                    positions[key] = (entry.leader_epoch, *entry.partition.fetch_position())
+        session.touched = set()
         by_topic: dict[str, list[broker_pb2.FetchPartition]] = {}
         topic_ids: dict[str, str] = {}
         for key in sorted(positions):
