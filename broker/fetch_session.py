@@ -43,6 +43,8 @@ class FetchSession:
         self.asked: dict[Key, tuple[str, broker_pb2.FetchPartition]] = {}
         self.told: dict[Key, tuple[int, int, int]] = {}
         self.partitions: dict[Key, Partition] = {}
+        # Partitions a fetch left unread for lack of room: the next one reads them first.
+        self.pending: set[Key] = set()
         self.waiter = Waiter()
         self._next_full_pass = 0.0
 
@@ -57,6 +59,7 @@ class FetchSession:
         self.asked.clear()
         self.told.clear()
         self.partitions.clear()
+        self.pending.clear()
         self.waiter.take()
         self._next_full_pass = 0.0
 
@@ -74,6 +77,12 @@ class FetchSession:
                 self.asked[key] = (topic.topic_id, part)
                 listed.append(key)
         return listed
+
+    def take_pending(self) -> list[Key]:
+        """The partitions left unread last time, in order; the set is emptied."""
+        pending = sorted(self.pending)
+        self.pending.clear()
+        return pending
 
     def full_pass_due(self, now: float) -> bool:
         """Whether this fetch reads every partition; if so the next one is due later."""

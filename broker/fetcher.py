@@ -239,12 +239,16 @@ class ReplicaFetcher:
             return
         self._last_rpc_error = None
         self.fetches += 1
-        if response.error.code != common_pb2.NONE:
-            session.sent = None  # The leader has dropped the session: start it afresh.
+        if response.error.code != common_pb2.NONE or not response.in_session:
+            session.sent = None  # No session on the leader's side: every request is full.
         session.touched.update(
             (t.topic, p.partition) for t in response.topics for p in t.partitions
         )
-        self._handle(response, sent)
+        try:
+            self._handle(response, sent)
+        except BaseException:
+            session.sent = None  # The leader counts this answer as told: start afresh.
+            raise
 
     def _build_request(
         self, entries: dict[tuple[str, int], _Entry], session: _FetchSession

@@ -514,11 +514,14 @@ class ReplicaManager:
         min_bytes = max(request.min_bytes, 1)
         listed = session.take_request(request)
         changed = session.changed()
+        # Partitions left unread for lack of room last time go first, so that none
+        # starves behind partitions with more to send.
+        pending = [key for key in session.take_pending() if key in session.asked]
         if session.full_pass_due(time.monotonic()):
-            work = list(session.asked)
+            rest = set(pending)
+            work = pending + [key for key in session.asked if key not in rest]
         else:
-            seen = set(listed)
-            work = listed + sorted(changed - seen)
+            work = list(dict.fromkeys([*pending, *listed, *sorted(changed)]))
         answers: dict[Key, broker_pb2.FetchPartitionResponse] = {}
         total, stop = self._read_session(session, work, answers, max_bytes, first=True, used=0)
         while not stop and total < min_bytes:
@@ -533,9 +536,11 @@ class ReplicaManager:
         listed_keys = set(listed)
         by_topic: dict[str, list[broker_pb2.FetchPartitionResponse]] = {}
         for key, answer in answers.items():
+            if key in session.pending:
+                continue  # Not read: it is read first next time, and told then.
             if session.should_tell(key, answer, key in listed_keys):
                 by_topic.setdefault(key[0], []).append(answer)
-        response = broker_pb2.FetchResponse()
+        response = broker_pb2.FetchResponse(in_session=True)
         for topic, parts in by_topic.items():
             response.topics.add(topic=topic).partitions.extend(parts)
         return response
@@ -564,9 +569,17 @@ class ReplicaManager:
                 partition = None
             session.watch(key, partition)
             answers[key] = answer
+            session.pending.discard(key)
             targets.append((answer, partition, part))
         assert session.replica_id is not None
-        return self._read_all(targets, session.replica_id, max_bytes, first=first, used=used)
+        skipped: list[broker_pb2.FetchPartitionResponse] = []
+        result = self._read_all(
+            targets, session.replica_id, max_bytes, first=first, used=used, skipped=skipped
+        )
+        if skipped:
+            unread = {id(answer) for answer in skipped}
+            session.pending.update(key for key in keys if id(answers[key]) in unread)
+        return result
 
     def _read_all(
         self,
@@ -577,9 +590,11 @@ class ReplicaManager:
         max_bytes: int,
         first: bool,
         used: int = 0,
+        skipped: list[broker_pb2.FetchPartitionResponse] | None = None,
     ) -> tuple[int, bool]:
         """Read these partitions once; (bytes in the answer, whether to answer now
-        regardless). ``used``: bytes already in the answer from other partitions."""
+        regardless). ``used``: bytes already in the answer from other partitions;
+        ``skipped`` collects the answers of partitions left unread for lack of room."""
         total = used
         stop = False
         for answer, partition, part in targets:
@@ -589,6 +604,8 @@ class ReplicaManager:
             budget = min(part.partition_max_bytes or max_bytes, max_bytes - total)
             if budget <= 0 and total > 0:
                 answer.records = b""
+                if skipped is not None:
+                    skipped.append(answer)
                 continue
             budget = max(budget, 1)
             try:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from types import SimpleNamespace
+
 from raftka.v1 import broker_pb2
 
 from broker.fetch_session import FetchSession
+from broker.partition import Partition, PartitionSettings
+from broker.record_batch import Record, encode_batch
+from broker.replica_manager import ReplicaManager
+from broker.storage.log import LogConfig, PartitionLog
+from quorum.image import PartitionRegistration
 
 
 class FakePartition:
@@ -92,3 +100,70 @@ def test_a_full_pass_is_due_on_the_first_fetch_then_every_interval():
     assert session.full_pass_due(100.0)
     assert not session.full_pass_due(100.4)
     assert session.full_pass_due(100.5)
+
+
+# -- the leader's reads in a session, over real partitions ---------------------------
+
+
+def leader_partition(root, topic: str) -> Partition:
+    log_ = PartitionLog(root / f"{topic}-0", LogConfig(segment_bytes=1_000_000))
+    partition = Partition(topic, 0, f"id-{topic}", log_, 1, PartitionSettings())
+    partition.become_leader(PartitionRegistration((1, 2), (1, 2), 1, 0, 0), partition.settings)
+    return partition
+
+
+def manager(partitions: list[Partition]) -> ReplicaManager:
+    """Only what fetch_in_session reads; the rest of a ReplicaManager is not needed."""
+    rm = object.__new__(ReplicaManager)
+    rm._partitions = {(p.topic, p.index): p for p in partitions}
+    rm._isr_wake = threading.Event()
+    rm.settings = SimpleNamespace(replica_lag_time_max_ms=30_000)
+    rm._check_replica = lambda *args: None
+    return rm
+
+
+def fetch_request(offsets: dict[str, int], incremental: bool) -> broker_pb2.FetchRequest:
+    return broker_pb2.FetchRequest(
+        replica_id=2,
+        replica_epoch=-1,
+        max_wait_ms=0,
+        min_bytes=1,
+        max_bytes=300,  # Room for one of the 400-byte batches below.
+        incremental=incremental,
+        topics=[
+            broker_pb2.FetchTopic(
+                topic=topic,
+                partitions=[
+                    broker_pb2.FetchPartition(
+                        partition=0,
+                        current_leader_epoch=0,
+                        fetch_offset=offset,
+                        last_fetched_epoch=-1,
+                        partition_max_bytes=1 << 20,
+                    )
+                ],
+            )
+            for topic, offset in offsets.items()
+        ],
+    )
+
+
+def told(response: broker_pb2.FetchResponse) -> dict[str, int]:
+    return {t.topic: len(p.records) for t in response.topics for p in t.partitions}
+
+
+def test_a_partition_left_unread_for_lack_of_room_is_read_first_next_time(tmp_path):
+    big, small = leader_partition(tmp_path, "a"), leader_partition(tmp_path, "b")
+    for _ in range(3):
+        big.append_as_leader(encode_batch([Record(None, b"x" * 400, (), 1000)]), acks=1)
+    rm = manager([big, small])
+    session = rm.new_fetch_session()
+    first = rm.fetch_in_session(session, fetch_request({"a": 0, "b": 0}, False))
+    assert first.in_session and list(told(first)) == ["a"]  # b had no room: not told.
+    small.append_as_leader(encode_batch([Record(None, b"acked", (), 1000)]), acks=1)
+    # The follower lists only a, whose position moved; b must not wait for a full pass.
+    second = rm.fetch_in_session(session, fetch_request({"a": 1}, True))
+    assert told(second)["b"] > 0
+    assert small.followers[2].log_end_offset == 0  # Its fetch was counted.
+    session.close()
+    assert not big._waiters and not small._waiters
