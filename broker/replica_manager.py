@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -145,6 +145,13 @@ class ReplicaManager:
         self._following: dict[TopicPartition, tuple[int, str]] = {}
         self._stopped = threading.Event()
         self._isr_wake = threading.Event()
+        # Leader partitions whose ISR may have to change, checked on the ISR
+        # thread's next pass; all of them are checked every quarter of
+        # replica.lag.time.max.ms (a follower falls behind by time alone) and
+        # when the set of brokers that may join an ISR changes.
+        self._isr_due: set[TopicPartition] = set()
+        self._isr_due_lock = threading.Lock()
+        self._isr_eligible: frozenset[int] | None = None
         self._threads: list[threading.Thread] = []
         self.isr_changes_sent = 0
         self._unsettled: dict[TopicPartition, tuple[Partition, IsrChange]] = {}
@@ -217,7 +224,7 @@ class ReplicaManager:
                 except (OSError, ValueError) as e:
                     log.error("%s-%d: cannot become follower: %s", *key, e)
             self._drop_idle_fetchers()
-        self._isr_wake.set()
+        self._check_isr(changes.leaders)
         if self.role_listeners:
             roles = {key: "deleted" for key in changes.deletes}
             roles.update({key: "leader" for key in changes.leaders})
@@ -636,7 +643,7 @@ class ReplicaManager:
                         answer.diverging_epoch.end_offset = read.diverging[1]
                         stop = True
                     if read.may_join_isr:
-                        self._isr_wake.set()
+                        self._check_isr(((partition.topic, partition.index),))
                 answer.ClearField("error")
                 total += len(answer.records)
             except PartitionError as e:
@@ -694,26 +701,50 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ ISR
 
+    def _check_isr(self, keys: Iterable[TopicPartition]) -> None:
+        """Have the ISR thread look at these partitions now (from any thread)."""
+        with self._isr_due_lock:
+            self._isr_due.update(keys)
+        self._isr_wake.set()
+
     def _isr_loop(self) -> None:
         interval = max(self.settings.replica_lag_time_max_ms / 4000, 0.05)
+        next_full = time.monotonic()
         while not self._stopped.is_set():
-            self._isr_wake.wait(0.5 if self._unsettled else interval)
+            wait = max(0.0, next_full - time.monotonic())
+            self._isr_wake.wait(min(wait, 0.5) if self._unsettled else wait)
             self._isr_wake.clear()
             if self._stopped.is_set():
                 return
+            full = time.monotonic() >= next_full
+            if full:
+                next_full = time.monotonic() + interval
             try:
-                self._send_isr_changes()
+                self._send_isr_changes(full)
             except Exception:
                 log.exception("ISR manager failed; retrying")
                 self._stopped.wait(0.5)
 
-    def _send_isr_changes(self) -> None:
+    def _send_isr_changes(self, full: bool = True) -> None:
+        """Ask for the ISR changes that are due: on the partitions marked by
+        ``_check_isr``, or on every partition this broker leads when ``full``.
+
+        A metadata change or a follower's fetch concerns a few partitions, so
+        only those are looked at; looking at all of them on every change cost
+        a broker leading a thousand partitions milliseconds of CPU per change.
+        """
+        with self._isr_due_lock:
+            due, self._isr_due = self._isr_due, set()
         image = self._image()
-        eligible = [
+        eligible = frozenset(
             b.broker_id
             for b in image.brokers.values()
             if not b.fenced and not b.in_controlled_shutdown
-        ]
+        )
+        if eligible != self._isr_eligible:
+            # A broker was unfenced (it may join ISRs) or left: look at all.
+            self._isr_eligible = eligible
+            full = True
         now = now_ms()
         # Changes whose outcome is unknown go again first, unchanged: the controller
         # may have committed them, and until it is known the ISR stays the maximal one.
@@ -721,12 +752,16 @@ class ReplicaManager:
             del self._unsettled[key]
             if partition.pending_isr == change.new_isr and partition.role == LEADER:
                 self._send_isr_change(partition, change)
-        for partition in list(self._partitions.values()):
+        if full:
+            candidates = list(self._partitions.values())
+        else:
+            candidates = [p for p in map(self._partitions.get, sorted(due)) if p is not None]
+        for partition in candidates:
             if partition.role != LEADER:
                 continue
-            due = partition.isr_change_due(now, eligible)
-            if due is not None:
-                self._send_isr_change(partition, due)
+            due_change = partition.isr_change_due(now, eligible)
+            if due_change is not None:
+                self._send_isr_change(partition, due_change)
 
     def _send_isr_change(self, partition: Partition, change: IsrChange) -> None:
         request = controller_pb2.AlterPartitionRequest(

@@ -117,6 +117,8 @@ def manager(partitions: list[Partition]) -> ReplicaManager:
     rm = object.__new__(ReplicaManager)
     rm._partitions = {(p.topic, p.index): p for p in partitions}
     rm._isr_wake = threading.Event()
+    rm._isr_due = set()
+    rm._isr_due_lock = threading.Lock()
     rm.settings = SimpleNamespace(replica_lag_time_max_ms=30_000)
     rm._check_replica = lambda *args: None
     return rm

@@ -1,0 +1,87 @@
+"""The leader's ISR thread looks only at the partitions something happened to.
+
+A metadata change or a follower's fetch marks the partitions it concerns; all of
+them are looked at every quarter of replica.lag.time.max.ms and when the set of
+brokers that may join an ISR changes. (Every metadata change used to look at every
+partition the broker leads: with a thousand of them, most of a broker's CPU.)
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+from broker.partition import IsrChange, Partition, PartitionSettings
+from broker.replica_manager import ReplicaManager
+from broker.storage.log import LogConfig, PartitionLog
+from quorum.image import PartitionRegistration
+
+
+def joinable_partition(root: Path, topic: str) -> Partition:
+    """A leader whose follower 2, outside the ISR, has caught up: an expansion is due."""
+    log_ = PartitionLog(root / f"{topic}-0", LogConfig(segment_bytes=1_000_000))
+    partition = Partition(topic, 0, f"id-{topic}", log_, 1, PartitionSettings())
+    partition.become_leader(PartitionRegistration((1, 2), (1,), 1, 0, 0), partition.settings)
+    read = partition.read_for_follower(2, 0, -1, 0, 0, 1 << 20, update_state=True)
+    assert read.may_join_isr
+    return partition
+
+
+def broker(broker_id: int, fenced: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(broker_id=broker_id, fenced=fenced, in_controlled_shutdown=False)
+
+
+class Manager:
+    """A ReplicaManager reduced to its ISR pass; sent changes are recorded."""
+
+    def __init__(self, partitions: list[Partition]):
+        rm = object.__new__(ReplicaManager)
+        rm._partitions = {(p.topic, p.index): p for p in partitions}
+        rm._isr_wake = threading.Event()
+        rm._isr_due = set()
+        rm._isr_due_lock = threading.Lock()
+        rm._isr_eligible = None
+        rm._unsettled = {}
+        self.brokers = {1: broker(1), 2: broker(2)}
+        rm._image = lambda: SimpleNamespace(brokers=self.brokers)
+        self.sent: list[str] = []
+
+        def send(partition: Partition, change: IsrChange) -> None:
+            self.sent.append(change.topic)
+            partition.isr_change_done(change, None, -1)  # refused: due again later
+
+        rm._send_isr_change = send
+        self.rm = rm
+
+
+def test_only_marked_partitions_are_looked_at_between_full_passes(tmp_path: Path) -> None:
+    m = Manager([joinable_partition(tmp_path, t) for t in ("a", "b", "c")])
+    m.rm._send_isr_changes(full=False)  # first pass: eligibility is new, so all
+    assert sorted(m.sent) == ["a", "b", "c"]
+    m.sent.clear()
+    m.rm._send_isr_changes(full=False)
+    assert m.sent == []  # nothing marked, nobody changed
+    m.rm._check_isr([("b", 0), ("gone", 0)])
+    assert m.rm._isr_wake.is_set()
+    m.rm._send_isr_changes(full=False)
+    assert m.sent == ["b"]
+    m.sent.clear()
+    m.rm._send_isr_changes(full=True)
+    assert sorted(m.sent) == ["a", "b", "c"]
+
+
+def test_a_change_in_who_may_join_looks_at_every_partition(tmp_path: Path) -> None:
+    m = Manager([joinable_partition(tmp_path, t) for t in ("a", "b")])
+    m.rm._send_isr_changes(full=False)
+    m.sent.clear()
+    m.brokers[3] = broker(3)  # a broker registered and was unfenced
+    m.rm._send_isr_changes(full=False)
+    assert sorted(m.sent) == ["a", "b"]
+
+
+def test_a_fenced_follower_is_not_proposed(tmp_path: Path) -> None:
+    m = Manager([joinable_partition(tmp_path, "a")])
+    m.brokers[2] = broker(2, fenced=True)
+    m.rm._send_isr_changes(full=True)
+    assert m.sent == []
