@@ -243,20 +243,24 @@ class PartitionLog:
                     LogSegment(self.directory, later, self.config.index_interval_bytes).delete()
                 break
         if not self._segments:
+            # A new log: empty files, nothing to recover and nothing to make durable
+            # but their names (appends sync the files by the flush policy).
             start = start_checkpoint if start_checkpoint is not None else 0
             self._add_segment(
                 LogSegment.open(
                     self.directory,
                     start,
                     index_interval_bytes=self.config.index_interval_bytes,
+                    recover=False,
                 )
             )
             fsync_dir(self.directory)
         first_base = self._segments[0].base_offset
         self._log_start_offset = min(max(start_checkpoint or 0, first_base), self.log_end_offset)
         self._load_leader_epoch_cache(first_recovered if first_recovered is not None else 0)
-        # Recovered bytes may exist only in the page cache: make them durable now.
-        self.flush()
+        if bases:
+            # Recovered bytes may exist only in the page cache: make them durable now.
+            self.flush()
 
     def _load_leader_epoch_cache(self, first_recovered: int) -> None:
         """Read the checkpoint, replay recovered segments into it, cut it to the log.
@@ -285,7 +289,8 @@ class PartitionLog:
         # is empty (start == end), which makes the result what the batches alone give.
         cache.truncate_from_start(self._log_start_offset)
         cache.truncate_from_end(self.log_end_offset)
-        if cache.entries() != loaded:
+        # No file and no entries mean the same (an empty cache): a new log writes none.
+        if cache.entries() != (loaded if loaded is not None else []):
             cache.flush()
         self.leader_epoch_cache = cache
 
