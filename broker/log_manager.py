@@ -164,7 +164,12 @@ class LogManager:
         with self._lock:
             opened = self._open.pop(key, None)
             if opened is not None:
-                opened.close()
+                try:
+                    opened.close()
+                except OSError as e:
+                    # Only its last flush failed (a full disk, no descriptor left for
+                    # a checkpoint): its files are closed, and it is deleted anyway.
+                    log.warning("%s-%d: closing the log to delete it: %s", topic, partition, e)
             known = self._drop_log(key)
             self._saved_hws.pop(key, None)
             if known is not None:

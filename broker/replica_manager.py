@@ -206,13 +206,20 @@ class ReplicaManager:
     def apply(self, changes: LocalChanges, image: MetadataImage) -> None:
         """Apply partition changes for this broker (on the metadata follower's thread)."""
         with self._lock:
+            # One partition that fails (its disk, no file descriptor left) must not
+            # stop the others' changes; a log whose last flush failed goes all the same.
             for key in sorted(changes.deletes):
                 self._stop_following(key)
                 partition = self._partitions.pop(key, None)
                 if partition is not None:
-                    partition.close()
-                self.logs.delete(*key)
-            # One partition that fails (its disk) must not stop the others' changes.
+                    try:
+                        partition.close()
+                    except OSError as e:
+                        log.warning("%s-%d: closing the log to delete it: %s", *key, e)
+                try:
+                    self.logs.delete(*key)
+                except OSError as e:
+                    log.error("%s-%d: cannot delete the log: %s", *key, e)
             for key, reg in sorted(changes.leaders.items()):
                 try:
                     self._lead(key, reg, changes.topic_ids[key[0]], image)

@@ -1,4 +1,5 @@
-"""The leader's ISR thread looks only at the partitions something happened to.
+"""ReplicaManager's reaction to changes: the ISR thread looks only at the partitions
+something happened to, and deletions go through whatever one partition does.
 
 A metadata change or a follower's fetch marks the partitions it concerns; all of
 them are looked at every quarter of replica.lag.time.max.ms and when the set of
@@ -8,13 +9,19 @@ partition the broker leads: with a thousand of them, most of a broker's CPU.)
 
 from __future__ import annotations
 
+import errno
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from broker.local_changes import LocalChanges
+from broker.log_manager import LogManager
 from broker.partition import IsrChange, Partition, PartitionSettings
-from broker.replica_manager import ReplicaManager
+from broker.replica_manager import BrokerSettings, ReplicaManager
 from broker.storage.log import LogConfig, PartitionLog
+from quorum.config import NodeConfig
 from quorum.image import PartitionRegistration
 
 
@@ -85,3 +92,47 @@ def test_a_fenced_follower_is_not_proposed(tmp_path: Path) -> None:
     m.brokers[2] = broker(2, fenced=True)
     m.rm._send_isr_changes(full=True)
     assert m.sent == []
+
+
+def test_a_deletion_that_fails_to_flush_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting topics closes their partitions; a close whose flush fails (a full
+    disk, no descriptor left) must neither stop the other deletions in the change
+    nor keep the failing log, whose files are closed and whose directory goes."""
+    config = NodeConfig(
+        {
+            "node.id": 1,
+            "controller.quorum.voters": "9@127.0.0.1:1:2",
+            "listeners": "127.0.0.1:0",
+            "cluster.id": "c",
+            "log.dirs": str(tmp_path),
+        }
+    )
+    settings = BrokerSettings.from_config(config)
+    rm = ReplicaManager(
+        1,
+        settings,
+        LogManager([tmp_path], settings.log_config),
+        image=lambda: SimpleNamespace(brokers={}),
+        broker_epoch=lambda: 1,
+        alter_partition=lambda request: None,  # type: ignore[arg-type,return-value]
+    )
+    rm.logs.load()
+    keys = [("a", 0), ("b", 0), ("c", 0)]
+    for topic, index in keys:
+        log_ = rm.logs.get_or_create(topic, index, f"id-{topic}")
+        rm._partitions[(topic, index)] = Partition(
+            topic, index, f"id-{topic}", log_, 1, PartitionSettings()
+        )
+    failing = rm._partitions[("a", 0)]
+
+    def flush_fails() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(failing.log, "flush", flush_fails)
+    rm.apply(LocalChanges(deletes=frozenset(keys)), SimpleNamespace(brokers={}))  # type: ignore[arg-type]
+    assert rm.partitions() == {}
+    assert rm.logs.known() == {}
+    assert not any((tmp_path / f"{t}-{i}").exists() for t, i in keys)
+    assert all(segment._closed for segment in failing.log.segments)

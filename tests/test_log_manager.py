@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 from pathlib import Path
 
 from broker.log_manager import LogManager
+from broker.record_batch import Record, encode_batch
+from broker.storage import log as storage_log
 from broker.storage.log import LogConfig
 
 
@@ -58,3 +61,25 @@ def test_a_log_replaced_by_a_newer_topic_of_the_same_name_is_counted_once(tmp_pa
     logs.get_or_create("t", 2, "new-id")
     # The old log no longer counts: a holds t-0 and t-2, b holds t-1.
     assert placement(dirs) == {"a": 2, "b": 1}
+
+
+def test_a_log_whose_last_flush_fails_is_still_deleted(tmp_path, monkeypatch):
+    """Deleting a partition must not depend on writing its checkpoint: with no file
+    descriptor left or a full disk, the log's files are closed and its directory goes
+    (a broker that kept such logs ran out of descriptors for good)."""
+    logs = manager([tmp_path])
+    doomed = logs.get_or_create("t", 0, "id-t")
+    kept = logs.get_or_create("t", 1, "id-t")
+    doomed.append(encode_batch([Record(None, b"v", (), 1000)]), now_ms=0)
+
+    def no_descriptor_left(path, offset):
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    monkeypatch.setattr(storage_log, "write_offset_checkpoint", no_descriptor_left)
+    logs.delete("t", 0)
+    assert not (tmp_path / "t-0").exists()
+    assert all(segment._closed for segment in doomed.segments)
+    assert set(logs.known()) == {("t", 1)}
+    monkeypatch.undo()
+    kept.append(encode_batch([Record(None, b"v", (), 1000)]), now_ms=0)
+    logs.close()
