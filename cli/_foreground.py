@@ -12,12 +12,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 log = logging.getLogger("raftka.cli")
+
+# A broker holds three descriptors per partition log it hosts (the segment and its
+# two indexes), as Kafka holds one per segment and maps its indexes.
+DESCRIPTORS_PER_LOG = 3
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit.
+
+    The usual soft limit of 1024 runs a broker out of descriptors at about 300
+    partitions, where the hard limit (often 524,288 or more) would not; a JVM
+    raises it the same way at start. Returns (limit before, limit after).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
+            return soft, soft
+        return soft, hard
+    return soft, soft
 
 
 class Node(Protocol):

@@ -374,11 +374,19 @@ def _load_node_config(
 
 def _run_node(node_config: NodeConfig, log_level: str) -> None:
     """Run the node the config describes (controller, broker or both) until a signal."""
-    from cli._foreground import run_until_signalled
+    from cli._foreground import DESCRIPTORS_PER_LOG, raise_open_files_limit, run_until_signalled
 
     roles = node_config.roles
     name = f"{'+'.join(sorted(roles))}-{node_config.node_id}"
     _setup_logging(log_level, name)
+    before, after = raise_open_files_limit()
+    if "broker" in roles:
+        logging.getLogger("raftka.cli").info(
+            "open files limit %d (was %d): room for about %d partition logs",
+            after,
+            before,
+            after // DESCRIPTORS_PER_LOG,
+        )
     node: Any
     if roles == {"controller"}:
         from quorum.node import ControllerNode

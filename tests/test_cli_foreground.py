@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -59,3 +62,27 @@ def test_a_failed_start_releases_the_node_and_raises():
     with pytest.raises(OSError, match="port in use"):
         run_until_signalled(node, node.stop, name="test")
     assert node.stop_calls == 1
+
+
+def test_a_node_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    """A broker holds three descriptors per partition log: the usual soft limit
+    of 1024 would stop it at about 300 partitions."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # The child starts with a soft limit of 256 under a hard one of at most 4096
+    # (lowering a hard limit needs no privilege).
+    hard = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    code = (
+        "import resource\n"
+        "from cli._foreground import raise_open_files_limit\n"
+        "print(*raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ).stdout.split()
+    assert [int(x) for x in out] == [256, hard, hard]
