@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from raftka.v1 import broker_pb2
+from raftka.v1 import broker_pb2, common_pb2
 
 from broker.fetch_session import FetchSession
+from broker.fetcher import FetcherSettings, ReplicaFetcher, _Entry
 from broker.partition import Partition, PartitionSettings
 from broker.record_batch import Record, encode_batch
 from broker.replica_manager import ReplicaManager
@@ -169,3 +170,68 @@ def test_a_partition_left_unread_for_lack_of_room_is_read_first_next_time(tmp_pa
     assert small.followers[2].log_end_offset == 0  # Its fetch was counted.
     session.close()
     assert not big._waiters and not small._waiters
+
+
+def test_an_incremental_fetch_from_anyone_but_the_sessions_follower_is_refused(tmp_path):
+    """After follower 2's full request started the session, an incremental request
+    from a consumer or from another follower is refused, and the session starts over
+    (a consumer's reads are never a session's, and positions are per follower)."""
+    rm = manager([leader_partition(tmp_path, "a")])
+    for intruder in (-1, 3):
+        session = rm.new_fetch_session()
+        assert rm.fetch_in_session(session, fetch_request({"a": 0}, False)).in_session
+        request = fetch_request({"a": 0}, True)
+        request.replica_id = intruder
+        refused = rm.fetch_in_session(session, request)
+        assert common_pb2.ErrorCode.Name(refused.error.code) == "INVALID_REQUEST"
+        assert not refused.in_session and not session.started
+        # Follower 2's own incremental now needs a full request first, too.
+        again = rm.fetch_in_session(session, fetch_request({"a": 0}, True))
+        assert common_pb2.ErrorCode.Name(again.error.code) == "INVALID_REQUEST"
+        session.close()
+
+
+# -- the follower's side: which positions it reads ------------------------------------
+
+
+class PositionedPartition:
+    """A followed partition whose position the test moves; counts its reads."""
+
+    def __init__(self, topic: str):
+        self.topic_id = f"id-{topic}"
+        self.offset = 0
+        self.reads = 0
+
+    def fetch_position(self) -> tuple[int, int, int]:
+        self.reads += 1
+        return self.offset, -1, 0
+
+
+def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touched():
+    fetcher = object.__new__(ReplicaFetcher)
+    fetcher.broker_id = 2
+    fetcher.settings = FetcherSettings()
+    fetcher._broker_epoch = lambda: 7
+    parts = {("a", 0): PositionedPartition("a"), ("b", 0): PositionedPartition("b")}
+    entries = {key: _Entry(p, leader_epoch=0) for key, p in parts.items()}
+    session = SimpleNamespace(sent=None, touched=set(), next_scan=0.0)
+
+    def listed(request: broker_pb2.FetchRequest) -> dict[str, int]:
+        return {t.topic: p.fetch_offset for t in request.topics for p in t.partitions}
+
+    first, _ = fetcher._build_request(entries, session)
+    assert not first.incremental and listed(first) == {"a": 0, "b": 0}
+    assert [p.reads for p in parts.values()] == [1, 1]
+    # The answer held a; both moved, but only a's position is read before the scan.
+    parts[("a", 0)].offset = parts[("b", 0)].offset = 5
+    session.touched = {("a", 0)}
+    second, _ = fetcher._build_request(entries, session)
+    assert second.incremental and listed(second) == {"a": 5}
+    assert [p.reads for p in parts.values()] == [2, 1]
+    # Nothing touched, nothing listed; at the scan every position is read again.
+    third, _ = fetcher._build_request(entries, session)
+    assert third.incremental and listed(third) == {}
+    session.next_scan = 0.0
+    scanned, _ = fetcher._build_request(entries, session)
+    assert scanned.incremental and listed(scanned) == {"b": 5}
+    assert [p.reads for p in parts.values()] == [3, 2]
