@@ -20,9 +20,10 @@ from typing import Any, Protocol
 
 log = logging.getLogger("raftka.cli")
 
-# A broker holds three descriptors per partition log it hosts (the segment and its
-# two indexes), as Kafka holds one per segment and maps its indexes.
-DESCRIPTORS_PER_LOG = 3
+# A broker holds one descriptor per partition log it hosts (its active segment's
+# .log; index files only once written to, so a busy partition holds three), as
+# Kafka holds one per segment and maps its indexes.
+DESCRIPTORS_PER_LOG = 1
 
 
 def raise_open_files_limit() -> tuple[int, int]:

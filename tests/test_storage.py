@@ -222,6 +222,75 @@ def test_a_new_log_reopens_empty_after_a_crash(tmp_path: Path) -> None:
         assert log.read(0, 10_000) == make_batch(0)
 
 
+def _open_descriptors_under(directory: Path) -> list[str]:
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if target.startswith(str(directory)):
+            paths.append(os.path.basename(target))
+    return sorted(paths)
+
+
+def test_index_files_are_opened_only_to_be_written(tmp_path: Path) -> None:
+    """A partition with less than one index interval of data holds one file and one
+    descriptor; its index files come with its first index entry, and a segment that is
+    reopened trusting its files keeps no descriptor for indexes it only read. (Each
+    partition held three descriptors: a broker at 20,000 ran out at 6,600 partitions.)"""
+    directory = tmp_path / "t-0"
+    log = PartitionLog(directory, SMALL)
+    first = segment_file_name(0, ".log")
+    assert _open_descriptors_under(directory) == [first]
+    assert sorted(p.name for p in directory.glob("0*")) == [first]
+    log.append(make_batch(0), now_ms=0)
+    log.flush()  # nothing to sync for indexes that do not exist
+    assert _open_descriptors_under(directory) == [first]
+    while not log.active_segment.index_entries:
+        log.append(make_batch(log.log_end_offset, records=2, value_bytes=40), now_ms=0)
+    entries = log.active_segment.index_entries
+    assert _open_descriptors_under(directory) == sorted(
+        [first, segment_file_name(0, ".index"), segment_file_name(0, ".timeindex")]
+    )
+    assert (directory / segment_file_name(0, ".index")).stat().st_size == 8 * len(entries)
+    log.flush()
+    end = log.log_end_offset
+    log.close()
+    assert _open_descriptors_under(directory) == []
+    with PartitionLog(directory, SMALL) as reopened:
+        # Recovered (the last segment after the recovery point) or trusted, the index
+        # is the same; reading it left no descriptor behind for a segment not written.
+        assert reopened.log_end_offset == end
+        assert reopened.active_segment.index_entries == entries
+        assert read_all(reopened)[: len(make_batch(0))] == make_batch(0)
+
+
+def test_a_segment_reopened_trusted_reads_its_indexes_without_keeping_them_open(
+    tmp_path: Path,
+) -> None:
+    segment = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    for base in range(0, 20, 2):
+        segment.append(make_batch(base, records=2, value_bytes=40), now_ms=0)
+    entries = segment.index_entries
+    assert entries
+    segment.close()
+    reopened = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        assert reopened.index_entries == entries
+        assert reopened.find_position(entries[-1][0]) is not None
+        assert _open_descriptors_under(tmp_path) == [segment_file_name(0, ".log")]
+        # Written to again, it opens them and appends in place.
+        for base in range(20, 40, 2):
+            reopened.append(make_batch(base, records=2, value_bytes=40), now_ms=0)
+        assert len(reopened.index_entries) > len(entries)
+        assert (tmp_path / segment_file_name(0, ".index")).stat().st_size == 8 * len(
+            reopened.index_entries
+        )
+    finally:
+        reopened.close()
+
+
 def test_round_trip_roll_by_size(tmp_path: Path) -> None:
     log = PartitionLog(tmp_path, SMALL)
     batches = []
@@ -541,9 +610,9 @@ def test_torn_or_corrupt_tail_recovers_preceding_batches(
             if start == 0:  # The torn batch was alone in its segment, which stays, empty.
                 assert segments.pop() == (last_base, []), label
             assert segments == ref_segments, label
-            assert (work / seg_name.replace(".log", ".index")).stat().st_size == 8 * len(
-                segments[-1][1] if start else []
-            ), label
+            index = work / seg_name.replace(".log", ".index")
+            index_size = index.stat().st_size if index.exists() else 0  # missing: empty
+            assert index_size == 8 * len(segments[-1][1] if start else []), label
             log.append(last, now_ms=0)
             assert log.log_end_offset == last_base + 2
             assert log.read(last_base + 1, 1 << 20) == last

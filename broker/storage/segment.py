@@ -14,10 +14,14 @@ from there; at most ``index_interval_bytes`` plus one batch is scanned. Only hea
 read; the records are never touched.
 
 The index files are append-only (Kafka preallocates and memory-maps them; here they grow as
-entries are added) and mirrored in memory. A segment is opened either *trusted*
-(``load``: read the indexes, sanity-check them, scan only the tail after the last index
-entry) or *recovering* (``recover``: scan the whole ``.log`` with CRC checks, cut at the
-first torn or corrupt batch, rebuild both indexes).
+entries are added) and mirrored in memory. They are opened only to be written: a segment
+keeps one descriptor (its ``.log``) until its first index entry, and a segment opened
+trusted keeps none for indexes it only read. A new partition or a small one costs one
+file and one descriptor, not three, and a missing index file reads as an empty one.
+
+A segment is opened either *trusted* (``load``: read the indexes, sanity-check them, scan
+only the tail after the last index entry) or *recovering* (``recover``: scan the whole
+``.log`` with CRC checks, cut at the first torn or corrupt batch, rebuild both indexes).
 """
 
 from __future__ import annotations
@@ -78,6 +82,17 @@ def _open_fd(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
 
+def _read_whole(path: Path, fd: int | None) -> bytes:
+    """A whole file, through ``fd`` when it is open; empty when the file does not exist."""
+    if fd is not None:
+        return _pread_exact(fd, os.fstat(fd).st_size, 0)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
 def _pread_exact(fd: int, length: int, position: int) -> bytes:
     chunks = []
     while length > 0:
@@ -115,8 +130,9 @@ class LogSegment:
         self.index_path = self.directory / segment_file_name(base_offset, ".index")
         self.time_index_path = self.directory / segment_file_name(base_offset, ".timeindex")
         self._log_fd = _open_fd(self.log_path)
-        self._index_fd = _open_fd(self.index_path)
-        self._time_index_fd = _open_fd(self.time_index_path)
+        # Opened (created) by _index_fds when an entry is first written.
+        self._index_fd: int | None = None
+        self._time_index_fd: int | None = None
         self._closed = False
         self._reset_state()
         self._size = os.fstat(self._log_fd).st_size
@@ -244,36 +260,56 @@ class LogSegment:
         self._next_offset = header.next_offset
         return added
 
+    def _index_fds(self) -> tuple[int, int]:
+        """The two index files' descriptors, opened (and created) on first use."""
+        if self._index_fd is None:
+            self._index_fd = _open_fd(self.index_path)
+        if self._time_index_fd is None:
+            self._time_index_fd = _open_fd(self.time_index_path)
+        return self._index_fd, self._time_index_fd
+
     def _write_last_index_entries(self) -> None:
+        index_fd, time_index_fd = self._index_fds()
         count = len(self._index_offsets)
         entry = _OFFSET_ENTRY.pack(
             self._index_offsets[-1] - self.base_offset, self._index_positions[-1]
         )
-        _pwrite_all(self._index_fd, entry, (count - 1) * _OFFSET_ENTRY.size)
+        _pwrite_all(index_fd, entry, (count - 1) * _OFFSET_ENTRY.size)
         count = len(self._time_stamps)
         if count:
             entry = _TIME_ENTRY.pack(
                 self._time_stamps[-1], self._time_offsets[-1] - self.base_offset
             )
-            _pwrite_all(self._time_index_fd, entry, (count - 1) * _TIME_ENTRY.size)
+            _pwrite_all(time_index_fd, entry, (count - 1) * _TIME_ENTRY.size)
         # A truncation may have left the files longer than the in-memory lists.
-        os.ftruncate(self._index_fd, len(self._index_offsets) * _OFFSET_ENTRY.size)
-        os.ftruncate(self._time_index_fd, len(self._time_stamps) * _TIME_ENTRY.size)
+        os.ftruncate(index_fd, len(self._index_offsets) * _OFFSET_ENTRY.size)
+        os.ftruncate(time_index_fd, len(self._time_stamps) * _TIME_ENTRY.size)
 
     def _write_indexes(self) -> None:
-        """Rewrite both index files from the in-memory entries."""
+        """Rewrite both index files from the in-memory entries.
+
+        With no entries and no index files (a new or small segment), nothing is created.
+        """
+        if (
+            not self._index_offsets
+            and self._index_fd is None
+            and not self.index_path.exists()
+            and not self.time_index_path.exists()
+        ):
+            return
+        index_fd, time_index_fd = self._index_fds()
         data = b"".join(
             _OFFSET_ENTRY.pack(offset - self.base_offset, position)
             for offset, position in zip(self._index_offsets, self._index_positions, strict=True)
         )
-        os.ftruncate(self._index_fd, 0)
-        _pwrite_all(self._index_fd, data, 0)
+        os.ftruncate(index_fd, 0)
+        _pwrite_all(index_fd, data, 0)
         data = b"".join(
             _TIME_ENTRY.pack(stamp, offset - self.base_offset)
             for stamp, offset in zip(self._time_stamps, self._time_offsets, strict=True)
         )
-        os.ftruncate(self._time_index_fd, 0)
-        _pwrite_all(self._time_index_fd, data, 0)
+        os.ftruncate(time_index_fd, 0)
+        _pwrite_all(time_index_fd, data, 0)
 
     # ------------------------------------------------------------------ read
 
@@ -440,8 +476,8 @@ class LogSegment:
         self._set_rolling_base()
 
     def _load_indexes(self, log_size: int) -> None:
-        raw = _pread_exact(self._index_fd, os.fstat(self._index_fd).st_size, 0)
-        times = _pread_exact(self._time_index_fd, os.fstat(self._time_index_fd).st_size, 0)
+        raw = _read_whole(self.index_path, self._index_fd)
+        times = _read_whole(self.time_index_path, self._time_index_fd)
         if len(raw) % _OFFSET_ENTRY.size or len(times) % _TIME_ENTRY.size:
             raise CorruptBatchError("index file size is not a whole number of entries")
         previous_offset, previous_position = -1, -1
@@ -549,11 +585,13 @@ class LogSegment:
     # ------------------------------------------------------------------ lifecycle
 
     def flush(self) -> None:
-        """fsync the log and both indexes."""
+        """fsync the log and the indexes (index files are only written through their
+        descriptors, so one that was never opened has nothing to sync)."""
         self._check_open()
         os.fsync(self._log_fd)
-        os.fsync(self._index_fd)
-        os.fsync(self._time_index_fd)
+        for fd in (self._index_fd, self._time_index_fd):
+            if fd is not None:
+                os.fsync(fd)
         self.dirty = False
 
     def close(self) -> None:
@@ -561,7 +599,8 @@ class LogSegment:
             return
         self._closed = True
         for fd in (self._log_fd, self._index_fd, self._time_index_fd):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def delete(self) -> None:
         """Close and remove the three files (the ``.log`` first: it defines the segment)."""
