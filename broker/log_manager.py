@@ -165,10 +165,9 @@ class LogManager:
             opened = self._open.pop(key, None)
             if opened is not None:
                 try:
-                    opened.close()
+                    # Not flushed: its fsyncs and recovery point would go with it.
+                    opened.close(flush=False)
                 except OSError as e:
-                    # Only its last flush failed (a full disk, no descriptor left for
-                    # a checkpoint): its files are closed, and it is deleted anyway.
                     log.warning("%s-%d: closing the log to delete it: %s", topic, partition, e)
             known = self._drop_log(key)
             self._saved_hws.pop(key, None)

@@ -235,7 +235,12 @@ class Partition:
                 self.leader = self.broker_id
                 self.leader_epoch = reg.leader_epoch
                 # The epoch starts at the current log end (Kafka's maybeAssignEpochStartOffset).
-                self.log.leader_epoch_cache.assign(reg.leader_epoch, self.log.log_end_offset)
+                # Its entry is written with the first batch after it: until then a crash
+                # would drop it on load anyway, and a broker made leader of thousands of
+                # new partitions wrote a file for each.
+                self.log.leader_epoch_cache.assign(
+                    reg.leader_epoch, self.log.log_end_offset, write=False
+                )
                 now = now_ms()
                 self.followers = {
                     b: replication.FollowerState(b) for b in reg.replicas if b != self.broker_id
@@ -278,13 +283,14 @@ class Partition:
             self._wake()
             return changed
 
-    def close(self) -> None:
+    def close(self, *, flush: bool = True) -> None:
+        """Stop serving; ``flush=False`` when the log is about to be deleted."""
         with self._lock:
             self.closed = True
             self.role = FOLLOWER
             self.leader = NO_LEADER
             self._wake()
-            self.log.close()
+            self.log.close(flush=flush)
 
     # ------------------------------------------------------------------ leader: produce
 

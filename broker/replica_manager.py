@@ -207,13 +207,13 @@ class ReplicaManager:
         """Apply partition changes for this broker (on the metadata follower's thread)."""
         with self._lock:
             # One partition that fails (its disk, no file descriptor left) must not
-            # stop the others' changes; a log whose last flush failed goes all the same.
+            # stop the others' changes. A deleted log is not flushed first.
             for key in sorted(changes.deletes):
                 self._stop_following(key)
                 partition = self._partitions.pop(key, None)
                 if partition is not None:
                     try:
-                        partition.close()
+                        partition.close(flush=False)
                     except OSError as e:
                         log.warning("%s-%d: closing the log to delete it: %s", *key, e)
                 try:

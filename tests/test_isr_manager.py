@@ -97,9 +97,9 @@ def test_a_fenced_follower_is_not_proposed(tmp_path: Path) -> None:
 def test_a_deletion_that_fails_to_flush_does_not_stop_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Deleting topics closes their partitions; a close whose flush fails (a full
-    disk, no descriptor left) must neither stop the other deletions in the change
-    nor keep the failing log, whose files are closed and whose directory goes."""
+    """Deleting topics closes their partitions without flushing them, so a log that
+    cannot flush (a full disk, no descriptor left) neither stops the other deletions
+    in the change nor stays: its files are closed and its directory goes."""
     config = NodeConfig(
         {
             "node.id": 1,

@@ -376,6 +376,44 @@ def test_epoch_start_at_log_end_is_dropped_on_reopen(tmp_path: Path) -> None:
         assert log.leader_epoch_cache.entries() == []
 
 
+def test_an_epoch_assigned_unwritten_goes_to_disk_before_its_first_batch(tmp_path: Path) -> None:
+    """A new leader's epoch at the log end is kept in memory until a batch follows it;
+    then it is on disk before the batch, even though the batch's epoch is no newer than
+    the cache's latest (which is when the append path itself writes nothing)."""
+    path = tmp_path / LEADER_EPOCH_CHECKPOINT
+    with PartitionLog(tmp_path, SMALL) as log:
+        append_epochs(log, [0, 0])
+        assert LeaderEpochCache.load(path).entries() == [(0, 0)]
+        end = log.log_end_offset
+        assert log.leader_epoch_cache.assign(3, end, write=False)
+        assert log.leader_epoch_cache.latest_epoch == 3  # in memory
+        assert LeaderEpochCache.load(path).entries() == [(0, 0)]  # the file not yet
+        append_epochs(log, [3])
+        assert LeaderEpochCache.load(path).entries() == [(0, 0), (3, end)]
+    with PartitionLog(tmp_path, SMALL) as log:
+        assert log.leader_epoch_cache.entries() == [(0, 0), (3, end)]
+
+
+def test_an_unwritten_epoch_lost_in_a_crash_is_what_reopening_gives_anyway(
+    tmp_path: Path,
+) -> None:
+    new_log = tmp_path / "new"
+    log = PartitionLog(new_log, SMALL)
+    log.leader_epoch_cache.assign(0, 0, write=False)
+    assert not (new_log / LEADER_EPOCH_CHECKPOINT).exists()  # a new leader wrote a file
+    # The process dies here (no close). Written or not, an epoch with no batch is dropped.
+    with PartitionLog(new_log, SMALL) as reopened:
+        assert reopened.leader_epoch_cache.entries() == []
+    log.close()
+    cache = LeaderEpochCache.load(tmp_path / "c")
+    cache.assign(1, 0, write=False)
+    cache.assign(2, 5)  # any later change writes the unwritten entry with it
+    assert LeaderEpochCache.load(tmp_path / "c").entries() == [(1, 0), (2, 5)]
+    cache.assign(3, 9, write=False)
+    cache.write_pending()
+    assert LeaderEpochCache.load(tmp_path / "c").entries() == [(1, 0), (2, 5), (3, 9)]
+
+
 # --------------------------------------------------------------------------- property
 
 _ops = st.lists(

@@ -63,10 +63,10 @@ def test_a_log_replaced_by_a_newer_topic_of_the_same_name_is_counted_once(tmp_pa
     assert placement(dirs) == {"a": 2, "b": 1}
 
 
-def test_a_log_whose_last_flush_fails_is_still_deleted(tmp_path, monkeypatch):
-    """Deleting a partition must not depend on writing its checkpoint: with no file
-    descriptor left or a full disk, the log's files are closed and its directory goes
-    (a broker that kept such logs ran out of descriptors for good)."""
+def test_a_log_that_cannot_write_its_checkpoint_is_still_deleted(tmp_path, monkeypatch):
+    """Deleting a partition must not depend on writing its checkpoint (it writes none):
+    with no file descriptor left or a full disk, the log's files are closed and its
+    directory goes (a broker that kept such logs ran out of descriptors for good)."""
     logs = manager([tmp_path])
     doomed = logs.get_or_create("t", 0, "id-t")
     kept = logs.get_or_create("t", 1, "id-t")

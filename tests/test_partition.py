@@ -280,3 +280,24 @@ def test_clients_cannot_write_internal_topics_and_oversized_batches_append_nothi
         internal.append_as_leader(batch(b"small") + big, acks=1, internal=True)
     assert too_big.value.code == "MESSAGE_TOO_LARGE"
     assert internal.log.log_end_offset == 1
+
+
+def test_a_new_leader_writes_its_epoch_with_its_first_batch(tmp_path):
+    """Becoming leader of a new partition writes no file; the epoch entry reaches disk
+    before the first batch appended under it, and a reopened log agrees."""
+    from broker.storage import LEADER_EPOCH_CHECKPOINT, LeaderEpochCache
+
+    leader = make(tmp_path, LEADER_ID)
+    checkpoint = leader.log.directory / LEADER_EPOCH_CHECKPOINT
+    leader.become_leader(registration(LEADER_ID, 4, isr=(1,)), leader.settings)
+    assert leader.log.leader_epoch_cache.entries() == [(4, 0)]
+    assert not checkpoint.exists()
+    leader.append_as_leader(batch(b"a", b"b"), acks=1)
+    assert LeaderEpochCache.load(checkpoint).entries() == [(4, 0)]
+    leader.become_leader(registration(LEADER_ID, 6, isr=(1,)), leader.settings)
+    assert LeaderEpochCache.load(checkpoint).entries() == [(4, 0)]
+    leader.append_as_leader(batch(b"c"), acks=1)
+    assert LeaderEpochCache.load(checkpoint).entries() == [(4, 0), (6, 2)]
+    leader.log.close()
+    with PartitionLog(leader.log.directory, LogConfig(segment_bytes=10_000)) as reopened:
+        assert reopened.leader_epoch_cache.entries() == [(4, 0), (6, 2)]

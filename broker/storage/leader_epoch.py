@@ -15,7 +15,11 @@ The semantics are those of Kafka's ``LeaderEpochFileCache``
 ``truncate_from_end``, ``truncate_from_start``, ``clear`` (``clearAndFlush``).
 Unlike Kafka, which flushes truncations asynchronously, every change is written to
 ``leader-epoch-checkpoint`` before the method returns (Kafka's text format: version line
-``0``, count line, then ``epoch start_offset`` lines), atomically.
+``0``, count line, then ``epoch start_offset`` lines), atomically. The one exception is
+``assign(..., write=False)``, for an entry that no batch follows yet (a new leader's epoch
+at the log end): it is written by ``write_pending`` before the next batch is appended, or
+with any later change. Unwritten, it is lost in a crash, which loses nothing: the log's
+loader drops every entry at or past the log end anyway, as Kafka's does.
 
 Not thread-safe: the owning ``PartitionLog`` (or its caller) serialises access.
 """
@@ -73,6 +77,7 @@ class LeaderEpochCache:
         """A cache over ``entries`` (applied with ``assign``'s rules), not yet written."""
         self.path = Path(path)
         self._entries: list[EpochEntry] = []
+        self._unwritten = False  # an entry was assigned with write=False
         for epoch, start_offset in entries:
             self._assign(EpochEntry(epoch, start_offset))
 
@@ -148,7 +153,7 @@ class LeaderEpochCache:
 
     # ------------------------------------------------------------------ changes
 
-    def assign(self, epoch: int, start_offset: int) -> bool:
+    def assign(self, epoch: int, start_offset: int, *, write: bool = True) -> bool:
         """Record that ``epoch`` starts at ``start_offset``; True when the cache changed.
 
         Kafka's rules: nothing changes when ``epoch`` is already the latest epoch and
@@ -157,12 +162,21 @@ class LeaderEpochCache:
         ``>= epoch`` or a start offset ``>= start_offset``) is removed and the new entry is
         appended, so both fields stay increasing. Assigning a lower epoch therefore replaces
         the later entries: callers that must not do that (the log's append path) check
-        ``latest_epoch`` first. Negative arguments raise ``ValueError``.
+        ``latest_epoch`` first. Negative arguments raise ``ValueError``. With
+        ``write=False`` the file is written later, by ``write_pending`` or the next change.
         """
         changed = self._assign(EpochEntry(epoch, start_offset))
         if changed:
-            self._write()
+            if write:
+                self._write()
+            else:
+                self._unwritten = True
         return changed
+
+    def write_pending(self) -> None:
+        """Write the file if an entry was assigned without writing it."""
+        if self._unwritten:
+            self._write()
 
     def _assign(self, entry: EpochEntry) -> bool:
         if entry.epoch < 0 or entry.start_offset < 0:
@@ -226,6 +240,7 @@ class LeaderEpochCache:
 
     def _write(self) -> None:
         write_checkpoint_entries(self.path, self._entries)
+        self._unwritten = False
 
     def __repr__(self) -> str:
         return f"LeaderEpochCache({self._entries})"

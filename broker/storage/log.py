@@ -438,6 +438,8 @@ class PartitionLog:
         """Roll if due, write, update the epoch cache, flush per the policy."""
         if self._should_roll(header, now_ms):
             self.roll()
+        # A new leader's epoch entry goes to disk before the first batch under it.
+        self.leader_epoch_cache.write_pending()
         self.active_segment.append(batch, now_ms)
         epoch = header.partition_leader_epoch
         # As Kafka, leader and follower appends alike; only a newer epoch is assigned (the
@@ -768,12 +770,14 @@ class PartitionLog:
             )
             self._checkpointed_recovery_point = self._recovery_point
 
-    def close(self) -> None:
-        """Flush (a clean shutdown) and close every segment."""
+    def close(self, *, flush: bool = True) -> None:
+        """Flush (a clean shutdown) and close every segment; ``flush=False`` for a log
+        about to be deleted, whose checkpoint and fsyncs would be thrown away."""
         if self._closed:
             return
         try:
-            self.flush()
+            if flush:
+                self.flush()
         finally:
             self._close_segments()
 
