@@ -151,9 +151,17 @@ class LogManager:
                 fsync_dir(directory.parent)
             else:
                 directory = known[0]
-            if known is None or known[1] is None:
-                write_topic_id(directory, topic_id)
-            opened = PartitionLog(directory, config or self.default_config)
+            try:
+                if known is None or known[1] is None:
+                    write_topic_id(directory, topic_id)
+                opened = PartitionLog(directory, config or self.default_config)
+            except BaseException:
+                # The directory exists now (no descriptor left, a full disk): keep it
+                # known, so that a retry opens it and a deletion or the stray-log
+                # sweep removes it, instead of leaving it behind until a restart.
+                if known is None:
+                    self._set_log(key, directory, None)
+                raise
             self._set_log(key, directory, topic_id)
             self._open[key] = opened
             return opened
