@@ -250,10 +250,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         broker elsewhere (nothing to report), or at its time, shortly before
         the broker's deadline, after which the broker reconnects at once. Any
         other end is a loss: the broker's process died or its connection broke.
-        Ending at its time still makes the broker suspect, with a heartbeat
-        interval more to reconnect (it may be busy applying a large change), so
-        that a kill landing between two streams is found long before the
-        session timeout. Streams are counted, so a reconnect that overtakes the
+        Ending at its time still makes the broker suspect, with two heartbeat
+        intervals more to reconnect or heartbeat (it may be busy applying a large
+        change), so that a kill landing between two streams is found long before
+        the session timeout. Streams are counted, so a reconnect that overtakes the
         old stream's end does not leave the broker suspect.
         """
         with self._lock:

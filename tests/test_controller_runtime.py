@@ -343,3 +343,54 @@ def test_a_request_too_large_for_one_batch_is_refused_whole():
         ),
     )
     assert small.results[0].error.code == common_pb2.NONE
+
+
+def test_a_stream_ended_at_its_time_fences_only_after_two_missed_heartbeats():
+    """A broker busy applying a large change reads its stream's end late; its
+    heartbeats keep it in. Silent for two heartbeat intervals past the grace, it is
+    fenced, long before the session timeout. A dropped stream fences after the grace."""
+    clock = Clock()
+    log = InMemoryMetadataLog(node_id=1, clock=clock)
+    runtime = ControllerRuntime(
+        log,
+        RuntimeSettings(
+            node_id=1,
+            cluster_id="c1",
+            session_timeout_ms=9000,
+            heartbeat_interval_ms=2000,
+            connection_loss_grace_ms=500,
+        ),
+        monotonic=clock,
+        wall_ms=lambda: 1_700_000_000_000,
+    )
+    log.listener = runtime
+    become_active(log, runtime)
+    epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
+    for b, e in epochs.items():
+        assert not heartbeat(log, runtime, b, e).is_fenced
+
+    def advance(seconds: float, beating: tuple[int, ...]) -> None:
+        for _ in range(round(seconds / 0.1)):
+            clock.now += 0.1
+            for b in beating:
+                if round(clock.now * 10) % 20 == 0:  # every 2 s
+                    heartbeat(log, runtime, b, epochs[b])
+            log.run_pending()
+
+    runtime.broker_connection(1, opened=False, dropped=False)
+    runtime.broker_connection(3, opened=False, dropped=False)
+    log.run_pending()
+    # Broker 1's heartbeat comes a second late: 3 s after the end, past grace plus
+    # one interval (2.5 s), it is still in; broker 3 stays silent.
+    advance(3.0, beating=(2,))
+    heartbeat(log, runtime, 1, epochs[1])
+    assert not log.state.image.brokers[1].fenced
+    assert not log.state.image.brokers[3].fenced
+    advance(1.7, beating=(1, 2))
+    assert not log.state.image.brokers[1].fenced
+    assert log.state.image.brokers[3].fenced  # 4.7 s: two heartbeats missed
+    runtime.broker_connection(2, opened=False, dropped=True)
+    log.run_pending()
+    advance(0.7, beating=(1, 2))
+    assert log.state.image.brokers[2].fenced
+    assert not log.state.image.brokers[1].fenced

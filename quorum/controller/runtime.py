@@ -172,7 +172,12 @@ class ControllerRuntime:
             if dropped:
                 log.info("broker %d dropped its metadata stream", broker_id)
             else:
-                grace += self.settings.heartbeat_interval_ms
+                # Ended at its time: the broker reconnects as soon as it reads the end,
+                # which can wait for it to apply a large change. Its heartbeats clear
+                # the suspicion; it is fenced only when two in a row are missing. (With
+                # room for one, a heartbeat half a second late fenced a live broker: the
+                # likely cause of a fencing seen under heavy topic creation.)
+                grace += 2 * self.settings.heartbeat_interval_ms
             self.sessions.connection_lost(broker_id, int(self._monotonic() * 1000), grace)
 
     def response_type(self, kind: str) -> type:
