@@ -165,9 +165,11 @@ def format_quorum(quorum: QuorumInfo, now_ms: int) -> Group:
 
 
 def _broker_state(fenced: bool, in_controlled_shutdown: bool) -> str:
-    if in_controlled_shutdown:
-        return "shutting_down"
-    return "fenced" if fenced else "unfenced"
+    """A broker in controlled shutdown is shutting down until it is fenced; the flag
+    stays set until it registers again, so a broker that shut down is fenced."""
+    if fenced:
+        return "fenced"
+    return "shutting_down" if in_controlled_shutdown else "unfenced"
 
 
 def cluster_json(cluster: ClusterInfo) -> dict[str, Any]:

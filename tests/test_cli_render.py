@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -137,6 +138,11 @@ def test_brokers_and_nodes():
     assert [b["state"] for b in data["brokers"]] == ["unfenced", "fenced"]
     text = text_of(render.format_brokers(CLUSTER))
     assert "127.0.0.1:9101" in text and "fenced" in text
+    # In controlled shutdown: shutting down until fenced; the flag stays after that.
+    shutting = dataclasses.replace(CLUSTER.brokers[0], in_controlled_shutdown=True)
+    gone = dataclasses.replace(shutting, fenced=True)
+    states = render.cluster_json(dataclasses.replace(CLUSTER, brokers=(shutting, gone)))
+    assert [b["state"] for b in states["brokers"]] == ["shutting_down", "fenced"]
     nodes = render.nodes_json(NODES)
     assert set(nodes[0]) >= {"id", "role", "pid", "host", "rpc_port", "raft_port", "state"}
     assert nodes[1]["pid"] is None and nodes[1]["raft_port"] is None
