@@ -7,6 +7,7 @@ client. Every loop is bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -52,6 +53,103 @@ def _quorum(client: ControllerClient) -> cpb.DescribeQuorumResponse:
     return client.call("DescribeQuorum", cpb.DescribeQuorumRequest(), timeout_s=10)
 
 
+class StandInBrokers:
+    """Brokers that only register and heartbeat, from the benchmark process.
+
+    Topics need unfenced brokers to be placed on. Real brokers also create a log for
+    every partition placed on them, which on one machine takes CPU from the quorum (the
+    ZooKeeper and etcd figures the issue quotes were measured on ensembles alone). These
+    stand-ins let ``raftka bench metadata --stand-in-brokers N`` measure a quorum without
+    brokers (a cluster started with ``--brokers 0``). They report the quorum's high
+    watermark as their metadata offset, which is true of a broker that needs no
+    metadata, and shut down in order at the end (fenced, as a stopped broker is).
+    """
+
+    HEARTBEAT_S = 1.0
+    # Not an address anyone can reach (RFC 2606); also how a later run finds them.
+    LISTENER = ("stand-in.invalid", 9)
+
+    def __init__(self, client: ControllerClient, count: int) -> None:
+        self.client = client
+        self.count = count
+        self.epochs: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StandInBrokers:
+        quorum = _quorum(self.client)
+        described = self.client.call("DescribeCluster", cpb.DescribeClusterRequest(), timeout_s=10)
+        # A fenced stand-in of an earlier run is registered again (as a restarted
+        # broker is); other ids are never taken over.
+        reusable = sorted(
+            b.broker_id
+            for b in described.brokers
+            if b.fenced and [(e.host, e.port) for e in b.listeners] == [self.LISTENER]
+        )
+        after = max([b.broker_id for b in described.brokers] + [999]) + 1
+        ids = (reusable + list(range(after, after + self.count)))[: self.count]
+        for broker_id in ids:
+            response = self.client.call(
+                "RegisterBroker",
+                cpb.RegisterBrokerRequest(
+                    broker_id=broker_id,
+                    incarnation_id=uuid.uuid4().hex,
+                    listeners=[
+                        common_pb2.Endpoint(
+                            name="PLAINTEXT", host=self.LISTENER[0], port=self.LISTENER[1]
+                        )
+                    ],
+                    cluster_id=quorum.cluster_id,
+                ),
+                timeout_s=10,
+            )
+            self.epochs[broker_id] = response.broker_epoch
+        deadline = time.monotonic() + 30
+        while not all(self._beat(False).values()):  # every one unfenced
+            if time.monotonic() > deadline:
+                raise RuntimeError("stand-in brokers were not unfenced within 30 s")
+            time.sleep(0.05)
+        self._thread = threading.Thread(target=self._run, name="stand-in-brokers", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self, want_shutdown: bool) -> dict[int, bool]:
+        """One heartbeat each: broker id -> unfenced (or, shutting down, allowed to)."""
+        offset = _quorum(self.client).high_watermark
+        answers = {}
+        for broker_id, epoch in self.epochs.items():
+            response = self.client.call(
+                "BrokerHeartbeat",
+                cpb.BrokerHeartbeatRequest(
+                    broker_id=broker_id,
+                    broker_epoch=epoch,
+                    metadata_offset=offset,
+                    want_shutdown=want_shutdown,
+                ),
+                timeout_s=10,
+            )
+            answers[broker_id] = (
+                response.should_shut_down if want_shutdown else not response.is_fenced
+            )
+        return answers
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                self._beat(False)
+            except Exception as e:  # the benchmark reports what fails; keep beating
+                print(f"stand-in broker heartbeat failed: {e}")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        deadline = time.monotonic() + 30
+        while not all(self._beat(True).values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._beat(True)  # the heartbeat after an agreed shutdown fences the broker
+
+
 def _create_request(prefix: str, index: int, partitions: int) -> cpb.CreateTopicsRequest:
     return cpb.CreateTopicsRequest(
         topics=[
@@ -71,16 +169,20 @@ def run_metadata_bench(
     sequential: int = 200,
     duration_s: float | None = None,
     delete_after: bool = True,
+    stand_in_brokers: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> MetadataBenchResult:
     """Create ``requests`` topics with ``concurrency`` requests in flight, or
     as many as fit in ``duration_s`` when it is given.
 
     Each request creates one topic of ``partitions_per_topic`` partitions
-    (replication factor 1), i.e. 1 + partitions_per_topic records.
+    (replication factor 1), i.e. 1 + partitions_per_topic records. With
+    ``stand_in_brokers``, that many ``StandInBrokers`` are registered first.
     """
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with ControllerClient(bootstrap) as client:
+    with ControllerClient(bootstrap) as client, contextlib.ExitStack() as stack:
+        if stand_in_brokers:
+            stack.enter_context(StandInBrokers(client, stand_in_brokers))
         start_quorum = _quorum(client)
         leader = f"{start_quorum.voters[0].host}:{start_quorum.voters[0].port}"
         stub = client.stub(leader)

@@ -200,7 +200,9 @@ def cluster_up(
     ctx: typer.Context,
     directory: DirOpt = None,
     controllers: Annotated[int | None, typer.Option(help="Controllers (default 3).")] = None,
-    brokers: Annotated[int | None, typer.Option(help="Brokers (default 3).")] = None,
+    brokers: Annotated[
+        int | None, typer.Option(help="Brokers (default 3; 0 for a quorum alone).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait until ready.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -209,7 +211,10 @@ def cluster_up(
     cluster = _local_cluster(ctx, directory)
     err = Console(stderr=True, highlight=False)
     if not cluster.exists():
-        cluster.create(controllers=controllers or 3, brokers=brokers or 3)
+        cluster.create(
+            controllers=3 if controllers is None else controllers,
+            brokers=3 if brokers is None else brokers,
+        )
         if not as_json:
             err.print(f"created cluster {cluster.cluster_id} in {cluster.directory}")
     elif controllers is not None or brokers is not None:
@@ -674,6 +679,14 @@ def bench_metadata(
     duration: Annotated[
         float | None, typer.Option(help="Run for this many seconds instead of --requests.")
     ] = None,
+    stand_in_brokers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Register this many brokers that only heartbeat, to measure the quorum "
+            "without brokers creating logs (on a cluster started with --brokers 0).",
+        ),
+    ] = 0,
     bootstrap: BootstrapOpt = None,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
@@ -691,6 +704,7 @@ def bench_metadata(
             partitions_per_topic=partitions,
             sequential=sequential,
             duration_s=duration,
+            stand_in_brokers=stand_in_brokers,
             progress=advance,
         )
     _emit(as_json, lambda: result.to_dict(), lambda: render.format_bench_metadata(result.to_dict()))

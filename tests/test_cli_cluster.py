@@ -58,3 +58,26 @@ def test_demo_quorum_and_topics(cluster_dir):
 
     nodes = json.loads(run("cluster", "status", *where, "--json").stdout)
     assert [n["state"] for n in nodes] == ["running"] * 6
+
+
+def test_metadata_bench_with_stand_in_brokers_on_a_quorum_alone(tmp_path):
+    """A quorum with no brokers can be benchmarked: stand-in brokers register and
+    heartbeat so that topics can be placed, every topic is deleted again, and at the end
+    the stand-ins shut down in order and are fenced; a second run registers the same
+    ids again instead of adding more."""
+    where = ("--dir", str(tmp_path))
+    with running_cluster(tmp_path, controllers=1, brokers=0):
+        args = ("bench", "metadata", "--requests", "20", "--partitions", "2")
+        args += ("--sequential", "3", "--stand-in-brokers", "2", *where, "--json")
+        for _ in range(2):
+            result = json.loads(run(*args).stdout)
+            assert result["errors"] == 0
+            assert result["requests"] == 20
+            assert result["records"] == 20 * 3  # a topic record and two partitions each
+            brokers = json.loads(run("broker", "list", *where, "--json").stdout)["brokers"]
+            assert [(b["id"], b["state"]) for b in brokers] == [
+                (1000, "fenced"),
+                (1001, "fenced"),
+            ]
+            assert all(b["listeners"][0]["host"] == "stand-in.invalid" for b in brokers)
+        assert json.loads(run("topic", "list", *where, "--json").stdout) == []
