@@ -8,6 +8,7 @@ client. Every loop is bounded in count and time.
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import threading
 import time
@@ -21,6 +22,9 @@ from raftka.v1 import common_pb2
 from raftka.v1 import controller_pb2 as cpb
 
 from client._controller import ControllerClient
+from client.errors import error_for
+
+log = logging.getLogger(__name__)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,8 +141,8 @@ class StandInBrokers:
         while not self._stop.wait(self.HEARTBEAT_S):
             try:
                 self._beat(False)
-            except Exception as e:  # the benchmark reports what fails; keep beating
-                print(f"stand-in broker heartbeat failed: {e}")
+            except Exception as e:  # a failover in the benchmark; keep beating
+                log.warning("stand-in broker heartbeat failed: %s", e)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -332,9 +336,16 @@ def measure_failover(
             )
         except Exception:  # unknown outcomes and timeouts: try again until committed
             continue
-        code = response.results[0].error.code if response.results else response.error.code
-        if code in (common_pb2.NONE, common_pb2.TOPIC_ALREADY_EXISTS):
+        error = response.results[0].error if response.results else response.error
+        if error.code in (common_pb2.NONE, common_pb2.TOPIC_ALREADY_EXISTS):
             return leader, time.monotonic() - t0
+        if error.code == common_pb2.INVALID_REPLICATION_FACTOR:
+            # Decided by the new controller, and it will not change: no broker to place on.
+            raise error_for(
+                error.code,
+                f"the timed write was refused: {error.message} "
+                "(a cluster without brokers needs stand-in brokers)",
+            )
     raise TimeoutError(f"no metadata write committed within {timeout_s}s of killing {leader}")
 
 
@@ -342,23 +353,37 @@ def run_failover_bench(
     cluster: Any,
     runs: int,
     *,
+    stand_in_brokers: int = 0,
     progress: Callable[[int], None] | None = None,
     catch_up_timeout_s: float = 60.0,
 ) -> FailoverResult:
     """Kill -9 the active controller of a local cluster ``runs`` times.
 
-    After each run the killed node is started again and the next run waits
-    until every voter has caught up, so each failover starts from a whole
-    quorum.
+    After each run the killed node is started again, also when the run fails,
+    and the next run waits until every voter has caught up, so each failover
+    starts from a whole quorum. The timed write creates a topic, so a cluster
+    without brokers needs ``stand_in_brokers``.
     """
     result = FailoverResult()
-    with ControllerClient(cluster.bootstrap) as client:
+    with ControllerClient(cluster.bootstrap) as client, contextlib.ExitStack() as stack:
+        if stand_in_brokers:
+            stack.enter_context(StandInBrokers(client, stand_in_brokers))
+        killed: list[int] = []
+
+        def kill(node_id: int) -> None:
+            killed.append(node_id)
+            cluster.kill(node_id)
+
         for _ in range(runs):
             _wait_voters_caught_up(client, catch_up_timeout_s)
-            leader, seconds = measure_failover(client, cluster.kill)
+            killed.clear()
+            try:
+                leader, seconds = measure_failover(client, kill)
+            finally:
+                if killed:
+                    cluster.start(killed)
             result.failover_s.append(seconds)
             result.killed.append(leader)
-            cluster.start([leader])
             if progress is not None:
                 progress(1)
         _wait_voters_caught_up(client, catch_up_timeout_s)
@@ -406,13 +431,22 @@ def run_scale_bench(
     topics_per_request: int = 20,
     replication_factor: int = 3,
     failover_runs: int = 3,
+    stand_in_brokers: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> ScaleResult:
-    """Create topics x partitions, time a fresh follower's catch-up, then failover."""
+    """Create topics x partitions, time a fresh follower's catch-up, then failover.
+
+    With ``stand_in_brokers``, the replicas go to ``StandInBrokers`` (the quorum alone);
+    they shut down at the end, so the topics stay, without leaders."""
     from broker.metadata_follower import MetadataFollower
 
     prefix = f"scale-{uuid.uuid4().hex[:6]}"
-    with ControllerClient(cluster.bootstrap, timeout_s=60) as client:
+    with (
+        ControllerClient(cluster.bootstrap, timeout_s=60) as client,
+        contextlib.ExitStack() as stack,
+    ):
+        if stand_in_brokers:
+            stack.enter_context(StandInBrokers(client, stand_in_brokers))
         t0 = time.perf_counter()
         for first in range(0, topics, topics_per_request):
             batch = [

@@ -105,6 +105,16 @@ BootstrapOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+StandInOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Register this many brokers that only heartbeat, and put the benchmark's "
+        "replicas on them: the quorum measured without brokers creating logs (on a "
+        "cluster started with --brokers 0). They shut down at the end; topics left "
+        "behind stay without leaders.",
+    ),
+]
 
 
 # -- plumbing ---------------------------------------------------------------
@@ -679,14 +689,7 @@ def bench_metadata(
     duration: Annotated[
         float | None, typer.Option(help="Run for this many seconds instead of --requests.")
     ] = None,
-    stand_in_brokers: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Register this many brokers that only heartbeat, to measure the quorum "
-            "without brokers creating logs (on a cluster started with --brokers 0).",
-        ),
-    ] = 0,
+    stand_in_brokers: StandInOpt = 0,
     bootstrap: BootstrapOpt = None,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
@@ -717,6 +720,7 @@ def bench_failover(
     runs: Annotated[
         int, typer.Option(min=1, help="How many times to kill the active controller.")
     ] = 10,
+    stand_in_brokers: StandInOpt = 0,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -726,7 +730,9 @@ def bench_failover(
 
     cluster = _existing_cluster(ctx, directory)
     with _progress(runs, "failovers", as_json) as advance:
-        result = run_failover_bench(cluster, runs, progress=advance)
+        result = run_failover_bench(
+            cluster, runs, stand_in_brokers=stand_in_brokers, progress=advance
+        )
     _emit(as_json, lambda: result.summary(), lambda: render.format_bench_failover(result.summary()))
 
 
@@ -737,6 +743,7 @@ def bench_scale(
     topics: Annotated[int, typer.Option(min=1, help="Topics to create.")] = 1000,
     partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 100,
     failovers: Annotated[int, typer.Option(min=0, help="Failovers timed at that scale.")] = 3,
+    stand_in_brokers: StandInOpt = 0,
     directory: DirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -751,6 +758,7 @@ def bench_scale(
             topics=topics,
             partitions_per_topic=partitions,
             failover_runs=failovers,
+            stand_in_brokers=stand_in_brokers,
             progress=advance,
         )
     _emit(as_json, lambda: result.to_dict(), lambda: render.format_bench_scale(result.to_dict()))
