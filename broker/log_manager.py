@@ -145,16 +145,24 @@ class LogManager:
                 self._drop_log(key)
                 self._saved_hws.pop(key, None)
                 known = None
+            new = False
             if known is None:
                 directory = self._pick_dir() / partition_dir_name(topic, partition)
-                directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.mkdir(directory)
+                    new = True  # Made here: the log need not look for anything in it.
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:  # The log dir itself is missing (never loaded).
+                    directory.mkdir(parents=True)
+                    new = True
                 fsync_dir(directory.parent)
             else:
                 directory = known[0]
             try:
                 if known is None or known[1] is None:
                     write_topic_id(directory, topic_id)
-                opened = PartitionLog(directory, config or self.default_config)
+                opened = PartitionLog(directory, config or self.default_config, new=new)
             except BaseException:
                 # The directory exists now (no descriptor left, a full disk): keep it
                 # known, so that a retry opens it and a deletion or the stray-log

@@ -95,7 +95,7 @@ def test_a_log_that_fails_to_open_after_its_directory_was_made_stays_known(tmp_p
     logs = manager([tmp_path])
     real = log_manager_module.PartitionLog
 
-    def no_descriptor_left(directory, config):
+    def no_descriptor_left(directory, config, new=False):
         raise OSError(errno.EMFILE, "Too many open files", str(directory))
 
     monkeypatch.setattr(log_manager_module, "PartitionLog", no_descriptor_left)
@@ -116,3 +116,43 @@ def test_a_log_that_fails_to_open_after_its_directory_was_made_stays_known(tmp_p
     logs.close()
     reloaded = manager([tmp_path])
     assert reloaded.load() == {("t", 1): "id-t"}
+
+
+def test_a_new_partition_log_is_made_without_reading_its_directory(tmp_path, monkeypatch):
+    """A directory the manager has just made holds nothing: the log is created without
+    listing it or reading checkpoints, and is the same log a full open would give."""
+    logs = manager([tmp_path])
+    listed: list[str] = []
+    real_listdir = storage_log.os.listdir
+    monkeypatch.setattr(
+        storage_log.os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p)
+    )
+    created = logs.get_or_create("t", 0, "id-t")
+    assert listed == []
+    assert sorted(p.name for p in (tmp_path / "t-0").iterdir()) == [
+        "00000000000000000000.log",
+        "partition.metadata",
+    ]
+    assert (created.log_start_offset, created.log_end_offset) == (0, 0)
+    batch = encode_batch([Record(None, b"v", (), 1000)])
+    created.append(batch, now_ms=0)
+    assert created.read(0, 1 << 20) == batch
+    monkeypatch.undo()
+    logs.close()
+    reloaded = manager([tmp_path])
+    assert reloaded.load() == {("t", 0): "id-t"}
+    assert reloaded.get_or_create("t", 0, "id-t").log_end_offset == 1
+    reloaded.close()
+
+
+def test_a_directory_found_on_disk_after_loading_is_opened_not_assumed_empty(tmp_path):
+    """Only a directory the manager made itself counts as new: one that appeared after
+    the manager loaded (no partition is made that way, but a log is never assumed
+    empty) is opened and recovered."""
+    with storage_log.PartitionLog(tmp_path / "source", LogConfig()) as source:
+        source.append(encode_batch([Record(None, b"v", (), 1000)] * 3), now_ms=0)
+    logs = manager([tmp_path / "logs"])
+    (tmp_path / "source").rename(tmp_path / "logs" / "t-0")
+    opened = logs.get_or_create("t", 0, "id-t")
+    assert opened.log_end_offset == 3
+    logs.close()

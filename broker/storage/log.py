@@ -173,10 +173,15 @@ class PartitionLog:
     Not thread-safe: the caller serialises access (one writer, reads in between).
     """
 
-    def __init__(self, directory: Path | str, config: LogConfig | None = None) -> None:
+    def __init__(
+        self, directory: Path | str, config: LogConfig | None = None, *, new: bool = False
+    ) -> None:
+        """Open the log in ``directory`` (made if missing). ``new``: the caller has just
+        made the directory for it, so there is nothing to list, read or recover."""
         self.directory = Path(directory)
         self.config = config or LogConfig()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not new:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self._segments: list[LogSegment] = []
         self._bases: list[int] = []
         self._closed = False
@@ -188,13 +193,27 @@ class PartitionLog:
         self.leader_epoch_cache = LeaderEpochCache(self.directory / LEADER_EPOCH_CHECKPOINT)
         """Where each leader epoch starts in this log; see the module docstring."""
         try:
-            self._load()
+            if new:
+                self._create()
+            else:
+                self._load()
         except BaseException:
             for segment in self._segments:
                 segment.close()
             raise
 
     # ------------------------------------------------------------------ open
+
+    def _create(self) -> None:
+        """A log in a directory just made for it: one empty segment at offset 0, as
+        ``_load`` opens for an empty directory, without listing or reading anything
+        (a broker creating thousands of partitions spent most of its time there)."""
+        self._add_segment(
+            LogSegment.create(
+                self.directory, 0, index_interval_bytes=self.config.index_interval_bytes
+            )
+        )
+        fsync_dir(self.directory)
 
     def _load(self) -> None:
         self._finish_interrupted_swaps()

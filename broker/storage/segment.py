@@ -176,6 +176,21 @@ class LogSegment:
             raise
         return segment
 
+    @classmethod
+    def create(
+        cls, directory: Path, base_offset: int, *, index_interval_bytes: int = 4096
+    ) -> LogSegment:
+        """A new segment whose files do not exist yet: nothing to read. A ``.log`` that
+        turns out to exist with bytes in it is recovered, as ``open`` would."""
+        segment = cls(directory, base_offset, index_interval_bytes)
+        if segment.size_bytes:
+            try:
+                segment.recover()
+            except BaseException:
+                segment.close()
+                raise
+        return segment
+
     # ------------------------------------------------------------------ properties
 
     @property
