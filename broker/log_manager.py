@@ -5,7 +5,10 @@ Layout (Kafka's): each log dir holds one directory per partition replica,
 ``partition.metadata`` file naming the topic id, and at the top a
 ``replication-offset-checkpoint`` with the high watermark of every partition
 in that dir. A topic deleted and created again under its name gets a new id;
-a directory whose id does not match is the old topic's and is deleted.
+a directory whose id does not match is the old topic's and is deleted. A new
+partition's ``partition.metadata`` is written before its first batch, not when
+its directory is made: a directory without one holds no data, and on a restart
+it is taken by the topic id that asks for it.
 
 Deleting renames the directory to ``<topic>-<partition>.<uuid>-delete`` (one
 atomic step) and removes it afterwards; a rename left behind by a crash is
@@ -160,9 +163,19 @@ class LogManager:
             else:
                 directory = known[0]
             try:
-                if known is None or known[1] is None:
-                    write_topic_id(directory, topic_id)
-                opened = PartitionLog(directory, config or self.default_config, new=new)
+                if new:
+                    # Written before its first batch: a directory without one holds no
+                    # data, so a restart may give it to whichever topic id asks first.
+                    opened = PartitionLog(
+                        directory,
+                        config or self.default_config,
+                        new=True,
+                        before_first_append=lambda: write_topic_id(directory, topic_id),
+                    )
+                else:
+                    if known is None or known[1] is None:
+                        write_topic_id(directory, topic_id)
+                    opened = PartitionLog(directory, config or self.default_config)
             except BaseException:
                 # The directory exists now (no descriptor left, a full disk): keep it
                 # known, so that a retry opens it and a deletion or the stray-log

@@ -95,7 +95,7 @@ def test_a_log_that_fails_to_open_after_its_directory_was_made_stays_known(tmp_p
     logs = manager([tmp_path])
     real = log_manager_module.PartitionLog
 
-    def no_descriptor_left(directory, config, new=False):
+    def no_descriptor_left(directory, config, **options):
         raise OSError(errno.EMFILE, "Too many open files", str(directory))
 
     monkeypatch.setattr(log_manager_module, "PartitionLog", no_descriptor_left)
@@ -129,13 +129,15 @@ def test_a_new_partition_log_is_made_without_reading_its_directory(tmp_path, mon
     )
     created = logs.get_or_create("t", 0, "id-t")
     assert listed == []
-    assert sorted(p.name for p in (tmp_path / "t-0").iterdir()) == [
-        "00000000000000000000.log",
-        "partition.metadata",
-    ]
+
+    def files() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "t-0").iterdir())
+
+    assert files() == ["00000000000000000000.log"]  # the topic id comes with data
     assert (created.log_start_offset, created.log_end_offset) == (0, 0)
     batch = encode_batch([Record(None, b"v", (), 1000)])
     created.append(batch, now_ms=0)
+    assert files() == ["00000000000000000000.log", "partition.metadata"]
     assert created.read(0, 1 << 20) == batch
     monkeypatch.undo()
     logs.close()
@@ -155,4 +157,24 @@ def test_a_directory_found_on_disk_after_loading_is_opened_not_assumed_empty(tmp
     (tmp_path / "source").rename(tmp_path / "logs" / "t-0")
     opened = logs.get_or_create("t", 0, "id-t")
     assert opened.log_end_offset == 3
+    logs.close()
+
+
+def test_a_new_partition_names_its_topic_id_before_its_first_batch(tmp_path):
+    """Until its first batch a new partition's directory holds no topic id, and a
+    restart gives it to the topic id that asks (it holds no data); once it has data,
+    its id is on disk first, and a re-created topic of that name gets a fresh log."""
+    logs = manager([tmp_path])
+    logs.get_or_create("t", 0, "id-old")  # the broker dies before any data
+    logs.get_or_create("u", 0, "id-u").append(
+        encode_batch([Record(None, b"v", (), 1000)]), now_ms=0
+    )
+    restarted = manager([tmp_path])
+    assert restarted.known() == {("t", 0): None, ("u", 0): "id-u"}
+    adopted = restarted.get_or_create("t", 0, "id-new")  # t was re-created meanwhile
+    assert adopted.log_end_offset == 0
+    assert restarted.known()[("t", 0)] == "id-new"
+    fresh = restarted.get_or_create("u", 0, "id-u2")  # u re-created: its data goes
+    assert fresh.log_end_offset == 0
+    restarted.close()
     logs.close()

@@ -174,12 +174,20 @@ class PartitionLog:
     """
 
     def __init__(
-        self, directory: Path | str, config: LogConfig | None = None, *, new: bool = False
+        self,
+        directory: Path | str,
+        config: LogConfig | None = None,
+        *,
+        new: bool = False,
+        before_first_append: Callable[[], None] | None = None,
     ) -> None:
         """Open the log in ``directory`` (made if missing). ``new``: the caller has just
-        made the directory for it, so there is nothing to list, read or recover."""
+        made the directory for it, so there is nothing to list, read or recover.
+        ``before_first_append`` runs once, before the first batch is written (until it
+        succeeds): what must be on disk before data is, and need not be before that."""
         self.directory = Path(directory)
         self.config = config or LogConfig()
+        self._before_first_append = before_first_append
         if not new:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._segments: list[LogSegment] = []
@@ -457,6 +465,9 @@ class PartitionLog:
         """Roll if due, write, update the epoch cache, flush per the policy."""
         if self._should_roll(header, now_ms):
             self.roll()
+        if self._before_first_append is not None:
+            self._before_first_append()
+            self._before_first_append = None
         # A new leader's epoch entry goes to disk before the first batch under it.
         self.leader_epoch_cache.write_pending()
         self.active_segment.append(batch, now_ms)
