@@ -120,7 +120,8 @@ def test_a_log_that_fails_to_open_after_its_directory_was_made_stays_known(tmp_p
 
 def test_a_new_partition_log_is_made_without_reading_its_directory(tmp_path, monkeypatch):
     """A directory the manager has just made holds nothing: the log is created without
-    listing it or reading checkpoints, and is the same log a full open would give."""
+    listing it or reading checkpoints, makes no file until its first batch, and is the
+    same log a full open would give."""
     logs = manager([tmp_path])
     listed: list[str] = []
     real_listdir = storage_log.os.listdir
@@ -133,8 +134,11 @@ def test_a_new_partition_log_is_made_without_reading_its_directory(tmp_path, mon
     def files() -> list[str]:
         return sorted(p.name for p in (tmp_path / "t-0").iterdir())
 
-    assert files() == ["00000000000000000000.log"]  # the topic id comes with data
+    assert files() == []  # the segment file and the topic id come with data
     assert (created.log_start_offset, created.log_end_offset) == (0, 0)
+    assert created.read(0, 1 << 20) == b""
+    created.flush()  # nothing to sync, nothing made
+    assert files() == []
     batch = encode_batch([Record(None, b"v", (), 1000)])
     created.append(batch, now_ms=0)
     assert files() == ["00000000000000000000.log", "partition.metadata"]

@@ -291,6 +291,33 @@ def test_a_segment_reopened_trusted_reads_its_indexes_without_keeping_them_open(
         reopened.close()
 
 
+def test_a_created_segment_makes_its_file_with_its_first_append(tmp_path: Path) -> None:
+    """A new partition's first segment creates no file until a batch comes; reading,
+    flushing or truncating it meanwhile creates nothing, and closing or deleting it is
+    fine without one."""
+    segment = LogSegment.create(tmp_path, 0, index_interval_bytes=100)
+    assert segment.read(0, 1 << 20) == b""
+    assert segment.find_position(0) is None
+    assert list(segment.batches()) == []
+    assert segment.max_timestamp_offset() is None
+    assert segment.find_offset_by_timestamp(0) is None
+    assert segment.truncate_to(0) == 0
+    segment.flush()
+    assert list(tmp_path.iterdir()) == []
+    segment.append(make_batch(0, records=2), now_ms=0)
+    assert [p.name for p in tmp_path.iterdir()] == [segment_file_name(0, ".log")]
+    assert segment.read(0, 1 << 20) == make_batch(0, records=2)
+    segment.close()
+    reopened = LogSegment.open(tmp_path, 0, index_interval_bytes=100)
+    try:
+        assert reopened.next_offset == 2
+    finally:
+        reopened.close()
+    untouched = LogSegment.create(tmp_path / "never-made", 0)
+    untouched.close()
+    untouched.delete()  # no file to remove
+
+
 def test_round_trip_roll_by_size(tmp_path: Path) -> None:
     log = PartitionLog(tmp_path, SMALL)
     batches = []

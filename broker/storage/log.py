@@ -215,13 +215,13 @@ class PartitionLog:
     def _create(self) -> None:
         """A log in a directory just made for it: one empty segment at offset 0, as
         ``_load`` opens for an empty directory, without listing or reading anything
-        (a broker creating thousands of partitions spent most of its time there)."""
+        (a broker creating thousands of partitions spent most of its time there). The
+        segment's file is made by its first append."""
         self._add_segment(
             LogSegment.create(
                 self.directory, 0, index_interval_bytes=self.config.index_interval_bytes
             )
         )
-        fsync_dir(self.directory)
 
     def _load(self) -> None:
         self._finish_interrupted_swaps()
@@ -794,7 +794,8 @@ class PartitionLog:
         self._unflushed_messages = 0
         self._last_flush_ms = _now_ms() if now_ms is None else now_ms
         self._recovery_point = self.log_end_offset
-        if self._recovery_point != self._checkpointed_recovery_point:
+        # No file means "recover from 0", so an empty log has nothing to write.
+        if self._recovery_point != (self._checkpointed_recovery_point or 0):
             write_offset_checkpoint(
                 self.directory / RECOVERY_POINT_CHECKPOINT, self._recovery_point
             )

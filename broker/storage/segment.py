@@ -40,6 +40,7 @@ from broker.record_batch import (
     iter_batches,
     read_header,
 )
+from broker.storage.checkpoint import fsync_dir
 
 __all__ = ["LogSegment", "scan_batch_file", "segment_file_name"]
 
@@ -120,7 +121,9 @@ class LogSegment:
     Not thread-safe: the owning ``PartitionLog`` serialises access.
     """
 
-    def __init__(self, directory: Path, base_offset: int, index_interval_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, base_offset: int, index_interval_bytes: int, *, lazy: bool = False
+    ) -> None:
         if base_offset < 0:
             raise ValueError(f"negative base offset {base_offset}")
         self.directory = Path(directory)
@@ -129,13 +132,14 @@ class LogSegment:
         self.log_path = self.directory / segment_file_name(base_offset, ".log")
         self.index_path = self.directory / segment_file_name(base_offset, ".index")
         self.time_index_path = self.directory / segment_file_name(base_offset, ".timeindex")
-        self._log_fd = _open_fd(self.log_path)
+        # None until first used in a segment made by ``create`` (see ``_log``).
+        self._log_fd: int | None = None if lazy else _open_fd(self.log_path)
         # Opened (created) by _index_fds when an entry is first written.
         self._index_fd: int | None = None
         self._time_index_fd: int | None = None
         self._closed = False
         self._reset_state()
-        self._size = os.fstat(self._log_fd).st_size
+        self._size = 0 if self._log_fd is None else os.fstat(self._log_fd).st_size
         self.truncated_on_recovery = 0
         """Bytes the last ``recover`` cut off a torn or corrupt tail."""
         self.dirty = False
@@ -180,16 +184,22 @@ class LogSegment:
     def create(
         cls, directory: Path, base_offset: int, *, index_interval_bytes: int = 4096
     ) -> LogSegment:
-        """A new segment whose files do not exist yet: nothing to read. A ``.log`` that
-        turns out to exist with bytes in it is recovered, as ``open`` would."""
-        segment = cls(directory, base_offset, index_interval_bytes)
-        if segment.size_bytes:
-            try:
-                segment.recover()
-            except BaseException:
-                segment.close()
-                raise
-        return segment
+        """A new segment in a directory just made for it: nothing to read, and its
+        ``.log`` is created when first used (an append), so a partition that never
+        receives a batch costs a directory and no file."""
+        return cls(directory, base_offset, index_interval_bytes, lazy=True)
+
+    @property
+    def _log(self) -> int:
+        """The ``.log``'s descriptor; a lazy segment creates the file here, exclusively
+        (its directory was made empty), and makes its name durable."""
+        fd = self._log_fd
+        if fd is None:
+            self._check_open()
+            fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._log_fd = fd
+            fsync_dir(self.directory)
+        return fd
 
     # ------------------------------------------------------------------ properties
 
@@ -234,10 +244,10 @@ class LogSegment:
         # Write first, account after: a failed write (a full disk) must not move the
         # next offset past bytes that are not there. A partial write is cut off again.
         try:
-            _pwrite_all(self._log_fd, batch, self._size)
+            _pwrite_all(self._log, batch, self._size)
         except BaseException:
             try:
-                os.ftruncate(self._log_fd, self._size)
+                os.ftruncate(self._log, self._size)
             except OSError:
                 pass  # The next open recovers the segment and cuts the torn tail.
             raise
@@ -329,7 +339,7 @@ class LogSegment:
     # ------------------------------------------------------------------ read
 
     def _header_at(self, position: int) -> BatchHeader:
-        return read_header(_pread_exact(self._log_fd, RECORD_BATCH_OVERHEAD, position))
+        return read_header(_pread_exact(self._log, RECORD_BATCH_OVERHEAD, position))
 
     def _lookup(self, offset: int) -> int:
         """File position to start scanning from for ``offset``."""
@@ -368,7 +378,7 @@ class LogSegment:
             if end + header.size_bytes - start > max_bytes or header.next_offset > limit:
                 break
             end += header.size_bytes
-        return _pread_exact(self._log_fd, end - start, start)
+        return _pread_exact(self._log, end - start, start)
 
     def batches(self, start_position: int = 0) -> Iterator[tuple[int, BatchHeader]]:
         """``(position, header)`` of each batch from ``start_position`` on, headers only.
@@ -386,7 +396,7 @@ class LogSegment:
     def read_batch(self, position: int, header: BatchHeader) -> bytes:
         """The whole batch at ``position`` whose header is ``header``."""
         self._check_open()
-        data = _pread_exact(self._log_fd, header.size_bytes, position)
+        data = _pread_exact(self._log, header.size_bytes, position)
         if len(data) != header.size_bytes:
             raise CorruptBatchError(f"{self.log_path}: batch at {position} is cut short")
         return data
@@ -445,7 +455,7 @@ class LogSegment:
 
     def _scan_headers(self, start: int, end: int) -> list[tuple[int, BatchHeader]]:
         """Headers of the batches in [start, end), trusting the bytes (no CRC)."""
-        data = _pread_exact(self._log_fd, end - start, start)
+        data = _pread_exact(self._log, end - start, start)
         batches = iter_batches(data, verify_crc=False)
         found = [(start + position, header) for position, header in batches]
         if batches.error is not None:
@@ -459,7 +469,7 @@ class LogSegment:
         misaligned or inconsistent index, or a malformed tail, falls back to ``recover``.
         """
         self._check_open()
-        size = os.fstat(self._log_fd).st_size
+        size = os.fstat(self._log).st_size
         self._reset_state()
         self._size = size
         try:
@@ -523,8 +533,8 @@ class LogSegment:
         Both indexes are rebuilt from the valid prefix. Returns the bytes cut off.
         """
         self._check_open()
-        size = os.fstat(self._log_fd).st_size
-        data = _pread_exact(self._log_fd, size, 0)
+        size = os.fstat(self._log).st_size
+        data = _pread_exact(self._log, size, 0)
         self._reset_state()
         batches = iter_batches(data)
         valid = 0
@@ -537,7 +547,7 @@ class LogSegment:
             valid = position + header.size_bytes
         del data
         if valid < size:
-            os.ftruncate(self._log_fd, valid)
+            os.ftruncate(self._log, valid)
         # Recovered bytes may only be in the page cache, and the indexes were rewritten.
         self.dirty = True
         self.truncated_on_recovery = size - valid
@@ -570,7 +580,7 @@ class LogSegment:
         cut, cut_header = found
         new_next_offset = cut_header.base_offset
         removed = self._size - cut
-        os.ftruncate(self._log_fd, cut)
+        os.ftruncate(self._log, cut)
         self._size = cut
         self.dirty = True
         keep = bisect.bisect_left(self._index_positions, cut)
@@ -603,8 +613,7 @@ class LogSegment:
         """fsync the log and the indexes (index files are only written through their
         descriptors, so one that was never opened has nothing to sync)."""
         self._check_open()
-        os.fsync(self._log_fd)
-        for fd in (self._index_fd, self._time_index_fd):
+        for fd in (self._log_fd, self._index_fd, self._time_index_fd):
             if fd is not None:
                 os.fsync(fd)
         self.dirty = False
