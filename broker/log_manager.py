@@ -7,8 +7,9 @@ Layout (Kafka's): each log dir holds one directory per partition replica,
 in that dir. A topic deleted and created again under its name gets a new id;
 a directory whose id does not match is the old topic's and is deleted. A new
 partition's ``partition.metadata`` is written before its first batch, not when
-its directory is made: a directory without one holds no data, and on a restart
-it is taken by the topic id that asks for it.
+its directory is made (or before a log start or recovery point is): a directory
+without one holds nothing, and on a restart it is taken by the topic id that asks
+for it.
 
 Deleting renames the directory to ``<topic>-<partition>.<uuid>-delete`` (one
 atomic step) and removes it afterwards; a rename left behind by a crash is
@@ -164,13 +165,14 @@ class LogManager:
                 directory = known[0]
             try:
                 if new:
-                    # Written before its first batch: a directory without one holds no
-                    # data, so a restart may give it to whichever topic id asks first.
+                    # Written before its first batch (or log start, or recovery point):
+                    # a directory without one holds nothing, so a restart may give it
+                    # to whichever topic id asks first.
                     opened = PartitionLog(
                         directory,
                         config or self.default_config,
                         new=True,
-                        before_first_append=lambda: write_topic_id(directory, topic_id),
+                        before_first_write=lambda: write_topic_id(directory, topic_id),
                     )
                 else:
                     if known is None or known[1] is None:

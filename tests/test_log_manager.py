@@ -182,3 +182,17 @@ def test_a_new_partition_names_its_topic_id_before_its_first_batch(tmp_path):
     assert fresh.log_end_offset == 0
     restarted.close()
     logs.close()
+
+
+def test_a_new_partition_names_its_topic_id_before_it_starts_at_an_offset(tmp_path):
+    """A new follower whose leader's log starts later restarts its empty log there:
+    that log start is content a restart reads, so the topic id goes to disk first, and
+    a re-created topic of the name does not take the log over."""
+    logs = manager([tmp_path])
+    logs.get_or_create("t", 0, "id-t").truncate_fully_and_start_at(100)
+    restarted = manager([tmp_path])
+    assert restarted.known() == {("t", 0): "id-t"}
+    fresh = restarted.get_or_create("t", 0, "id-new")
+    assert (fresh.log_start_offset, fresh.log_end_offset) == (0, 0)
+    restarted.close()
+    logs.close()

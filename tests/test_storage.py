@@ -318,6 +318,37 @@ def test_a_created_segment_makes_its_file_with_its_first_append(tmp_path: Path) 
     untouched.delete()  # no file to remove
 
 
+def test_an_append_that_cannot_open_its_index_files_appends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index files are opened before the batch that needs them is written: with no
+    descriptor left, the append fails whole (it used to fail after the batch was in)."""
+    import broker.storage.segment as segment_module
+
+    segment = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        while not segment.index_entries:
+            before = (segment.next_offset, segment.size_bytes)
+            batch = make_batch(segment.next_offset, records=2, value_bytes=40)
+            if segment._bytes_since_index_entry > segment.index_interval_bytes:
+                real = segment_module._open_fd
+
+                def no_descriptor_left(path: Path) -> int:
+                    raise OSError(24, "Too many open files", str(path))
+
+                monkeypatch.setattr(segment_module, "_open_fd", no_descriptor_left)
+                with pytest.raises(OSError):
+                    segment.append(batch, now_ms=0)
+                assert (segment.next_offset, segment.size_bytes) == before
+                assert segment.log_path.stat().st_size == before[1]
+                assert segment.index_entries == []
+                monkeypatch.setattr(segment_module, "_open_fd", real)
+            segment.append(batch, now_ms=0)
+        assert (tmp_path / segment_file_name(0, ".index")).stat().st_size == 8
+    finally:
+        segment.close()
+
+
 def test_round_trip_roll_by_size(tmp_path: Path) -> None:
     log = PartitionLog(tmp_path, SMALL)
     batches = []

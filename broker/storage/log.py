@@ -179,15 +179,16 @@ class PartitionLog:
         config: LogConfig | None = None,
         *,
         new: bool = False,
-        before_first_append: Callable[[], None] | None = None,
+        before_first_write: Callable[[], None] | None = None,
     ) -> None:
         """Open the log in ``directory`` (made if missing). ``new``: the caller has just
         made the directory for it, so there is nothing to list, read or recover.
-        ``before_first_append`` runs once, before the first batch is written (until it
-        succeeds): what must be on disk before data is, and need not be before that."""
+        ``before_first_write`` runs once (until it succeeds) before the log first puts
+        on disk what a restart would read as its content: a batch, a log start offset
+        or a recovery point. What must be there before those, and need not be before."""
         self.directory = Path(directory)
         self.config = config or LogConfig()
-        self._before_first_append = before_first_append
+        self._before_first_write = before_first_write
         if not new:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._segments: list[LogSegment] = []
@@ -465,9 +466,7 @@ class PartitionLog:
         """Roll if due, write, update the epoch cache, flush per the policy."""
         if self._should_roll(header, now_ms):
             self.roll()
-        if self._before_first_append is not None:
-            self._before_first_append()
-            self._before_first_append = None
+        self._first_write()
         # A new leader's epoch entry goes to disk before the first batch under it.
         self.leader_epoch_cache.write_pending()
         self.active_segment.append(batch, now_ms)
@@ -705,9 +704,15 @@ class PartitionLog:
             fsync_dir(self.directory)
         return deleted
 
+    def _first_write(self) -> None:
+        if self._before_first_write is not None:
+            self._before_first_write()
+            self._before_first_write = None
+
     def _set_log_start_offset(self, offset: int) -> None:
         """Move and persist the log start; the epoch cache forgets what lies below it."""
         self._log_start_offset = offset
+        self._first_write()
         write_offset_checkpoint(self.directory / LOG_START_CHECKPOINT, offset)
         self.leader_epoch_cache.truncate_from_start(offset)
 
@@ -796,6 +801,7 @@ class PartitionLog:
         self._recovery_point = self.log_end_offset
         # No file means "recover from 0", so an empty log has nothing to write.
         if self._recovery_point != (self._checkpointed_recovery_point or 0):
+            self._first_write()
             write_offset_checkpoint(
                 self.directory / RECOVERY_POINT_CHECKPOINT, self._recovery_point
             )

@@ -197,8 +197,13 @@ class LogSegment:
         if fd is None:
             self._check_open()
             fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fsync_dir(self.directory)
+            except BaseException:
+                os.close(fd)  # Not durable: take the empty file back, try again later.
+                self.log_path.unlink(missing_ok=True)
+                raise
             self._log_fd = fd
-            fsync_dir(self.directory)
         return fd
 
     # ------------------------------------------------------------------ properties
@@ -241,6 +246,10 @@ class LogSegment:
             )
         if not self.fits(header):
             raise ValueError(f"batch at {header.base_offset} does not fit in this segment")
+        if self._bytes_since_index_entry > self.index_interval_bytes:
+            # This batch gets index entries: open (create) the index files first, so that
+            # failing to (no descriptor left) appends nothing.
+            self._index_fds()
         # Write first, account after: a failed write (a full disk) must not move the
         # next offset past bytes that are not there. A partial write is cut off again.
         try:
@@ -286,11 +295,14 @@ class LogSegment:
         return added
 
     def _index_fds(self) -> tuple[int, int]:
-        """The two index files' descriptors, opened (and created) on first use."""
-        if self._index_fd is None:
-            self._index_fd = _open_fd(self.index_path)
-        if self._time_index_fd is None:
-            self._time_index_fd = _open_fd(self.time_index_path)
+        """The two index files' descriptors, opened (and created) on first use; their
+        names are made durable then (a no-op when the broker does not sync)."""
+        if self._index_fd is None or self._time_index_fd is None:
+            if self._index_fd is None:
+                self._index_fd = _open_fd(self.index_path)
+            if self._time_index_fd is None:
+                self._time_index_fd = _open_fd(self.time_index_path)
+            fsync_dir(self.directory)
         return self._index_fd, self._time_index_fd
 
     def _write_last_index_entries(self) -> None:
