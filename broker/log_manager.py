@@ -160,10 +160,11 @@ class LogManager:
                 except FileNotFoundError:  # The log dir itself is missing (never loaded).
                     directory.mkdir(parents=True)
                     new = True
-                fsync_dir(directory.parent)
             else:
                 directory = known[0]
             try:
+                if known is None:
+                    fsync_dir(directory.parent)
                 if new:
                     # Written before its first batch (or log start, or recovery point):
                     # a directory without one holds nothing, so a restart may give it

@@ -196,3 +196,27 @@ def test_a_new_partition_names_its_topic_id_before_it_starts_at_an_offset(tmp_pa
     assert (fresh.log_start_offset, fresh.log_end_offset) == (0, 0)
     restarted.close()
     logs.close()
+
+
+def test_a_new_directory_whose_name_cannot_be_synced_stays_known(tmp_path, monkeypatch):
+    """Syncing the log dir after making a partition's directory can fail (a full disk):
+    the directory exists then, and stays known, as when its log fails to open."""
+    import broker.log_manager as log_manager_module
+
+    logs = manager([tmp_path])
+
+    def sync_fails(directory):
+        raise OSError(errno.EIO, "Input/output error", str(directory))
+
+    monkeypatch.setattr(log_manager_module, "fsync_dir", sync_fails)
+    try:
+        logs.get_or_create("t", 0, "id-t")
+    except OSError as e:
+        assert e.errno == errno.EIO
+    else:
+        raise AssertionError("the sync was expected to fail")
+    assert set(logs.known()) == {("t", 0)}
+    monkeypatch.undo()
+    logs.delete("t", 0)
+    assert not (tmp_path / "t-0").exists()
+    logs.close()
