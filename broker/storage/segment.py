@@ -16,8 +16,9 @@ read; the records are never touched.
 The index files are append-only (Kafka preallocates and memory-maps them; here they grow as
 entries are added) and mirrored in memory. They are opened only to be written: a segment
 keeps one descriptor (its ``.log``) until its first index entry, and a segment opened
-trusted keeps none for indexes it only read. A new partition or a small one costs one
-file and one descriptor, not three, and a missing index file reads as an empty one.
+trusted keeps none for indexes it only read. A small partition costs one file and one
+descriptor, not three, and a missing index file reads as an empty one. The first segment
+of a new partition (``create``) makes even its ``.log`` only when the first batch comes.
 
 A segment is opened either *trusted* (``load``: read the indexes, sanity-check them, scan
 only the tail after the last index entry) or *recovering* (``recover``: scan the whole
