@@ -291,6 +291,91 @@ def test_a_segment_reopened_trusted_reads_its_indexes_without_keeping_them_open(
         reopened.close()
 
 
+def _index_files_match(segment: LogSegment) -> bool:
+    """Whether both index files hold exactly the segment's in-memory entries."""
+    offsets = b"".join(
+        struct.pack(">II", offset - segment.base_offset, position)
+        for offset, position in segment.index_entries
+    )
+    times = b"".join(
+        struct.pack(">qI", stamp, offset - segment.base_offset)
+        for stamp, offset in zip(segment._time_stamps, segment._time_offsets, strict=True)
+    )
+    return (
+        segment.index_path.read_bytes() == offsets and segment.time_index_path.read_bytes() == times
+    )
+
+
+def test_index_files_hold_exactly_their_entries_after_a_truncation_and_more_appends(
+    tmp_path: Path,
+) -> None:
+    """An append writes its entries at the end of the index files without resizing
+    them; a truncation has already cut the files to the entries it kept."""
+    segment = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        for base in range(0, 40, 2):
+            segment.append(make_batch(base, records=2, value_bytes=40, ts=base), now_ms=0)
+        before = segment.index_entries
+        assert len(before) > 3 and _index_files_match(segment)
+        segment.truncate_to(before[1][0])
+        assert len(segment.index_entries) < len(before) and _index_files_match(segment)
+        for base in range(segment.next_offset, segment.next_offset + 10, 2):
+            segment.append(make_batch(base, records=2, value_bytes=40, ts=base), now_ms=0)
+        assert len(segment.index_entries) >= 2 and _index_files_match(segment)
+        entries, end = segment.index_entries, segment.next_offset
+    finally:
+        segment.close()
+    reopened = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        assert reopened.index_entries == entries
+        assert reopened.next_offset == end
+    finally:
+        reopened.close()
+
+
+def test_an_index_entry_that_cannot_be_written_does_not_fail_the_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is in the log once its bytes are written: an append that then failed
+    (a full disk under the index files) would be retried and appended twice. The
+    entries are kept in memory and the files rewritten whole later."""
+    from broker.storage import segment as segment_module
+
+    segment = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    write = segment_module._pwrite_all
+
+    def full_for_indexes(fd: int, data: bytes, position: int) -> None:
+        if fd in (segment._index_fd, segment._time_index_fd):
+            raise OSError(28, "No space left on device")
+        write(fd, data, position)
+
+    try:
+        segment.append(make_batch(0, records=2, value_bytes=40, ts=0), now_ms=0)
+        segment.append(make_batch(2, records=2, value_bytes=40, ts=2), now_ms=0)
+        count = len(segment.index_entries)
+        monkeypatch.setattr(segment_module, "_pwrite_all", full_for_indexes)
+        batch = make_batch(4, records=2, value_bytes=40, ts=4)
+        segment.append(batch, now_ms=0)  # This batch gets index entries.
+        assert len(segment.index_entries) == count + 1 and not _index_files_match(segment)
+        assert segment.next_offset == 6
+        assert segment.read(4, 1 << 20) == batch
+        monkeypatch.setattr(segment_module, "_pwrite_all", write)
+        base, count = segment.next_offset, len(segment.index_entries)
+        while len(segment.index_entries) == count:
+            segment.append(make_batch(base, records=2, value_bytes=40, ts=base), now_ms=0)
+            base = segment.next_offset
+        assert _index_files_match(segment)
+        entries = segment.index_entries
+    finally:
+        segment.close()
+    reopened = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        assert reopened.index_entries == entries
+        assert reopened.read(4, 1 << 20)[: len(batch)] == batch
+    finally:
+        reopened.close()
+
+
 def test_a_created_segment_makes_its_file_with_its_first_append(tmp_path: Path) -> None:
     """A new partition's first segment creates no file until a batch comes; reading,
     flushing or truncating it meanwhile creates nothing, and closing or deleting it is

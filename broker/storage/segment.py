@@ -28,6 +28,7 @@ only the tail after the last index entry) or *recovering* (``recover``: scan the
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from broker.record_batch import (
     read_header,
 )
 from broker.storage.checkpoint import fsync_dir
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LogSegment", "scan_batch_file", "segment_file_name"]
 
@@ -159,6 +162,8 @@ class LogSegment:
         self._index_positions: list[int] = []
         self._time_stamps: list[int] = []
         self._time_offsets: list[int] = []  # absolute offsets
+        # The index files may not hold the in-memory entries (a write failed).
+        self._indexes_stale = False
 
     @classmethod
     def open(
@@ -261,11 +266,18 @@ class LogSegment:
             except OSError:
                 pass  # The next open recovers the segment and cuts the torn tail.
             raise
-        entry_added = self._track(header, self._size)
+        entries_added = self._track(header, self._size)
         self._size += len(batch)
         self.dirty = True
-        if entry_added:
-            self._write_last_index_entries()
+        if entries_added:
+            try:
+                self._write_last_index_entries(entries_added)
+            except OSError as e:
+                # The batch is in the log and counted: failing the append now would
+                # have a retried produce append it twice. The index files only speed
+                # up reads, and are rebuilt from the log when they disagree with it.
+                self._indexes_stale = True
+                log.warning("%s: index entry not written (%s); rewritten later", self.log_path, e)
         if self.rolling_base_ms is None:
             self.rolling_base_ms = now_ms if now_ms is not None else header.max_timestamp
         return header
@@ -277,20 +289,22 @@ class LogSegment:
             and self._size + header.size_bytes <= _UINT32_MAX
         )
 
-    def _track(self, header: BatchHeader, position: int) -> bool:
-        """Account for a batch at ``position``; True when it got index entries."""
+    def _track(self, header: BatchHeader, position: int) -> int:
+        """Account for a batch at ``position``; returns the index entries it got: 0,
+        1 (an offset index entry) or 2 (a time index entry as well)."""
         if header.max_timestamp > self._max_timestamp:
             self._max_timestamp = header.max_timestamp
             self._offset_of_max_timestamp = header.last_offset
-        added = False
+        added = 0
         if self._bytes_since_index_entry > self.index_interval_bytes:
             self._index_offsets.append(header.last_offset)
             self._index_positions.append(position)
+            added = 1
             if not self._time_stamps or self._max_timestamp > self._time_stamps[-1]:
                 self._time_stamps.append(self._max_timestamp)
                 self._time_offsets.append(self._offset_of_max_timestamp)
+                added = 2
             self._bytes_since_index_entry = 0
-            added = True
         self._bytes_since_index_entry += header.size_bytes
         self._next_offset = header.next_offset
         return added
@@ -306,22 +320,26 @@ class LogSegment:
             fsync_dir(self.directory)
         return self._index_fd, self._time_index_fd
 
-    def _write_last_index_entries(self) -> None:
+    def _write_last_index_entries(self, added: int) -> None:
+        """Write the entries ``_track`` just added (``added`` as it returned) at the
+        end of the index files. The files hold exactly the in-memory entries before:
+        whatever else changes the entries (a truncation, a recovery, a rebuilt tail)
+        rewrites the files whole."""
+        if self._indexes_stale:
+            self._write_indexes()
+            return
         index_fd, time_index_fd = self._index_fds()
         count = len(self._index_offsets)
         entry = _OFFSET_ENTRY.pack(
             self._index_offsets[-1] - self.base_offset, self._index_positions[-1]
         )
         _pwrite_all(index_fd, entry, (count - 1) * _OFFSET_ENTRY.size)
-        count = len(self._time_stamps)
-        if count:
+        if added > 1:
+            count = len(self._time_stamps)
             entry = _TIME_ENTRY.pack(
                 self._time_stamps[-1], self._time_offsets[-1] - self.base_offset
             )
             _pwrite_all(time_index_fd, entry, (count - 1) * _TIME_ENTRY.size)
-        # A truncation may have left the files longer than the in-memory lists.
-        os.ftruncate(index_fd, len(self._index_offsets) * _OFFSET_ENTRY.size)
-        os.ftruncate(time_index_fd, len(self._time_stamps) * _TIME_ENTRY.size)
 
     def _write_indexes(self) -> None:
         """Rewrite both index files from the in-memory entries.
@@ -348,6 +366,7 @@ class LogSegment:
         )
         os.ftruncate(time_index_fd, 0)
         _pwrite_all(time_index_fd, data, 0)
+        self._indexes_stale = False
 
     # ------------------------------------------------------------------ read
 
@@ -626,6 +645,11 @@ class LogSegment:
         """fsync the log and the indexes (index files are only written through their
         descriptors, so one that was never opened has nothing to sync)."""
         self._check_open()
+        if self._indexes_stale:
+            try:
+                self._write_indexes()
+            except OSError as e:  # Still rebuilt from the log when the segment opens.
+                log.warning("%s: indexes not rewritten (%s)", self.log_path, e)
         for fd in (self._log_fd, self._index_fd, self._time_index_fd):
             if fd is not None:
                 os.fsync(fd)
