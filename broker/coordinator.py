@@ -53,7 +53,7 @@ from raftka.v1 import broker_pb2, common_pb2, controller_pb2
 from broker.group import messages as gm
 from broker.group import wire
 from broker.group.state import ClassicGroup, GroupConfig
-from broker.partition import LEADER, Partition, PartitionError, Waiter
+from broker.partition import HIGH_WATERMARK, LEADER, STATE, Partition, PartitionError, Waiter
 from broker.record_batch import Record, decode_records, encode_batch, iter_batches
 from quorum.image import NO_LEADER, MetadataImage
 
@@ -740,7 +740,7 @@ class GroupCoordinator:
 
     @staticmethod
     def _await(partition: Partition, result: Any) -> common_pb2.Error | None:
-        waiter = Waiter()
+        waiter = Waiter(HIGH_WATERMARK | STATE)
         partition.add_waiter(waiter)
         deadline = time.monotonic() + _COMMIT_TIMEOUT_S
         try:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from raftka.v1 import broker_pb2
 
-from broker.partition import Partition, Waiter
+from broker.partition import HIGH_WATERMARK, NEW_DATA, STATE, Partition, Waiter
 
 Key = tuple[str, int]
 
@@ -45,7 +45,9 @@ class FetchSession:
         self.partitions: dict[Key, Partition] = {}
         # Partitions a fetch left unread for lack of room: the next one reads them first.
         self.pending: set[Key] = set()
-        self.waiter = Waiter()
+        # Woken by new data (or a role change); a moved high watermark is only
+        # noted, and told with the next answer.
+        self.waiter = Waiter(NEW_DATA | STATE, notes=HIGH_WATERMARK)
         self._next_full_pass = 0.0
 
     @property

@@ -54,20 +54,40 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# What moved in a partition, for the waiters that care (a bit set).
+NEW_DATA = 1  # Records appended past the log end.
+HIGH_WATERMARK = 2  # The high watermark advanced.
+STATE = 4  # Role, leader epoch, ISR, log start, or the partition closed.
+ANY_CHANGE = NEW_DATA | HIGH_WATERMARK | STATE
+
+
 class Waiter:
-    """An event plus the partitions that changed since the waiter last looked."""
+    """An event plus the partitions that changed since the waiter last looked.
 
-    __slots__ = ("event", "changed", "_lock")
+    ``wakes`` says which changes set the event, ``notes`` which ones mark the
+    partition as changed (by default the same). A follower's fetch session is
+    woken by new data only and notes a moved high watermark for its next answer,
+    as Kafka's leader holds a follower's fetch until there is data and then tells
+    the high watermark with it; a consumer's fetch and an ``acks=all`` produce
+    wait for the high watermark only. So after an append the leader wakes just
+    the streams that carry the batch to the followers, and after the high
+    watermark moves just the producers and consumers waiting for it.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("event", "changed", "_lock", "wakes", "notes")
+
+    def __init__(self, wakes: int = ANY_CHANGE, notes: int | None = None) -> None:
         self.event = threading.Event()
         self.changed: set[Partition] = set()
         self._lock = threading.Lock()
+        self.wakes = wakes
+        self.notes = wakes if notes is None else notes | wakes
 
-    def notify(self, partition: Partition) -> None:
+    def notify(self, partition: Partition, wake: bool = True) -> None:
         with self._lock:
             self.changed.add(partition)
-        self.event.set()
+        if wake:
+            self.event.set()
 
     def take(self) -> set[Partition]:
         """The partitions marked since the last call (and clear the event)."""
@@ -213,9 +233,10 @@ class Partition:
         with self._lock:
             self._waiters.discard(waiter)
 
-    def _wake(self) -> None:
+    def _wake(self, what: int = ANY_CHANGE) -> None:
         for waiter in self._waiters:
-            waiter.notify(self)
+            if waiter.notes & what:
+                waiter.notify(self, bool(waiter.wakes & what))
 
     # ------------------------------------------------------------------ roles
 
@@ -379,8 +400,7 @@ class Partition:
                 offset += header.records_count
                 last = offset - 1
             if to_append:
-                self._maybe_advance_hw()
-                self._wake()
+                self._wake(NEW_DATA | (HIGH_WATERMARK if self._maybe_advance_hw() else 0))
             return AppendResult(
                 base, last, append_time if self.settings.log_append_time else -1, epoch
             )
@@ -490,7 +510,7 @@ class Partition:
             if update_state:
                 state.on_fetch(fetch_offset, follower_log_start, leo, now_ms())
                 if self._maybe_advance_hw():
-                    self._wake()
+                    self._wake(HIGH_WATERMARK)
                 may_join = (
                     replica_id not in self.isr
                     and self.pending_isr is None
@@ -740,7 +760,7 @@ class Partition:
             if cut is not None:
                 log.info("%s-%d: retention moves the log start to %d", self.topic, self.index, cut)
                 log_.delete_before(cut)
-                self._wake()
+                self._wake(STATE)
             return count
 
     def compact(self, now: int, delete_retention_ms: int) -> CleanResult | None:

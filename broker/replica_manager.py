@@ -23,7 +23,9 @@ from broker.fetcher import FetcherSettings, ReplicaFetcher
 from broker.local_changes import LocalChanges, TopicPartition
 from broker.log_manager import LogManager
 from broker.partition import (
+    HIGH_WATERMARK,
     LEADER,
+    STATE,
     AppendResult,
     IsrChange,
     Partition,
@@ -378,7 +380,7 @@ class ReplicaManager:
         timeout_ms: int,
     ) -> None:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000
-        waiter = Waiter()
+        waiter = Waiter(HIGH_WATERMARK | STATE)
         waiting = list(appended)
         for _, partition, _ in waiting:
             partition.add_waiter(waiter)
@@ -474,7 +476,8 @@ class ReplicaManager:
                     )
                     partition = None
                 targets.append((answer, partition, part))
-        waiter = Waiter()
+        # A consumer reads up to the high watermark: an append alone shows it nothing.
+        waiter = Waiter(HIGH_WATERMARK | STATE) if replica_id == CONSUMER else Waiter()
         live = [p for _, p, _ in targets if p is not None]
         for partition in live:
             partition.add_waiter(waiter)
@@ -540,13 +543,19 @@ class ReplicaManager:
         total, stop = self._read_session(session, work, answers, max_bytes, first=True, used=0)
         while not stop and total < min_bytes:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not session.waiter.wait(remaining):
+            if remaining <= 0:
                 break
+            woken = session.waiter.wait(remaining)
+            # Also when the wait ran out: a high watermark that moved meanwhile
+            # (noted, not woken for) goes in this answer.
             again = sorted(session.changed())
-            used = total - sum(len(answers[k].records) for k in again if k in answers)
-            total, stop = self._read_session(
-                session, again, answers, max_bytes, first=False, used=used
-            )
+            if again:
+                used = total - sum(len(answers[k].records) for k in again if k in answers)
+                total, stop = self._read_session(
+                    session, again, answers, max_bytes, first=False, used=used
+                )
+            if not woken:
+                break
         listed_keys = set(listed)
         by_topic: dict[str, list[broker_pb2.FetchPartitionResponse]] = {}
         for key, answer in answers.items():

@@ -9,7 +9,7 @@ from raftka.v1 import broker_pb2, common_pb2
 
 from broker.fetch_session import FetchSession
 from broker.fetcher import FetcherSettings, ReplicaFetcher, _Entry
-from broker.partition import Partition, PartitionSettings
+from broker.partition import Partition, PartitionSettings, Waiter
 from broker.record_batch import Record, encode_batch
 from broker.replica_manager import ReplicaManager
 from broker.storage.log import LogConfig, PartitionLog
@@ -235,3 +235,58 @@ def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touch
     scanned, _ = fetcher._build_request(entries, session)
     assert scanned.incremental and listed(scanned) == {"b": 5}
     assert [p.reads for p in parts.values()] == [3, 2]
+
+
+class _SignallingWaiter(Waiter):
+    """Sets ``entered`` each time a fetch starts waiting on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+
+    def wait(self, timeout_s: float) -> bool:
+        self.entered.set()
+        return super().wait(timeout_s)
+
+
+def test_a_moved_high_watermark_does_not_wake_a_follower_but_goes_in_its_answer(tmp_path):
+    """While follower 2's fetch waits for data, follower 3's fetch moves the high
+    watermark: follower 2 is not woken for it (Kafka's leader holds a follower's fetch
+    until there is data), and its answer at the end of the wait tells the new one."""
+    log_ = PartitionLog(tmp_path / "a-0", LogConfig(segment_bytes=1_000_000))
+    leader = Partition("a", 0, "id-a", log_, 1, PartitionSettings())
+    leader.become_leader(PartitionRegistration((1, 2, 3), (1, 2, 3), 1, 0, 0), leader.settings)
+    rm = manager([leader])
+    session = rm.new_fetch_session()
+    waiter = session.waiter
+    session.waiter = _SignallingWaiter(waiter.wakes, notes=waiter.notes)
+    leader.append_as_leader(encode_batch([Record(None, b"v", (), 1000)]), acks=-1)
+    first = rm.fetch_in_session(session, fetch_request({"a": 0}, False))
+    assert told(first) == {"a": len(log_.read(0, 1 << 20))}
+    waiting = fetch_request({"a": 1}, True)  # Follower 2 has the record now.
+    waiting.max_wait_ms = 300
+    result: list[broker_pb2.FetchResponse] = []
+    fetch = threading.Thread(target=lambda: result.append(rm.fetch_in_session(session, waiting)))
+    fetch.start()
+    assert session.waiter.entered.wait(10)
+    assert leader.high_watermark == 0
+    for offset in (0, 1):  # Follower 3 fetches the record, then reports it.
+        leader.read_for_follower(3, offset, -1, 0, 0, 1 << 20, update_state=True)
+    assert leader.high_watermark == 1
+    assert not session.waiter.event.is_set()
+    fetch.join(10)
+    assert not fetch.is_alive()
+    (answer,) = [p for t in result[0].topics for p in t.partitions]
+    assert answer.high_watermark == 1 and answer.records == b""
+    # New data wakes it at once, long before its wait would end.
+    waiting = fetch_request({"a": 1}, True)
+    waiting.max_wait_ms = 60_000
+    result.clear()
+    session.waiter.entered.clear()
+    fetch = threading.Thread(target=lambda: result.append(rm.fetch_in_session(session, waiting)))
+    fetch.start()
+    assert session.waiter.entered.wait(10)
+    leader.append_as_leader(encode_batch([Record(None, b"w", (), 1000)]), acks=-1)
+    fetch.join(10)
+    assert not fetch.is_alive() and told(result[0])["a"] > 0
+    session.close()

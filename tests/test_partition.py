@@ -7,10 +7,14 @@ import pytest
 
 from broker.partition import (
     FOLLOWER,
+    HIGH_WATERMARK,
     LEADER,
+    NEW_DATA,
+    STATE,
     Partition,
     PartitionError,
     PartitionSettings,
+    Waiter,
     now_ms,
 )
 from broker.record_batch import Record, decode_records, encode_batch, iter_batches
@@ -301,3 +305,27 @@ def test_a_new_leader_writes_its_epoch_with_its_first_batch(tmp_path):
     leader.log.close()
     with PartitionLog(leader.log.directory, LogConfig(segment_bytes=10_000)) as reopened:
         assert reopened.leader_epoch_cache.entries() == [(4, 0), (6, 2)]
+
+
+def test_waiters_are_woken_only_by_the_changes_they_wait_for(trio):
+    """A follower's session waits for new data (and notes a moved high watermark for
+    its next answer); a consumer's fetch and an acks=all produce wait for the high
+    watermark. Each append or advance wakes only the threads it concerns."""
+    leader, f1, f2 = trio
+    for_hw = Waiter(HIGH_WATERMARK | STATE)
+    for_data = Waiter(NEW_DATA | STATE, notes=HIGH_WATERMARK)
+    leader.add_waiter(for_hw)
+    leader.add_waiter(for_data)
+    leader.append_as_leader(batch(b"a"), acks=-1)
+    assert for_data.event.is_set() and for_data.take() == {leader}
+    assert not for_hw.event.is_set() and for_hw.take() == set()
+    replicate(leader, f1, F1)
+    replicate(leader, f1, F1)
+    replicate(leader, f2, F2)
+    assert leader.high_watermark == 0 and not for_hw.event.is_set()
+    replicate(leader, f2, F2)  # The last of the ISR: the high watermark moves.
+    assert leader.high_watermark == 1
+    assert for_hw.event.is_set() and for_hw.take() == {leader}
+    assert not for_data.event.is_set() and for_data.take() == {leader}  # Noted only.
+    leader.become_follower(registration(F1, 1), leader.settings)  # A role change: both.
+    assert for_hw.event.is_set() and for_data.event.is_set()
