@@ -23,6 +23,9 @@ How pysyncobj's known weaknesses are handled here:
   MISSING_LEADER, DISCARDED and REQUEST_DENIED mean "not applied".
 - ``commandsWaitLeader=False``, a low ``leaderFallbackTimeout``, a bound Raft
   address and a password (Fernet-encrypted, authenticated messages).
+- No PreVote in pysyncobj: ``quorum.prevote`` asks before every election, so a
+  voter cut off from the majority does not inflate its term and depose the leader
+  when it comes back.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 from pysyncobj.monotonic import monotonic as raft_monotonic
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.syncobj import _RAFT_STATE
 
 from quorum import raft_journal
 from quorum.config import Voter
 from quorum.log import LogListener, ProposeCallback, ProposeOutcome
+from quorum.prevote import PreVote
 from quorum.snapshot import decode_state, encode_state
 from quorum.state import BatchResult, MetadataState
 
@@ -139,6 +144,70 @@ class _DialedNode(TCPNode):  # type: ignore[misc]
         return self._dialed[1]
 
 
+class _SyncObjRaft:
+    """``quorum.prevote.RaftView`` over a SyncObj's private state (pysyncobj is
+    pinned; tests/test_prevote.py runs PreVote on real voters)."""
+
+    def __init__(self, so: SyncObj):
+        self._so = so
+
+    def now(self) -> float:
+        return float(raft_monotonic())
+
+    def is_leader(self) -> bool:
+        return bool(self._so._SyncObj__raftState == _RAFT_STATE.LEADER)
+
+    def term(self) -> int:
+        return int(self._so._SyncObj__raftCurrentTerm)
+
+    def last_log(self) -> tuple[int, int]:
+        so = self._so
+        return so._SyncObj__getCurrentLogIndex(), so._SyncObj__getCurrentLogTerm()
+
+    def election_due(self) -> bool:
+        # The condition of pysyncobj's _onTick for starting an election.
+        so = self._so
+        return bool(
+            so._SyncObj__raftState in (_RAFT_STATE.FOLLOWER, _RAFT_STATE.CANDIDATE)
+            and so._SyncObj__selfNode is not None
+            and so._SyncObj__raftElectionDeadline < raft_monotonic()
+            and so._SyncObj__connectedToAnyone()
+        )
+
+    def transferring(self) -> bool:
+        return bool(self._so._SyncObj__transferInProgress)
+
+    def postpone_election(self) -> None:
+        so = self._so
+        so._SyncObj__raftElectionDeadline = raft_monotonic() + so._SyncObj__generateRaftTimeout()
+
+    def start_election_now(self) -> None:
+        self._so._SyncObj__raftElectionDeadline = 0
+
+    def forget_leader(self) -> None:
+        # What pysyncobj does to the leader when it starts an election.
+        so = self._so
+        if so._SyncObj__raftLeader is not None:
+            so._SyncObj__raftLeader = None
+            so._SyncObj__onLeaderChanged()
+
+    def adopt_term(self, term: int) -> None:
+        # What pysyncobj does on a vote request with a higher term.
+        so = self._so
+        so._SyncObj__setCurrentTerm(term, None)
+        so._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+        so._SyncObj__raftLeader = None
+
+    def voters(self) -> list[Any]:
+        return list(self._so._SyncObj__otherNodes)
+
+    def voter_key(self, node: Any) -> Any:
+        return node.id
+
+    def send(self, node: Any, message: dict[str, Any]) -> None:
+        self._so._SyncObj__transport.send(node, message)
+
+
 class RaftMetadataLog:
     """``MetadataLog`` over a pysyncobj voter; owns the raft thread."""
 
@@ -215,6 +284,15 @@ class RaftMetadataLog:
         # AppendEntries and before it polls for the answers: the leader's own
         # sync then overlaps the followers' work instead of following it.
         self._so.addOnTickCallback(self._journal.sync_pending)
+        # PreVote: an election whose timer ran out asks first (quorum.prevote).
+        self._prevote = PreVote(_SyncObjRaft(self._so), timeouts.election_min_s)
+        deliver = self._so._SyncObj__onMessageReceived
+
+        def on_message(node: Any, message: Any) -> None:
+            if not self._prevote.on_message(node, message):
+                deliver(node, message)
+
+        transport.setOnMessageReceivedCallback(on_message)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = PipeNotifier(self._so._poller)
         self._tick_interval_s = tick_interval_s
@@ -284,6 +362,7 @@ class RaftMetadataLog:
         while not self._stop.is_set():
             try:
                 started = time.monotonic()
+                self._prevote.before_tick()
                 self._so.doTick(self._tick_interval_s)
                 # Before the next tick can count the leader towards a commit
                 # (followers' entries are synced before they acknowledge them).

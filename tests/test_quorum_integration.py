@@ -160,9 +160,7 @@ def test_majority_down_fails_clearly_then_resumes_by_itself(cluster, admin):
     names = admin.list_topics()
     if "without-majority" in names:
         assert len(admin.describe_topic("without-majority").partitions) == 4
-    # The two voters left alone campaigned all along, and their terms are higher than
-    # the restarted ones': the first leader after the restart may be deposed once they
-    # are heard (pysyncobj has no PreVote). The next test starts on a whole quorum.
+    # The next test starts on a whole quorum, every voter following one leader.
     wait_until("every voter to follow one leader", lambda: quorum_whole(admin))
 
 
