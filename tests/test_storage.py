@@ -376,6 +376,39 @@ def test_an_index_entry_that_cannot_be_written_does_not_fail_the_append(
         reopened.close()
 
 
+def test_index_files_that_a_truncation_failed_to_rewrite_are_rewritten_by_the_next_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncation cuts the entries in memory, then rewrites the files; if that fails,
+    the next entry must not be written in place after entries the truncation removed."""
+    from broker.storage import segment as segment_module
+
+    segment = LogSegment.open(tmp_path, 0, index_interval_bytes=100, recover=False)
+    try:
+        for base in range(0, 40, 2):
+            segment.append(make_batch(base, records=2, value_bytes=40, ts=base), now_ms=0)
+        entries = segment.index_entries
+        real_ftruncate = os.ftruncate
+
+        def failing(fd: int, length: int) -> None:
+            if fd in (segment._index_fd, segment._time_index_fd):
+                raise OSError(5, "Input/output error")
+            real_ftruncate(fd, length)
+
+        monkeypatch.setattr(segment_module.os, "ftruncate", failing)
+        with pytest.raises(OSError):
+            segment.truncate_to(entries[1][0])
+        monkeypatch.setattr(segment_module.os, "ftruncate", real_ftruncate)
+        count = len(segment.index_entries)
+        base = segment.next_offset
+        while len(segment.index_entries) == count:
+            segment.append(make_batch(base, records=2, value_bytes=40, ts=base), now_ms=0)
+            base = segment.next_offset
+        assert _index_files_match(segment)
+    finally:
+        segment.close()
+
+
 def test_a_created_segment_makes_its_file_with_its_first_append(tmp_path: Path) -> None:
     """A new partition's first segment creates no file until a batch comes; reading,
     flushing or truncating it meanwhile creates nothing, and closing or deleting it is

@@ -353,6 +353,9 @@ class LogSegment:
             and not self.time_index_path.exists()
         ):
             return
+        # Until both files are rewritten they may hold other entries than the lists
+        # (a failure part-way): the next entry rewrites them whole instead.
+        self._indexes_stale = True
         index_fd, time_index_fd = self._index_fds()
         data = b"".join(
             _OFFSET_ENTRY.pack(offset - self.base_offset, position)
