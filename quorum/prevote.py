@@ -18,6 +18,16 @@ A refusal carries the refuser's term; a voter that learns it is behind takes tha
 lower term can still win the next round. A leadership transfer (TimeoutNow) skips the
 pre-vote, as in the thesis.
 
+pysyncobj may start an election only when ``allows_election`` says so (a round won
+for the next term, or a transfer): its own check runs inside its tick, and a timer
+running out between ``before_tick`` and that check must not start an election
+unasked. A heartbeat from a leader at the voter's term or above ends any round and
+forgets a won one. A voter whose term is above the leader's (its election began and
+was cut off) cannot rejoin: pysyncobj drops the leader's lower-term AppendEntries
+without telling it, and the others, who hear the leader, refuse its pre-votes. So it
+answers such a leader with a vote request at its own term, as Raft answers a stale
+AppendEntries with its term: the leader steps down and the next election includes it.
+
 This module is the protocol alone; ``quorum.raft`` adapts it to pysyncobj's internals.
 """
 
@@ -100,8 +110,15 @@ class PreVote:
         # A term a round won: the election at it may start.
         self._won_term: int | None = None
         self._round_started = 0.0
+        # When each leader at a lower term was last answered (_answer_stale_leader).
+        self._stale_answered: dict[Hashable, float] = {}
         self.rounds = 0
         self.rounds_won = 0
+
+    def allows_election(self) -> bool:
+        """Whether pysyncobj may start an election in this tick."""
+        raft = self._raft
+        return raft.transferring() or self._won_term == raft.term() + 1
 
     def before_tick(self) -> None:
         """Call before every pysyncobj tick: turns an election that is due into a
@@ -139,9 +156,36 @@ class PreVote:
         if kind == PRE_VOTE_RESPONSE:
             self._count(node, message)
             return True
-        if kind == "append_entries" and message.get("term", -1) >= self._raft.term():
-            self._last_leader_contact = self._raft.now()
+        if kind == "append_entries":
+            term = message.get("term", -1)
+            if term >= self._raft.term():
+                # A leader is alive: no round goes on, and none won counts any more.
+                self._last_leader_contact = self._raft.now()
+                self._round_term = None
+                self._won_term = None
+            else:
+                self._answer_stale_leader(node)
         return False
+
+    def _answer_stale_leader(self, node: Any) -> None:
+        raft = self._raft
+        now = raft.now()
+        key = raft.voter_key(node)
+        if key not in {raft.voter_key(v) for v in raft.voters()}:
+            return
+        if now - self._stale_answered.get(key, float("-inf")) < self._lease_s:
+            return  # Once per lease: the first answer makes it step down.
+        self._stale_answered[key] = now
+        index, log_term = raft.last_log()
+        raft.send(
+            node,
+            {
+                "type": "request_vote",
+                "term": raft.term(),
+                "last_log_index": index,
+                "last_log_term": log_term,
+            },
+        )
 
     def _answer(self, node: Any, message: dict[str, Any]) -> None:
         raft = self._raft

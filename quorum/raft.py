@@ -150,6 +150,13 @@ class _SyncObjRaft:
 
     def __init__(self, so: SyncObj):
         self._so = so
+        self._connected = so._SyncObj__connectedToAnyone
+
+    def gate_elections(self, allows: Callable[[], bool]) -> None:
+        """Let pysyncobj's tick start an election only when ``allows()``: its one
+        check is ``deadline < now and __connectedToAnyone()``."""
+        connected = self._connected
+        self._so._SyncObj__connectedToAnyone = lambda: connected() and allows()
 
     def now(self) -> float:
         return float(raft_monotonic())
@@ -171,7 +178,7 @@ class _SyncObjRaft:
             so._SyncObj__raftState in (_RAFT_STATE.FOLLOWER, _RAFT_STATE.CANDIDATE)
             and so._SyncObj__selfNode is not None
             and so._SyncObj__raftElectionDeadline < raft_monotonic()
-            and so._SyncObj__connectedToAnyone()
+            and self._connected()
         )
 
     def transferring(self) -> bool:
@@ -285,7 +292,9 @@ class RaftMetadataLog:
         # sync then overlaps the followers' work instead of following it.
         self._so.addOnTickCallback(self._journal.sync_pending)
         # PreVote: an election whose timer ran out asks first (quorum.prevote).
-        self._prevote = PreVote(_SyncObjRaft(self._so), timeouts.election_min_s)
+        raft_view = _SyncObjRaft(self._so)
+        self._prevote = PreVote(raft_view, timeouts.election_min_s)
+        raft_view.gate_elections(self._prevote.allows_election)
         deliver = self._so._SyncObj__onMessageReceived
 
         def on_message(node: Any, message: Any) -> None:

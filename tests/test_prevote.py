@@ -11,7 +11,7 @@ import pytest
 from cli.localcluster import free_ports
 from quorum.config import Voter
 from quorum.prevote import PRE_VOTE_REQUEST, PRE_VOTE_RESPONSE, PreVote
-from quorum.raft import RaftMetadataLog
+from quorum.raft import RaftMetadataLog, _SyncObjRaft
 
 MIN_TIMEOUT = 0.3
 
@@ -173,6 +173,53 @@ def test_a_refusal_from_a_higher_term_makes_the_asker_take_that_term():
     assert raft.sent[-1][1]["term"] == 10
 
 
+def test_pysyncobj_may_start_an_election_only_after_a_round_won_for_its_term():
+    raft = FakeRaft(others=2)
+    prevote = PreVote(raft, MIN_TIMEOUT)
+    assert not prevote.allows_election()  # A timer that runs out alone starts nothing.
+    raft.due = True
+    prevote.before_tick()
+    assert not prevote.allows_election()
+    prevote.on_message("n0", answer(6, True))
+    assert prevote.allows_election()
+    # A leader is heard before the election starts: the win no longer counts.
+    prevote.on_message("n1", {"type": "append_entries", "term": 5})
+    assert not prevote.allows_election()
+    raft.due = True
+    raft.clock += MIN_TIMEOUT
+    prevote.before_tick()
+    assert raft.postponed == 2  # A new round, not an election.
+    raft.transfer = True
+    assert prevote.allows_election()
+
+
+def test_a_leader_heard_during_a_round_ends_it():
+    raft = FakeRaft(others=2)
+    prevote = PreVote(raft, MIN_TIMEOUT)
+    raft.due = True
+    prevote.before_tick()
+    prevote.on_message("n1", {"type": "append_entries", "term": 5})
+    prevote.on_message("n0", answer(6, True))  # A yes that comes late.
+    assert raft.started == 0 and not prevote.allows_election()
+
+
+def test_a_voter_ahead_of_the_leader_answers_it_with_a_vote_request_at_its_term():
+    """pysyncobj drops AppendEntries from a lower term without an answer; the leader
+    must learn the higher term (and step down) or this voter never rejoins."""
+    raft = FakeRaft(others=2, term=7, log=(10, 5))
+    prevote = PreVote(raft, MIN_TIMEOUT)
+    heartbeat = {"type": "append_entries", "term": 6}
+    assert not prevote.on_message("n0", heartbeat)  # pysyncobj still sees it.
+    vote = {"type": "request_vote", "term": 7, "last_log_index": 10, "last_log_term": 5}
+    assert raft.sent == [("n0", vote)]
+    prevote.on_message("n0", heartbeat)
+    prevote.on_message("stranger", heartbeat)  # Not a voter: not answered.
+    assert len(raft.sent) == 1  # Once per lease.
+    raft.clock += MIN_TIMEOUT
+    prevote.on_message("n0", heartbeat)
+    assert raft.sent[-1] == ("n0", vote)
+
+
 def test_a_leadership_transfer_skips_the_pre_vote():
     raft = FakeRaft()
     prevote = PreVote(raft, MIN_TIMEOUT)
@@ -225,6 +272,28 @@ def _leader(logs: dict[int, RaftMetadataLog], timeout_s: float = 15.0) -> RaftMe
             return leaders[0]
         time.sleep(0.02)
     raise AssertionError({i: (log.leader_id(), log.term()) for i, log in logs.items()})
+
+
+@pytest.mark.integration
+def test_a_voter_whose_term_got_ahead_of_the_leader_rejoins(tmp_path):
+    """What an election cut off after it began leaves: a follower one term ahead."""
+    ports = free_ports(6)
+    voters = tuple(Voter(i + 1, "127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(3))
+    logs = {v.node_id: _start(v, voters, tmp_path) for v in voters}
+    try:
+        leader = _leader(logs)
+        ahead = next(log for log in logs.values() if log is not leader)
+        term = ahead.term()
+        ahead.call_soon(lambda: _SyncObjRaft(ahead._so).adopt_term(term + 1))
+        deadline = time.monotonic() + 10.0
+        while ahead.term() == term:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        elected = _leader(logs)  # Every voter follows one leader again, ahead too.
+        assert elected.term() > term
+    finally:
+        for log in logs.values():
+            log.stop()
 
 
 @pytest.mark.integration
