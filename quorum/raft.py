@@ -144,19 +144,34 @@ class _DialedNode(TCPNode):  # type: ignore[misc]
         return self._dialed[1]
 
 
+class _GatedSyncObj(SyncObj):  # type: ignore[misc]
+    """A SyncObj whose tick starts an election only when ``election_gate()`` allows
+    it (PreVote's ``allows_election``). pysyncobj's one election check is
+    ``deadline < now and self.__connectedToAnyone()``, so that is what is gated."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Set before SyncObj.__init__ lists its own attributes: an attribute added
+        # after that is pickled into every snapshot as replicated state.
+        self.election_gate: Callable[[], bool] = _always
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__connectedToAnyone(self) -> bool:  # noqa: N802
+        return bool(SyncObj._SyncObj__connectedToAnyone(self) and self.election_gate())
+
+
+def _always() -> bool:
+    return True
+
+
 class _SyncObjRaft:
     """``quorum.prevote.RaftView`` over a SyncObj's private state (pysyncobj is
     pinned; tests/test_prevote.py runs PreVote on real voters)."""
 
     def __init__(self, so: SyncObj):
         self._so = so
-        self._connected = so._SyncObj__connectedToAnyone
 
-    def gate_elections(self, allows: Callable[[], bool]) -> None:
-        """Let pysyncobj's tick start an election only when ``allows()``: its one
-        check is ``deadline < now and __connectedToAnyone()``."""
-        connected = self._connected
-        self._so._SyncObj__connectedToAnyone = lambda: connected() and allows()
+    def _connected(self) -> bool:
+        return bool(SyncObj._SyncObj__connectedToAnyone(self._so))
 
     def now(self) -> float:
         return float(raft_monotonic())
@@ -278,7 +293,7 @@ class RaftMetadataLog:
             for v in voters
             if v.node_id != node_id
         ]
-        self._so = SyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
+        self._so = _GatedSyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
         # Swap pysyncobj's journal for the crash-safe one on the same file.
         opened = self._so._SyncObj__raftLog
         opened.flush()
@@ -294,7 +309,7 @@ class RaftMetadataLog:
         # PreVote: an election whose timer ran out asks first (quorum.prevote).
         raft_view = _SyncObjRaft(self._so)
         self._prevote = PreVote(raft_view, timeouts.election_min_s)
-        raft_view.gate_elections(self._prevote.allows_election)
+        self._so.election_gate = self._prevote.allows_election
         deliver = self._so._SyncObj__onMessageReceived
 
         def on_message(node: Any, message: Any) -> None:
