@@ -234,7 +234,7 @@ def test_other_messages_go_on_to_pysyncobj():
     assert not prevote.on_message("n0", "not a dict")
 
 
-# -- five real voters -----------------------------------------------------------------
+# -- real voters in this process ------------------------------------------------------
 
 
 class _Listener:
@@ -262,6 +262,12 @@ def _start(voter: Voter, voters: tuple[Voter, ...], root) -> RaftMetadataLog:
     return log
 
 
+def _start_voters(count: int, root) -> tuple[tuple[Voter, ...], dict[int, RaftMetadataLog]]:
+    ports = free_ports(2 * count)
+    voters = tuple(Voter(i + 1, "127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(count))
+    return voters, {v.node_id: _start(v, voters, root) for v in voters}
+
+
 def _leader(logs: dict[int, RaftMetadataLog], timeout_s: float = 15.0) -> RaftMetadataLog:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -277,9 +283,7 @@ def _leader(logs: dict[int, RaftMetadataLog], timeout_s: float = 15.0) -> RaftMe
 @pytest.mark.integration
 def test_a_voter_whose_term_got_ahead_of_the_leader_rejoins(tmp_path):
     """What an election cut off after it began leaves: a follower one term ahead."""
-    ports = free_ports(6)
-    voters = tuple(Voter(i + 1, "127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(3))
-    logs = {v.node_id: _start(v, voters, tmp_path) for v in voters}
+    _, logs = _start_voters(3, tmp_path)
     try:
         leader = _leader(logs)
         ahead = next(log for log in logs.values() if log is not leader)
@@ -298,9 +302,7 @@ def test_a_voter_whose_term_got_ahead_of_the_leader_rejoins(tmp_path):
 
 @pytest.mark.integration
 def test_a_minority_keeps_its_term_and_the_returning_majority_keeps_its_leader(tmp_path):
-    ports = free_ports(10)
-    voters = tuple(Voter(i + 1, "127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(5))
-    logs = {v.node_id: _start(v, voters, tmp_path) for v in voters}
+    voters, logs = _start_voters(5, tmp_path)
     try:
         leader = _leader(logs)
         down = [leader.node_id, *[i for i in logs if i != leader.node_id][:2]]
