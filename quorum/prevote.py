@@ -25,8 +25,9 @@ unasked. A heartbeat from a leader at the voter's term or above ends any round a
 forgets a won one. A voter whose term is above the leader's (its election began and
 was cut off) cannot rejoin: pysyncobj drops the leader's lower-term AppendEntries
 without telling it, and the others, who hear the leader, refuse its pre-votes. So it
-answers such a leader with a vote request at its own term, as Raft answers a stale
-AppendEntries with its term: the leader steps down and the next election includes it.
+answers such a leader with a vote request at its own term that no log loses to, as
+Raft answers a stale AppendEntries with its term: the leader steps down, keeps its
+vote, and the next election includes this voter.
 
 This module is the protocol alone; ``quorum.raft`` adapts it to pysyncobj's internals.
 """
@@ -150,11 +151,16 @@ class PreVote:
         """Look at a message before pysyncobj does; True when it was PreVote's own
         (pysyncobj must not see it)."""
         kind = message.get("type") if isinstance(message, dict) else None
-        if kind == PRE_VOTE_REQUEST:
-            self._answer(node, message)
-            return True
-        if kind == PRE_VOTE_RESPONSE:
-            self._count(node, message)
+        if kind in (PRE_VOTE_REQUEST, PRE_VOTE_RESPONSE):
+            try:
+                if kind == PRE_VOTE_REQUEST:
+                    self._answer(node, message)
+                else:
+                    self._count(node, message)
+            except (KeyError, TypeError) as e:
+                # Only voters that know the password get here; a malformed message
+                # is dropped, unanswered, and changes nothing.
+                log.warning("dropped a malformed %s: %r", kind, e)
             return True
         if kind == "append_entries":
             term = message.get("term", -1)
@@ -176,14 +182,17 @@ class PreVote:
         if now - self._stale_answered.get(key, float("-inf")) < self._lease_s:
             return  # Once per lease: the first answer makes it step down.
         self._stale_answered[key] = now
-        index, log_term = raft.last_log()
+        # pysyncobj takes a higher term from a vote request before it looks at the
+        # log: a log older than any makes it a way to tell the term, like Raft's
+        # answer to a stale AppendEntries, and never takes the leader's vote (which
+        # the election at this term may need for another candidate).
         raft.send(
             node,
             {
                 "type": "request_vote",
                 "term": raft.term(),
-                "last_log_index": index,
-                "last_log_term": log_term,
+                "last_log_index": -1,
+                "last_log_term": -1,
             },
         )
 

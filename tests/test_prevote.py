@@ -210,7 +210,8 @@ def test_a_voter_ahead_of_the_leader_answers_it_with_a_vote_request_at_its_term(
     prevote = PreVote(raft, MIN_TIMEOUT)
     heartbeat = {"type": "append_entries", "term": 6}
     assert not prevote.on_message("n0", heartbeat)  # pysyncobj still sees it.
-    vote = {"type": "request_vote", "term": 7, "last_log_index": 10, "last_log_term": 5}
+    # A log older than any: it tells the term and wins no vote.
+    vote = {"type": "request_vote", "term": 7, "last_log_index": -1, "last_log_term": -1}
     assert raft.sent == [("n0", vote)]
     prevote.on_message("n0", heartbeat)
     prevote.on_message("stranger", heartbeat)  # Not a voter: not answered.
@@ -226,6 +227,19 @@ def test_a_leadership_transfer_skips_the_pre_vote():
     raft.due = raft.transfer = True
     prevote.before_tick()
     assert raft.postponed == 0 and not raft.sent
+
+
+def test_a_malformed_pre_vote_message_is_dropped_and_changes_nothing():
+    raft = FakeRaft(others=2)
+    prevote = PreVote(raft, MIN_TIMEOUT)
+    raft.due = True
+    prevote.before_tick()
+    sent = list(raft.sent)
+    assert prevote.on_message("n0", {"type": PRE_VOTE_REQUEST, "term": 9})
+    assert prevote.on_message("n0", {"type": PRE_VOTE_RESPONSE, "granted": True})
+    assert prevote.on_message("n0", {"type": PRE_VOTE_RESPONSE, "term": None, "granted": True})
+    assert raft.sent == sent and raft.started == 0 and not raft.adopted
+    assert raft.current_term == 5 and not prevote.allows_election()
 
 
 def test_other_messages_go_on_to_pysyncobj():
