@@ -29,7 +29,7 @@ from broker.log_manager import LogManager
 from broker.metadata_answer import metadata_response
 from broker.metadata_follower import MetadataFollower
 from broker.producer_ids import ProducerIdManager
-from broker.replica_manager import BrokerSettings, ReplicaManager
+from broker.replica_manager import CONSUMER, BrokerSettings, ReplicaManager
 from broker.storage import checkpoint
 from client._controller import ControllerClient
 from client.errors import RaftkaError
@@ -129,6 +129,10 @@ class BrokerNode:
         )
         self.replicas.role_listeners.append(self._on_role)
         self._server_workers = server_workers or int(config["num.rpc.threads"])
+        # Each open client stream holds a server thread: leave 32 for everything else.
+        self.client_streams = StreamSlots(
+            min(int(config["max.client.streams"]), max(0, self._server_workers - 32))
+        )
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self.port = 0
@@ -292,6 +296,42 @@ class BrokerNode:
         return response
 
 
+class StreamSlots:
+    """Counts the client streams a broker serves: each holds a server thread while it
+    is open, so past ``limit`` a new one is refused (the client then calls unary)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                self.refused += 1
+                return False
+            self.open += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+# Trailing metadata of a client stream the broker refused: the client calls unary.
+STREAM_REFUSED = "raftka-stream-refused"
+
+
+def _refuse_stream(context: grpc.ServicerContext, limit: int) -> None:
+    context.set_trailing_metadata(((STREAM_REFUSED, str(limit)),))
+    context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"this broker serves {limit} client streams at most (max.client.streams); "
+        "use the unary call",
+    )
+
+
 class _BrokerService(broker_pb2_grpc.BrokerServicer):
     def __init__(self, node: BrokerNode):
         self._node = node
@@ -312,6 +352,19 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.ProduceResponse:
         return self._node.replicas.produce(request)
 
+    def ProduceStream(  # noqa: N802
+        self, request_iterator: Iterator[broker_pb2.ProduceRequest], context: grpc.ServicerContext
+    ) -> Iterator[broker_pb2.ProduceResponse]:
+        # One answer per request, in order, one request at a time.
+        slots = self._node.client_streams
+        if not slots.acquire():
+            _refuse_stream(context, slots.limit)
+        try:
+            for request in request_iterator:
+                yield self._node.replicas.produce(request)
+        finally:
+            slots.release()
+
     def Fetch(  # noqa: N802
         self, request: broker_pb2.FetchRequest, context: grpc.ServicerContext
     ) -> broker_pb2.FetchResponse:
@@ -321,14 +374,25 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         self, request_iterator: Iterator[broker_pb2.FetchRequest], context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.FetchResponse]:
         # One answer per request, in order; the stream holds one server thread, as a
-        # long poll does (num.rpc.threads). A follower's stream is a fetch session.
+        # long poll does (num.rpc.threads). A follower's stream is a fetch session; a
+        # consumer's is a client stream, counted against max.client.streams.
         replicas = self._node.replicas
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        slots = self._node.client_streams if first.replica_id == CONSUMER else None
         session = replicas.new_fetch_session()
+        if slots is not None and not slots.acquire():
+            session.close()
+            _refuse_stream(context, slots.limit)
         try:
+            yield replicas.fetch_in_session(session, first)
             for request in request_iterator:
                 yield replicas.fetch_in_session(session, request)
         finally:
             session.close()
+            if slots is not None:
+                slots.release()
 
     def ListOffsets(  # noqa: N802
         self, request: broker_pb2.ListOffsetsRequest, context: grpc.ServicerContext

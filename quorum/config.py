@@ -151,7 +151,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "group.min.session.timeout.ms": (6000, "the shortest session a group member may ask for"),
     "group.max.session.timeout.ms": (1800000, "the longest session a group member may ask for"),
     "group.max.size": (0, "members per group at most; 0: no limit"),
-    "num.rpc.threads": (64, "threads serving a broker's gRPC requests (long polls hold one)"),
+    "num.rpc.threads": (
+        128,
+        "threads serving a broker's gRPC requests (a long poll or an open stream holds one)",
+    ),
+    "max.client.streams": (
+        64,
+        "client streams (ProduceStream, a consumer's FetchStream) served at once; past it "
+        "a client uses unary calls (num.rpc.threads - 32 at most: threads for the rest)",
+    ),
 }
 
 _INT_KEYS = {k for k, (v, _) in DEFAULTS.items() if isinstance(v, int) and not isinstance(v, bool)}
@@ -304,6 +312,8 @@ class NodeConfig:
         self.dial_overrides  # noqa: B018 -- fails early on a malformed value
         if self["broker.heartbeat.interval.ms"] >= self["broker.session.timeout.ms"]:
             raise ConfigError("broker.heartbeat.interval.ms must be below the session timeout")
+        if self["max.client.streams"] < 0 or self["num.rpc.threads"] < 1:
+            raise ConfigError("need max.client.streams >= 0 and num.rpc.threads >= 1")
 
     @property
     def node_id(self) -> int:

@@ -56,3 +56,10 @@ def test_update_config_replaces_and_adds_values(tmp_path):
     config = NodeConfig.load(cluster.directory / broker.config, environ={})
     assert config["broker.session.timeout.ms"] == 4000
     assert config.dial_overrides == {"127.0.0.1:1": "127.0.0.1:2"}
+
+
+def test_client_streams_need_a_count_of_zero_or_more():
+    with pytest.raises(ConfigError, match="max.client.streams"):
+        _config(**{"max.client.streams": -1})
+    # A config written for fewer threads still loads; the broker serves fewer streams.
+    assert _config(**{"num.rpc.threads": 16, "max.client.streams": 64})["max.client.streams"] == 64
