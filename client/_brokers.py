@@ -28,6 +28,7 @@ from typing import NamedTuple
 import grpc
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
+from client._streams import StreamError
 from client.errors import (
     ClientTimeoutError,
     NetworkError,
@@ -129,8 +130,9 @@ def parse_bootstrap(bootstrap_servers: str | Sequence[str]) -> list[str]:
 
 def rpc_error(exc: grpc.RpcError, what: str) -> RaftkaError:
     """The client error for a failed gRPC call; retriable when the broker may be fine later."""
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    has_status = isinstance(exc, grpc.Call | StreamError)
+    code = exc.code() if has_status else None
+    details = exc.details() if has_status else str(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, None):
         return NetworkError(f"{what}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

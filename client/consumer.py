@@ -6,14 +6,15 @@ The consumer is driven by ``poll`` on the caller's thread, like Kafka's. Each pa
 has a *position* (the offset of the next record ``poll`` returns) and a *fetch offset*
 (where its next Fetch starts); they differ while fetched records wait in the buffer.
 
-``poll`` keeps one Fetch in flight per leader broker, covering every partition of that
-broker that may be fetched: it has a position, its leader is known, no fetch for it is
-under way, and at most one fetched answer of it waits in the buffer. When an answer
-arrives the partition's fetch offset moves past its last whole batch (a header walk,
-``_records.scan_next_offset``) and the next Fetch goes out at once, so the network works
-while ``poll`` decodes the answer before it, and while the application processes
-records. Records are decoded a batch at a time as ``poll`` takes them
-(``_records.FetchedRecords``), at most ``max_poll_records`` per call.
+``poll`` keeps one Fetch in flight per leader broker (on a FetchStream to it,
+``_streams``), covering every partition of that broker that may be fetched: it has a
+position, its leader is known, no fetch for it is under way, and at most one fetched
+answer of it waits in the buffer. When an answer arrives the partition's fetch offset
+moves past its last whole batch (a header walk, ``_records.scan_next_offset``) and the
+next Fetch goes out at once, so the network works while ``poll`` decodes the answer
+before it, and while the application processes records. Records are decoded a batch at
+a time as ``poll`` takes them (``_records.FetchedRecords``), at most ``max_poll_records``
+per call.
 
 Errors, per partition: NOT_LEADER_OR_FOLLOWER, FENCED_LEADER_EPOCH, UNKNOWN_LEADER_EPOCH,
 LEADER_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION, KAFKA_STORAGE_ERROR and lost
@@ -63,6 +64,7 @@ from client._membership import (
     make_listener,
 )
 from client._records import ConsumerRecord, FetchedRecords, scan_next_offset
+from client._streams import StreamPool
 from client.errors import (
     ClientTimeoutError,
     InvalidMetadataError,
@@ -301,6 +303,8 @@ class Consumer:
             )
         )
         self._fetches: dict[int, _Fetch] = {}  # Broker id -> its fetch in flight.
+        # Fetches go on a FetchStream per broker (client/_streams.py).
+        self._streams = StreamPool(lambda a: self._cluster.stub(a), "FetchStream", "Fetch")
         self._answers: queue.SimpleQueue[_Fetch] = queue.SimpleQueue()
         self._errors: list[RaftkaError] = []
         self._next_partition = 0  # Round-robin start of the next poll's records.
@@ -489,6 +493,7 @@ class Consumer:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000
         while True:
             self._handle_answers(block_s=0)
+            self._streams.sweep(time.monotonic())
             self._raise_errors()
             if self._membership is not None:
                 self._membership.poll(deadline)
@@ -692,6 +697,7 @@ class Consumer:
             self._committer.shutdown(wait=True)
         for fetch in self._fetches.values():
             fetch.call.cancel()
+        self._streams.close()
         self._fetches.clear()
         self._cluster.close()
 
@@ -780,7 +786,7 @@ class Consumer:
         timeout_s = self._fetch_max_wait_ms / 1000 + max(self._request_timeout_s, _FETCH_MARGIN_S)
         self._fetches[fetch.broker_id] = fetch
         try:
-            fetch.call = self._cluster.stub(fetch.address).Fetch.future(request, timeout=timeout_s)
+            fetch.call = self._streams.call(fetch.address, request, timeout_s)
         except Exception as exc:  # The channel could not be opened.
             fetch.call = _FailedCall(exc)
             self._answers.put(fetch)

@@ -13,7 +13,8 @@ closed (full), when ``linger_ms`` passed since it was opened, or during ``flush`
 ``close``. For each leader broker the sender builds one Produce request covering every
 ready partition it leads (taking all of a partition's ready batches, concatenated, up to
 ``max_request_size``), and sends the requests to different brokers concurrently, at most
-``max_in_flight_requests_per_connection`` per broker.
+``max_in_flight_requests_per_connection`` per broker: the first on the ProduceStream
+kept open to that broker, the others (while it is busy) as unary calls (``_streams``).
 
 Ordering, retries and delivery
 ------------------------------
@@ -72,6 +73,7 @@ from raftka.v1 import broker_pb2, common_pb2
 from broker.record_batch import RECORD_BATCH_OVERHEAD, Compression
 from client._brokers import Cluster, rpc_error
 from client._records import BatchBuilder, Header, RecordMetadata, record_size
+from client._streams import StreamPool
 from client.errors import (
     ClientTimeoutError,
     InvalidMetadataError,
@@ -369,6 +371,8 @@ class Producer:
             retry_backoff_max_ms=retry_backoff_max_ms,
             metadata_max_age_ms=metadata_max_age_ms,
         )
+        # Requests go on a ProduceStream per broker when it is free (client/_streams.py).
+        self._streams = StreamPool(lambda a: self._cluster.stub(a), "ProduceStream", "Produce")
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # The sender waits on it.
         self._space = threading.Condition(self._lock)  # send() waits for buffer space.
@@ -507,6 +511,7 @@ class Producer:
             # Queued batches fail at once and in-flight calls are cancelled, so this is
             # quick unless a metadata refresh is under way (bounded by its timeout).
             self._sender.join(self._request_timeout_ms / 1000 + _RPC_MARGIN_S)
+        self._streams.close()
         self._cluster.close()
 
     def partitions_for(self, topic: str) -> list[int]:
@@ -649,6 +654,7 @@ class Producer:
         """One round: refresh metadata if due, handle answers, expire, send. False at
         the end of ``close``."""
         self._cluster.maybe_update()
+        self._streams.sweep(time.monotonic())
         self._check_stalled(time.monotonic())
         if self.idempotent and (self.producer_id < 0 or self._new_epoch_needed):
             if self._nonempty and not self._init_producer_id():
@@ -885,7 +891,7 @@ class Producer:
         )
         timeout_s = self._request_timeout_ms / 1000 + _RPC_MARGIN_S
         try:
-            call = self._cluster.stub(request.address).Produce.future(message, timeout=timeout_s)
+            call = self._streams.call(request.address, message, timeout_s)
         except Exception as e:  # The channel is closed, or cannot be opened.
             request.call = _FailedCall(e)
             self._on_done(request)

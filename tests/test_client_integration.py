@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import running_cluster
-from dataplane import stub, wait_until
+from dataplane import address, stub, wait_until
 from raftka.v1 import broker_pb2
 
 from broker.record_batch import Compression, iter_batches
@@ -508,3 +508,18 @@ def test_a_fetch_stream_answers_each_request_in_turn(cluster, admin, brokers):
     # At the log end the third long-polls and comes back empty with the high watermark.
     assert offsets(answers[2]) == []
     assert [a.topics[0].partitions[0].high_watermark for a in answers] == [10, 10, 10]
+
+
+def test_the_clients_talk_to_the_leader_on_streams(cluster, admin, brokers):
+    create_topic(cluster, admin, "streams", 1)
+    leader = address(cluster, admin.describe_topic("streams").partitions[0].leader)
+    with Producer(brokers, **PRODUCER_OPTIONS) as producer:
+        for i in range(3):
+            producer.send("streams", b"s%d" % i, partition=0).result(timeout=30)
+        assert leader in list(producer._streams.streams())
+    with consumer(brokers, auto_offset_reset="earliest") as c:
+        c.assign([TopicPartition("streams", 0)])
+        records = read_until(c, lambda rs: len(rs) >= 3, "streams")
+        assert [r.value for r in records] == [b"s0", b"s1", b"s2"]
+        assert [r.offset for r in records] == [0, 1, 2]
+        assert leader in list(c._streams.streams())

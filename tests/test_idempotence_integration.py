@@ -93,6 +93,8 @@ class _LoseFirstAnswer:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._real, name)
+        if name == "ProduceStream":
+            return lambda requests: _LossyStream(attribute(requests), self)
         if name != "Produce":
             return attribute
         outer = self
@@ -111,6 +113,42 @@ class _LoseFirstAnswer:
                 return _Lost()
 
         return _Produce()
+
+
+class _LossyStream:
+    """A ProduceStream whose every ``every``-th answer is lost: the stream breaks
+    (UNAVAILABLE) after the broker has appended."""
+
+    def __init__(self, real: Any, outer: _LoseFirstAnswer):
+        self._real = real
+        self._outer = outer
+        self._failed = False
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        response = next(self._real)
+        outer = self._outer
+        with outer._lock:
+            outer._counter["sent"] += 1
+            lose = outer._counter["sent"] % outer._every == 1
+            if lose:
+                outer._counter["lost"] += 1
+        if lose:
+            self._failed = True
+            self._real.cancel()
+            raise _Unavailable()
+        return response
+
+    def cancel(self) -> bool:
+        return bool(self._real.cancel())
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE if self._failed else self._real.code()
+
+    def trailing_metadata(self) -> Any:
+        return self._real.trailing_metadata()
 
 
 class _Lost:
