@@ -94,36 +94,35 @@ def _pool(server: _Server, **kwargs: Any) -> StreamPool:
     return StreamPool(lambda _address: server.stub, "S", "U", **kwargs)
 
 
+@pytest.fixture
+def pool(server: _Server) -> Iterator[StreamPool]:
+    p = _pool(server)
+    yield p
+    p.close()
+
+
 def _answer(call: Any) -> bytes:
     return bytes(call.result(timeout=WAIT_S))
 
 
-def test_requests_go_on_one_stream_in_order(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        answers = [_answer(pool.call("a", b"%d" % i, 5.0)) for i in range(20)]
-        assert answers == [b"stream:%d" % i for i in range(20)]
-        assert server.streams_opened == 1
-        assert server.unary_calls == 0
-        assert list(pool.streams()) == ["a"]
-    finally:
-        pool.close()
+def test_requests_go_on_one_stream_in_order(server: _Server, pool: StreamPool) -> None:
+    answers = [_answer(pool.call("a", b"%d" % i, 5.0)) for i in range(20)]
+    assert answers == [b"stream:%d" % i for i in range(20)]
+    assert server.streams_opened == 1
+    assert server.unary_calls == 0
+    assert list(pool.streams()) == ["a"]
 
 
-def test_a_busy_stream_sends_the_next_request_unary(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        server.hold.clear()
-        first = pool.call("a", b"1", 5.0)
-        second = pool.call("a", b"2", 5.0)
-        assert isinstance(first, StreamCall)
-        assert not isinstance(second, StreamCall)
-        server.hold.set()
-        assert _answer(first) == b"stream:1"
-        assert _answer(second) == b"unary:2"
-        assert _answer(pool.call("a", b"3", 5.0)) == b"stream:3"  # Free again.
-    finally:
-        pool.close()
+def test_a_busy_stream_sends_the_next_request_unary(server: _Server, pool: StreamPool) -> None:
+    server.hold.clear()
+    first = pool.call("a", b"1", 5.0)
+    second = pool.call("a", b"2", 5.0)
+    assert isinstance(first, StreamCall)
+    assert not isinstance(second, StreamCall)
+    server.hold.set()
+    assert _answer(first) == b"stream:1"
+    assert _answer(second) == b"unary:2"
+    assert _answer(pool.call("a", b"3", 5.0)) == b"stream:3"  # Free again.
 
 
 def test_a_refused_stream_resends_unary_and_falls_back(server: _Server) -> None:
@@ -160,55 +159,43 @@ def test_a_server_without_the_stream_gets_unary_calls() -> None:
         server.close()
 
 
-def test_an_overdue_request_fails_with_deadline_exceeded(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        server.hold.clear()
-        call = pool.call("a", b"1", 0.05)
-        assert isinstance(call, StreamCall)
-        pool.sweep(call.deadline_s - 0.01)
-        assert not call.done()  # Not yet due.
-        pool.sweep(call.deadline_s)
-        with pytest.raises(StreamError) as caught:
-            call.result(timeout=WAIT_S)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert isinstance(rpc_error(caught.value, "Produce"), RequestTimedOutError)
-        server.hold.set()
-        # The next request goes on a new stream (the broken one is forgotten).
-        assert _answer(pool.call("a", b"2", 5.0)) == b"stream:2"
-    finally:
-        pool.close()
+def test_an_overdue_request_fails_with_deadline_exceeded(server: _Server, pool: StreamPool) -> None:
+    server.hold.clear()
+    call = pool.call("a", b"1", 0.05)
+    assert isinstance(call, StreamCall)
+    pool.sweep(call.deadline_s - 0.01)
+    assert not call.done()  # Not yet due.
+    pool.sweep(call.deadline_s)
+    with pytest.raises(StreamError) as caught:
+        call.result(timeout=WAIT_S)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(rpc_error(caught.value, "Produce"), RequestTimedOutError)
+    server.hold.set()
+    # The next request goes on a new stream (the broken one is forgotten).
+    assert _answer(pool.call("a", b"2", 5.0)) == b"stream:2"
 
 
-def test_cancel_fails_the_request_as_a_network_error(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        server.hold.clear()
-        call = pool.call("a", b"1", 5.0)
-        seen: list[StreamCall] = []
-        call.add_done_callback(seen.append)
-        call.cancel()
-        with pytest.raises(StreamError) as caught:
-            call.result(timeout=WAIT_S)
-        assert caught.value.code() == grpc.StatusCode.CANCELLED
-        assert isinstance(rpc_error(caught.value, "Produce"), NetworkError)
-        assert seen == [call]
-    finally:
-        pool.close()
+def test_cancel_fails_the_request_as_a_network_error(server: _Server, pool: StreamPool) -> None:
+    server.hold.clear()
+    call = pool.call("a", b"1", 5.0)
+    seen: list[StreamCall] = []
+    call.add_done_callback(seen.append)
+    call.cancel()
+    with pytest.raises(StreamError) as caught:
+        call.result(timeout=WAIT_S)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert isinstance(rpc_error(caught.value, "Produce"), NetworkError)
+    assert seen == [call]
 
 
-def test_a_stream_that_breaks_fails_its_request(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        assert _answer(pool.call("a", b"1", 5.0)) == b"stream:1"
-        server.hold.clear()
-        call = pool.call("a", b"2", 5.0)
-        server.server.stop(grace=None)
-        with pytest.raises(grpc.RpcError) as caught:
-            call.result(timeout=WAIT_S)
-        assert isinstance(rpc_error(caught.value, "Produce"), NetworkError)
-    finally:
-        pool.close()
+def test_a_stream_that_breaks_fails_its_request(server: _Server, pool: StreamPool) -> None:
+    assert _answer(pool.call("a", b"1", 5.0)) == b"stream:1"
+    server.hold.clear()
+    call = pool.call("a", b"2", 5.0)
+    server.server.stop(grace=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        call.result(timeout=WAIT_S)
+    assert isinstance(rpc_error(caught.value, "Produce"), NetworkError)
 
 
 def test_an_idle_stream_is_closed(server: _Server) -> None:
@@ -222,19 +209,17 @@ def test_an_idle_stream_is_closed(server: _Server) -> None:
         pool.close()
 
 
-def test_cancelling_an_answered_call_leaves_the_next_one_alone(server: _Server) -> None:
-    pool = _pool(server)
-    try:
-        first = pool.call("a", b"1", 5.0)
-        assert _answer(first) == b"stream:1"
-        server.hold.clear()
-        second = pool.call("a", b"2", 5.0)
-        assert isinstance(second, StreamCall)
-        assert first.cancel() is False
-        server.hold.set()
-        assert _answer(second) == b"stream:2"
-    finally:
-        pool.close()
+def test_cancelling_an_answered_call_leaves_the_next_one_alone(
+    server: _Server, pool: StreamPool
+) -> None:
+    first = pool.call("a", b"1", 5.0)
+    assert _answer(first) == b"stream:1"
+    server.hold.clear()
+    second = pool.call("a", b"2", 5.0)
+    assert isinstance(second, StreamCall)
+    assert first.cancel() is False
+    server.hold.set()
+    assert _answer(second) == b"stream:2"
 
 
 def test_close_cancels_and_refuses(server: _Server) -> None:
