@@ -47,7 +47,7 @@ from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import _RAFT_STATE
 
-from quorum import raft_journal
+from quorum import raft_journal, raft_wire
 from quorum.config import Voter
 from quorum.log import LogListener, ProposeCallback, ProposeOutcome
 from quorum.prevote import PreVote
@@ -293,6 +293,7 @@ class RaftMetadataLog:
             for v in voters
             if v.node_id != node_id
         ]
+        raft_wire.install()  # Small messages without zlib's set-up cost.
         self._so = _GatedSyncObj(me.raft_address, others, conf=conf, consumers=[self._consumer])
         # Swap pysyncobj's journal for the crash-safe one on the same file.
         opened = self._so._SyncObj__raftLog
