@@ -37,6 +37,7 @@ from quorum import gc_policy
 from quorum.config import ConfigError, NodeConfig
 from quorum.image import MetadataImage, PartitionRegistration
 from quorum.snapshot import DigestCache
+from quorum.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class BrokerNode:
         self._server_workers = server_workers or int(config["num.rpc.threads"])
         # Each open client stream holds a server thread: leave 32 for everything else.
         self.client_streams = StreamSlots(
-            min(int(config["max.client.streams"]), max(0, self._server_workers - 32))
+            min(int(config["max.client.streams"]), max(0, self._server_workers - 32)),
+            "max.client.streams",
         )
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
@@ -296,42 +298,6 @@ class BrokerNode:
         return response
 
 
-class StreamSlots:
-    """Counts the client streams a broker serves: each holds a server thread while it
-    is open, so past ``limit`` a new one is refused (the client then calls unary)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.open = 0
-        self.refused = 0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> bool:
-        with self._lock:
-            if self.open >= self.limit:
-                self.refused += 1
-                return False
-            self.open += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.open -= 1
-
-
-# Trailing metadata of a client stream the broker refused: the client calls unary.
-STREAM_REFUSED = "raftka-stream-refused"
-
-
-def _refuse_stream(context: grpc.ServicerContext, limit: int) -> None:
-    context.set_trailing_metadata(((STREAM_REFUSED, str(limit)),))
-    context.abort(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"this broker serves {limit} client streams at most (max.client.streams); "
-        "use the unary call",
-    )
-
-
 class _BrokerService(broker_pb2_grpc.BrokerServicer):
     def __init__(self, node: BrokerNode):
         self._node = node
@@ -358,7 +324,7 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         # One answer per request, in order, one request at a time.
         slots = self._node.client_streams
         if not slots.acquire():
-            _refuse_stream(context, slots.limit)
+            slots.refuse(context)
         try:
             for request in request_iterator:
                 yield self._node.replicas.produce(request)
@@ -384,7 +350,7 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
         session = replicas.new_fetch_session()
         if slots is not None and not slots.acquire():
             session.close()
-            _refuse_stream(context, slots.limit)
+            slots.refuse(context)
         try:
             yield replicas.fetch_in_session(session, first)
             for request in request_iterator:

@@ -13,6 +13,10 @@ safe to repeat: registration is idempotent per incarnation, AlterPartition is
 conditional on the partition epoch, a repeated CreateTopics answers
 TOPIC_ALREADY_EXISTS. UNKNOWN_OUTCOME and a deadline hit mid-call are
 surfaced to the caller.
+
+Requests go on one ``Requests`` stream per controller when it is free (a message on
+an open stream costs less than a unary call; ``client/_streams.py``), else as unary
+calls: the answers and errors are the same either way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 
 import grpc
 from raftka.v1 import common_pb2, controller_pb2_grpc
+from raftka.v1 import controller_pb2 as cpb
 
+from client._streams import StreamError, StreamPool
 from client.errors import RaftkaError, error_for
 
 RETRIABLE = {
@@ -37,6 +43,48 @@ _NOT_DELIVERED = {grpc.StatusCode.UNAVAILABLE}
 # election takes a few hundred ms): short enough that a client notices the new
 # controller within 50 ms, and a pass is only one small call per controller.
 _BACKOFF_S = (0.01, 0.02, 0.05)
+
+
+# The methods a Requests stream carries: the field of its oneof for each.
+STREAM_FIELDS = {
+    "".join(part.title() for part in field.name.split("_")): field.name
+    for field in cpb.ControllerRequest.DESCRIPTOR.oneofs_by_name["request"].fields
+}
+
+
+class _UnaryInEnvelope:
+    """A unary call made for a request of a Requests stream: answers as the stream
+    would, in a ``ControllerResponse``."""
+
+    __slots__ = ("_future", "_field")
+
+    def __init__(self, future: Any, field: str):
+        self._future = future
+        self._field = field
+
+    def result(self, timeout: float | None = None) -> Any:
+        return cpb.ControllerResponse(**{self._field: self._future.result(timeout)})
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        self._future.add_done_callback(lambda _future: fn(self))
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def cancel(self) -> bool:
+        return bool(self._future.cancel())
+
+
+def _unary_in_envelope(stub: controller_pb2_grpc.ControllerStub) -> Callable[..., Any]:
+    def call(envelope: Any, timeout: float) -> _UnaryInEnvelope:
+        field = envelope.WhichOneof("request")
+        method = getattr(stub, _METHOD_OF[field])
+        return _UnaryInEnvelope(method.future(getattr(envelope, field), timeout=timeout), field)
+
+    return call
+
+
+_METHOD_OF = {field: method for method, field in STREAM_FIELDS.items()}
 
 
 def parse_addresses(bootstrap: str | Sequence[str]) -> list[str]:
@@ -68,8 +116,10 @@ class ControllerClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, controller_pb2_grpc.ControllerStub] = {}
         self._preferred: str | None = None
+        self._streams = StreamPool(self.stub, "Requests", _unary_in_envelope)
 
     def close(self) -> None:
+        self._streams.close()
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
@@ -132,7 +182,7 @@ class ControllerClient:
         self, address: str, method: str, request: Any, remaining: float
     ) -> tuple[Any, RaftkaError | None]:
         try:
-            response = getattr(self.stub(address), method)(request, timeout=remaining)
+            response = self._send(address, method, request, remaining)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code in _NOT_DELIVERED:
@@ -158,6 +208,27 @@ class ControllerClient:
             return None, error_for(code, error.message if error is not None else "")
         self._preferred = address
         return response, None
+
+    def _send(self, address: str, method: str, request: Any, remaining: float) -> Any:
+        """The answer of ``address`` to ``request``: on its Requests stream when the
+        method has a place there, else (or when the stream is busy) a unary call."""
+        field = STREAM_FIELDS.get(method)
+        if field is None:
+            return getattr(self.stub(address), method)(request, timeout=remaining)
+        self._streams.sweep(time.monotonic())  # Closes streams left idle.
+        call = self._streams.call(address, cpb.ControllerRequest(**{field: request}), remaining)
+        try:
+            envelope = call.result(timeout=remaining)
+        except (TimeoutError, grpc.FutureTimeoutError):
+            call.cancel()  # The stream ends; the controller may have done it.
+            raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time") from None
+        if envelope.WhichOneof("response") != field:
+            raise StreamError(
+                grpc.StatusCode.INTERNAL,
+                f"asked {field}, answered {envelope.WhichOneof('response')}: "
+                f"{envelope.error.message}",
+            )
+        return getattr(envelope, field)
 
     def _demote(self, address: str) -> None:
         if self._preferred == address:

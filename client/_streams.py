@@ -1,27 +1,30 @@
-"""Client streams: requests to a broker on one open gRPC stream instead of unary calls.
+"""Client streams: requests on one open gRPC stream per server instead of unary calls.
 
 A unary call in gRPC's Python API pays for setting up a call, on both sides, every
 time; a message on an open stream does not. On this project's 2-core machine a unary
 round trip costs 0.5-0.6 ms back to back and 1.1-1.4 ms with a few idle milliseconds
 between calls (as a producer lingering 5 ms has), a stream message 0.2-0.3 and 0.6-0.9
-ms (``README.md``, end-to-end latency). So the producer sends on ``ProduceStream`` and
-the consumer fetches on ``FetchStream``, one stream per broker.
+ms (``README.md``, end-to-end latency). So the producer sends on ``ProduceStream``, the
+consumer fetches on ``FetchStream``, one stream per broker, and ``ControllerClient``
+sends on a controller's ``Requests``.
 
-A stream carries one request at a time, answered in order (the broker handles a
-stream's requests one by one, as Kafka handles a connection's). When the broker's
-stream is busy, the request goes as a unary call instead, so a client never has fewer
-requests in flight than with unary calls alone.
+A stream carries one request at a time, answered in order (the server handles a
+stream's requests one by one, as Kafka handles a connection's). When the stream is
+busy, the request goes as a unary call instead, so a client never has fewer requests
+in flight than with unary calls alone.
 
-Each open stream holds a thread on the broker, which serves ``max.client.streams`` of
-them at most: past that it refuses a new one (``RESOURCE_EXHAUSTED`` with trailing
-metadata ``raftka-stream-refused``), and a broker that does not know the method answers
-``UNIMPLEMENTED``. Either way, before any answer on the stream, the request is resent
-as a unary call and that broker gets unary calls for ``_FALLBACK_S``. A stream unused
-for ``_IDLE_CLOSE_S`` is closed, to give its broker thread back.
+Each open stream holds a thread on the server, which serves a limited number of them
+(a broker ``max.client.streams``): past that it refuses a new one
+(``RESOURCE_EXHAUSTED`` with trailing metadata ``raftka-stream-refused``), and a server
+that does not know the method answers ``UNIMPLEMENTED``. Either way, before any answer
+on the stream, the request is resent as a unary call and that server gets unary calls
+for ``_FALLBACK_S``. A stream unused for ``_IDLE_CLOSE_S`` is closed by the next
+``sweep``, to give its server thread back.
 
 A request on a stream has no gRPC deadline of its own: ``StreamPool.sweep`` (the
 client's loop calls it at least once a second) ends a stream whose request is overdue,
-and the request fails with ``DEADLINE_EXCEEDED``, as a unary call's would.
+and the request fails with ``DEADLINE_EXCEEDED``, as a unary call's would. A caller
+that waits on ``result(timeout)`` can ``cancel`` instead.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata of a stream the broker refused (broker/node.py STREAM_REFUSED).
+# Trailing metadata of a stream the server refused (quorum/streams.py STREAM_REFUSED).
 STREAM_REFUSED = "raftka-stream-refused"
 # A broker that refused a stream gets unary calls for this long.
 _FALLBACK_S = 30.0
@@ -262,22 +265,32 @@ def _refused(call: Any) -> bool:
 
 
 class StreamPool:
-    """A client's streams for one method pair (``ProduceStream``/``Produce``, or
-    ``FetchStream``/``Fetch``), one per broker address. ``call`` and ``sweep`` are for
-    one thread (the client's sender or poll loop); ``close`` for any."""
+    """A client's streams for one method pair (``ProduceStream``/``Produce``,
+    ``FetchStream``/``Fetch``, a controller's ``Requests`` and its unary methods), one
+    per server address. Any thread may call; a request that finds the stream busy
+    goes as a unary call."""
 
     def __init__(
         self,
         stub_for: Callable[[str], Any],
         stream_method: str,
-        unary_method: str,
+        unary_method: str | Callable[[Any], Callable[..., Any]],
         *,
         idle_close_s: float = _IDLE_CLOSE_S,
         fallback_s: float = _FALLBACK_S,
     ):
         self._stub_for = stub_for
         self._stream_method = stream_method
-        self._unary_method = unary_method
+        # A method name, or a function of a stub that returns the unary call for a
+        # stream's request (when the unary methods take something else).
+        self._unary_for: Callable[[Any], Callable[..., Any]]
+        if isinstance(unary_method, str):
+            name = unary_method
+            self._unary_for = lambda stub: getattr(stub, name).future
+            self._unary_name = unary_method
+        else:
+            self._unary_for = unary_method
+            self._unary_name = "unary calls"
         self._idle_close_s = idle_close_s
         self._fallback_s = fallback_s
         self._lock = threading.Lock()
@@ -290,7 +303,7 @@ class StreamPool:
         unary call. Returns a future of the answer (``result``, ``add_done_callback``,
         ``cancel``). Raises what opening a channel raises (the client is closed)."""
         stub = self._stub_for(address)
-        unary = getattr(stub, self._unary_method).future
+        unary = self._unary_for(stub)
         now = time.monotonic()
         with self._lock:
             if self._closed:
@@ -348,9 +361,9 @@ class StreamPool:
                 self._unary_until[stream.address] = time.monotonic() + self._fallback_s
         if refused:
             log.info(
-                "broker %s refused a %s: using %s for %.0f s",
+                "%s refused a %s stream: using %s for %.0f s",
                 stream.address,
                 self._stream_method,
-                self._unary_method,
+                self._unary_name,
                 self._fallback_s,
             )

@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 # Each broker holds one FetchMetadata stream open; leave room for requests.
 GRPC_WORKERS = 64
+# Clients' Requests streams (a broker's, an admin client's) the node serves at once;
+# past this, a client makes unary calls. The rest of the threads are for brokers'
+# FetchMetadata streams and unary calls.
+MAX_CLIENT_STREAMS = 24
 
 
 def runtime_settings(config: NodeConfig) -> RuntimeSettings:
@@ -72,6 +76,7 @@ class ControllerNode:
             self.runtime,
             cluster_id=config.cluster_id,
             request_timeout_s=config["controller.request.timeout.ms"] / 1000.0,
+            max_client_streams=MAX_CLIENT_STREAMS,
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="ctl-rpc"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from quorum.raft import RaftMetadataLog
 from quorum.records import CONFIG_TOPIC, endpoints_to_pb
 from quorum.snapshot import DigestCache, encode_image
 from quorum.state import frame
+from quorum.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,22 @@ FETCH_LINGER_S = 0.010
 STREAM_END_MARGIN_S = 0.25
 _FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].number
 _READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
+
+
+# The requests a Requests stream carries: its oneof field, and the unary method.
+STREAM_METHODS = {
+    "register_broker": "RegisterBroker",
+    "broker_heartbeat": "BrokerHeartbeat",
+    "alter_partition": "AlterPartition",
+    "allocate_producer_ids": "AllocateProducerIds",
+    "create_topics": "CreateTopics",
+    "delete_topics": "DeleteTopics",
+    "create_partitions": "CreatePartitions",
+    "elect_leaders": "ElectLeaders",
+    "describe_quorum": "DescribeQuorum",
+    "describe_cluster": "DescribeCluster",
+    "describe_topics": "DescribeTopics",
+}
 
 
 def _now_ms() -> int:
@@ -70,6 +88,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         *,
         cluster_id: str,
         request_timeout_s: float,
+        max_client_streams: int = 32,
     ):
         self.node_id = node_id
         self.voters = {v.node_id: v for v in voters}
@@ -83,6 +102,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._digests = DigestCache()
+        self.client_streams = StreamSlots(max_client_streams, "controller client streams")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -186,6 +206,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
 
     def ElectLeaders(self, request: Any, context: Any) -> Any:  # noqa: N802
         return self._write("elect_leaders", request)
+
+    # -- one stream for a client's requests -----------------------------------------
+
+    def Requests(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        return serve_requests(self, self.client_streams, request_iterator, context)
 
     # -- following the log ---------------------------------------------------------
 
@@ -394,6 +419,32 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         for name in names:
             response.topics.append(describe_topic(image, name))
         return response
+
+
+def serve_requests(
+    servicer: Any, slots: StreamSlots, request_iterator: Any, context: Any
+) -> Iterator[cpb.ControllerResponse]:
+    """A Requests stream: one answer per request, in order, one request at a time,
+    each from ``servicer``'s unary method of the same name. The stream holds a slot
+    (a server thread) while it is open."""
+    if not slots.acquire():
+        slots.refuse(context)
+    try:
+        for envelope in request_iterator:
+            kind = envelope.WhichOneof("request")
+            method = STREAM_METHODS.get(kind) if kind is not None else None
+            if method is None:
+                yield cpb.ControllerResponse(
+                    error=common_pb2.Error(
+                        code=common_pb2.INVALID_REQUEST,
+                        message="an empty request, or one this controller does not know",
+                    )
+                )
+                continue
+            answer = getattr(servicer, method)(getattr(envelope, kind), context)
+            yield cpb.ControllerResponse(**{kind: answer})
+    finally:
+        slots.release()
 
 
 def describe_topic(image: MetadataImage, name: str) -> cpb.TopicDescription:

@@ -9,10 +9,14 @@ from typing import Any
 
 import grpc
 import pytest
+from dataplane import wait_until
 from raftka.v1 import common_pb2, controller_pb2, controller_pb2_grpc, metadata_pb2
 
 from client import Admin, NewTopic, RaftkaError, TopicAlreadyExistsError, UnknownTopicError
+from client._controller import STREAM_FIELDS, ControllerClient
 from client.admin import LogEntry
+from quorum.service import serve_requests
+from quorum.streams import StreamSlots
 
 OK = common_pb2.Error(code=common_pb2.NONE)
 
@@ -204,13 +208,33 @@ def test_elect_leaders_and_partitions_and_log():
 
 
 class FakeController(controller_pb2_grpc.ControllerServicer):
-    """A controller that is not active: it points to ``leader_port``."""
+    """A controller that is not active: it points to ``leader_port``. It serves
+    ``Requests`` streams as a controller does, ``max_streams`` of them at once; with
+    ``streams=False`` it knows no such method (an older controller)."""
 
-    def __init__(self, leader_port: int | None = None):
+    def __init__(
+        self, leader_port: int | None = None, *, streams: bool = True, max_streams: int = 4
+    ):
         self.leader_port = leader_port
         self.topics: dict[str, int] = {}
+        self.streams = streams
+        self.slots = StreamSlots(max_streams, "test")
+        self.answered = 0  # Requests answered, on a stream or unary.
+        self.stream_requests = 0
+
+    def Requests(self, request_iterator, context):  # noqa: N802
+        if not self.streams:
+            return super().Requests(request_iterator, context)
+
+        def counted():
+            for request in request_iterator:
+                self.stream_requests += 1
+                yield request
+
+        return serve_requests(self, self.slots, counted(), context)
 
     def CreateTopics(self, request, context):  # noqa: N802 (gRPC's name)
+        self.answered += 1
         if self.leader_port is not None:
             return controller_pb2.CreateTopicsResponse(
                 error=err(common_pb2.NOT_CONTROLLER),
@@ -236,6 +260,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.CreateTopicsResponse(results=results)
 
     def DescribeTopics(self, request, context):  # noqa: N802
+        self.answered += 1
         return controller_pb2.DescribeTopicsResponse(
             topics=[
                 controller_pb2.TopicDescription(
@@ -260,12 +285,14 @@ def serve(servicer: FakeController) -> tuple[grpc.Server, int]:
     return server, port
 
 
-@pytest.fixture
-def controllers():
+@pytest.fixture(params=[True, False], ids=["streams", "unary"])
+def controllers(request):
     """Two fake controllers: a standby (first) that hints at the active one."""
-    active = FakeController()
+    active = FakeController(streams=request.param)
     active_server, active_port = serve(active)
-    standby_server, standby_port = serve(FakeController(leader_port=active_port))
+    standby_server, standby_port = serve(
+        FakeController(leader_port=active_port, streams=request.param)
+    )
     yield active, f"127.0.0.1:{standby_port}"
     standby_server.stop(grace=None)
     active_server.stop(grace=None)
@@ -293,12 +320,12 @@ class SilentController(FakeController):
         return super().DescribeTopics(request, context)
 
 
-def test_a_controller_that_timed_out_is_not_asked_first_again():
+@pytest.mark.parametrize("streams", [True, False], ids=["streams", "unary"])
+def test_a_controller_that_timed_out_is_not_asked_first_again(streams):
     """A broker's heartbeats must not all go to a controller that went silent: after one
     call timed out there, the next starts with the others."""
-    from client._controller import ControllerClient
-
     silent, active = SilentController(), FakeController()
+    silent.streams = streams
     silent_server, silent_port = serve(silent)
     active_server, active_port = serve(active)
     silent_address = f"127.0.0.1:{silent_port}"
@@ -313,7 +340,66 @@ def test_a_controller_that_timed_out_is_not_asked_first_again():
             client.call("DescribeTopics", request, timeout_s=0.5)
             assert time.monotonic() - started < 0.4
             assert client.addresses[-1] == silent_address
+        silent.released.set()
+        # The stream the client gave up on ends, and its server thread is free.
+        wait_until("the stream's slot is free", lambda: silent.slots.open == 0, 5.0)
     finally:
         silent.released.set()
         silent_server.stop(grace=None)
         active_server.stop(grace=None)
+
+
+def test_requests_go_on_one_stream_and_end_with_the_client():
+    active = FakeController()
+    server, port = serve(active)
+    try:
+        with ControllerClient([f"127.0.0.1:{port}"]) as client:
+            for i in range(5):
+                request = controller_pb2.CreateTopicsRequest(
+                    topics=[controller_pb2.CreatableTopic(name=f"t{i}", num_partitions=i + 1)]
+                )
+                answer = client.call("CreateTopics", request)
+                assert answer.results[0].num_partitions == i + 1
+            assert active.stream_requests == active.answered == 5
+            assert active.slots.open == 1
+        wait_until("the stream's slot is free", lambda: active.slots.open == 0, 5.0)
+        assert active.topics == {f"t{i}": i + 1 for i in range(5)}
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_controller_that_refuses_the_stream_gets_unary_calls():
+    active = FakeController(max_streams=0)
+    server, port = serve(active)
+    try:
+        with ControllerClient([f"127.0.0.1:{port}"]) as client:
+            for i in range(3):
+                request = controller_pb2.CreateTopicsRequest(
+                    topics=[controller_pb2.CreatableTopic(name=f"t{i}", num_partitions=1)]
+                )
+                assert client.call("CreateTopics", request).results[0].error.code == 0
+        assert active.answered == 3 and active.stream_requests == 0
+        assert active.slots.refused == 1  # Then unary calls only, for a while.
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_empty_request_on_the_stream_is_refused_and_the_stream_goes_on():
+    controller = FakeController()
+    requests = [
+        controller_pb2.ControllerRequest(),
+        controller_pb2.ControllerRequest(describe_topics=controller_pb2.DescribeTopicsRequest()),
+    ]
+    answers = list(serve_requests(controller, controller.slots, iter(requests), None))
+    assert answers[0].error.code == common_pb2.INVALID_REQUEST
+    assert answers[0].WhichOneof("response") is None
+    assert answers[1].WhichOneof("response") == "describe_topics"
+    assert controller.slots.open == 0
+
+
+def test_the_stream_carries_the_same_methods_on_both_sides():
+    from quorum.service import STREAM_METHODS, ControllerService
+
+    assert {m: f for f, m in STREAM_METHODS.items()} == STREAM_FIELDS
+    for method in STREAM_METHODS.values():
+        assert callable(getattr(ControllerService, method))

@@ -15,11 +15,12 @@ import pytest
 from dataplane import wait_until
 from raftka.v1 import broker_pb2
 
-from broker.node import STREAM_REFUSED as BROKER_STREAM_REFUSED
-from broker.node import StreamSlots, _BrokerService
+from broker.node import _BrokerService
 from client._brokers import rpc_error
 from client._streams import STREAM_REFUSED, StreamCall, StreamError, StreamPool
 from client.errors import NetworkError, RequestTimedOutError
+from quorum.streams import STREAM_REFUSED as SERVER_STREAM_REFUSED
+from quorum.streams import StreamSlots
 
 WAIT_S = 10.0
 
@@ -281,12 +282,12 @@ class _Replicas:
 
 class _Node:
     def __init__(self, limit: int):
-        self.client_streams = StreamSlots(limit)
+        self.client_streams = StreamSlots(limit, "max.client.streams")
         self.replicas = _Replicas()
 
 
 def test_the_broker_refuses_client_streams_past_its_limit() -> None:
-    assert BROKER_STREAM_REFUSED == STREAM_REFUSED
+    assert SERVER_STREAM_REFUSED == STREAM_REFUSED
     node = _Node(limit=1)
     service = _BrokerService(node)  # type: ignore[arg-type]
     first = service.ProduceStream(iter([b"r1", b"r2"]), _Context())  # type: ignore[arg-type]

@@ -16,6 +16,60 @@ class ElectionType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 PREFERRED: ElectionType
 UNCLEAN: ElectionType
 
+class ControllerRequest(_message.Message):
+    __slots__ = ("register_broker", "broker_heartbeat", "alter_partition", "allocate_producer_ids", "create_topics", "delete_topics", "create_partitions", "elect_leaders", "describe_quorum", "describe_cluster", "describe_topics")
+    REGISTER_BROKER_FIELD_NUMBER: _ClassVar[int]
+    BROKER_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ALTER_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_PRODUCER_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    ELECT_LEADERS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    register_broker: RegisterBrokerRequest
+    broker_heartbeat: BrokerHeartbeatRequest
+    alter_partition: AlterPartitionRequest
+    allocate_producer_ids: AllocateProducerIdsRequest
+    create_topics: CreateTopicsRequest
+    delete_topics: DeleteTopicsRequest
+    create_partitions: CreatePartitionsRequest
+    elect_leaders: ElectLeadersRequest
+    describe_quorum: DescribeQuorumRequest
+    describe_cluster: DescribeClusterRequest
+    describe_topics: DescribeTopicsRequest
+    def __init__(self, register_broker: _Optional[_Union[RegisterBrokerRequest, _Mapping]] = ..., broker_heartbeat: _Optional[_Union[BrokerHeartbeatRequest, _Mapping]] = ..., alter_partition: _Optional[_Union[AlterPartitionRequest, _Mapping]] = ..., allocate_producer_ids: _Optional[_Union[AllocateProducerIdsRequest, _Mapping]] = ..., create_topics: _Optional[_Union[CreateTopicsRequest, _Mapping]] = ..., delete_topics: _Optional[_Union[DeleteTopicsRequest, _Mapping]] = ..., create_partitions: _Optional[_Union[CreatePartitionsRequest, _Mapping]] = ..., elect_leaders: _Optional[_Union[ElectLeadersRequest, _Mapping]] = ..., describe_quorum: _Optional[_Union[DescribeQuorumRequest, _Mapping]] = ..., describe_cluster: _Optional[_Union[DescribeClusterRequest, _Mapping]] = ..., describe_topics: _Optional[_Union[DescribeTopicsRequest, _Mapping]] = ...) -> None: ...
+
+class ControllerResponse(_message.Message):
+    __slots__ = ("register_broker", "broker_heartbeat", "alter_partition", "allocate_producer_ids", "create_topics", "delete_topics", "create_partitions", "elect_leaders", "describe_quorum", "describe_cluster", "describe_topics", "error")
+    REGISTER_BROKER_FIELD_NUMBER: _ClassVar[int]
+    BROKER_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ALTER_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_PRODUCER_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    ELECT_LEADERS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    DESCRIBE_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    register_broker: RegisterBrokerResponse
+    broker_heartbeat: BrokerHeartbeatResponse
+    alter_partition: AlterPartitionResponse
+    allocate_producer_ids: AllocateProducerIdsResponse
+    create_topics: CreateTopicsResponse
+    delete_topics: DeleteTopicsResponse
+    create_partitions: CreatePartitionsResponse
+    elect_leaders: ElectLeadersResponse
+    describe_quorum: DescribeQuorumResponse
+    describe_cluster: DescribeClusterResponse
+    describe_topics: DescribeTopicsResponse
+    error: _common_pb2.Error
+    def __init__(self, register_broker: _Optional[_Union[RegisterBrokerResponse, _Mapping]] = ..., broker_heartbeat: _Optional[_Union[BrokerHeartbeatResponse, _Mapping]] = ..., alter_partition: _Optional[_Union[AlterPartitionResponse, _Mapping]] = ..., allocate_producer_ids: _Optional[_Union[AllocateProducerIdsResponse, _Mapping]] = ..., create_topics: _Optional[_Union[CreateTopicsResponse, _Mapping]] = ..., delete_topics: _Optional[_Union[DeleteTopicsResponse, _Mapping]] = ..., create_partitions: _Optional[_Union[CreatePartitionsResponse, _Mapping]] = ..., elect_leaders: _Optional[_Union[ElectLeadersResponse, _Mapping]] = ..., describe_quorum: _Optional[_Union[DescribeQuorumResponse, _Mapping]] = ..., describe_cluster: _Optional[_Union[DescribeClusterResponse, _Mapping]] = ..., describe_topics: _Optional[_Union[DescribeTopicsResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
 class ControllerHint(_message.Message):
     __slots__ = ("leader_id", "leader_host", "leader_port", "controller_epoch")
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]

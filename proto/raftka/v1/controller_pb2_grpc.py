@@ -104,6 +104,11 @@ class ControllerStub:
                 request_serializer=raftka_dot_v1_dot_controller__pb2.ReadMetadataLogRequest.SerializeToString,
                 response_deserializer=raftka_dot_v1_dot_controller__pb2.ReadMetadataLogResponse.FromString,
                 _registered_method=True)
+        self.Requests = channel.stream_stream(
+                '/raftka.v1.Controller/Requests',
+                request_serializer=raftka_dot_v1_dot_controller__pb2.ControllerRequest.SerializeToString,
+                response_deserializer=raftka_dot_v1_dot_controller__pb2.ControllerResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -199,6 +204,17 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Requests(self, request_iterator, context):
+        """The unary requests above, one at a time on one open stream: each answered in
+        order before the next is read, as Kafka handles a connection's requests. A
+        message on an open stream costs less than a call. A controller serving too
+        many such streams refuses a new one (RESOURCE_EXHAUSTED with trailing metadata
+        raftka-stream-refused): the client then makes unary calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +287,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ReadMetadataLog,
                     request_deserializer=raftka_dot_v1_dot_controller__pb2.ReadMetadataLogRequest.FromString,
                     response_serializer=raftka_dot_v1_dot_controller__pb2.ReadMetadataLogResponse.SerializeToString,
+            ),
+            'Requests': grpc.stream_stream_rpc_method_handler(
+                    servicer.Requests,
+                    request_deserializer=raftka_dot_v1_dot_controller__pb2.ControllerRequest.FromString,
+                    response_serializer=raftka_dot_v1_dot_controller__pb2.ControllerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -651,6 +672,33 @@ class Controller:
             '/raftka.v1.Controller/ReadMetadataLog',
             raftka_dot_v1_dot_controller__pb2.ReadMetadataLogRequest.SerializeToString,
             raftka_dot_v1_dot_controller__pb2.ReadMetadataLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Requests(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/raftka.v1.Controller/Requests',
+            raftka_dot_v1_dot_controller__pb2.ControllerRequest.SerializeToString,
+            raftka_dot_v1_dot_controller__pb2.ControllerResponse.FromString,
             options,
             channel_credentials,
             insecure,
