@@ -277,7 +277,9 @@ class BrokerNode:
                 reg.leader_epoch,
             )
 
-    def describe(self, include_image_digest: bool = False) -> broker_pb2.DescribeBrokerResponse:
+    def describe(
+        self, include_image_digest: bool = False, omit_partitions: bool = False
+    ) -> broker_pb2.DescribeBrokerResponse:
         image, offset = self.follower.published()
         lifecycle = self.lifecycle
         response = broker_pb2.DescribeBrokerResponse(
@@ -286,7 +288,7 @@ class BrokerNode:
             state=STOPPED if self._stopped.is_set() else self.state,
             metadata_offset=offset,
             controller_epoch=image.controller_epoch,
-            partitions=self.replicas.describe(),
+            partitions=[] if omit_partitions else self.replicas.describe(),
             registrations=0 if lifecycle is None else lifecycle.registrations,
             metadata_snapshots_loaded=self.follower.snapshots_loaded,
             metadata_high_watermark=self.follower.high_watermark,
@@ -305,7 +307,7 @@ class _BrokerService(broker_pb2_grpc.BrokerServicer):
     def DescribeBroker(  # noqa: N802 (gRPC method name)
         self, request: broker_pb2.DescribeBrokerRequest, context: grpc.ServicerContext
     ) -> broker_pb2.DescribeBrokerResponse:
-        return self._node.describe(request.include_image_digest)
+        return self._node.describe(request.include_image_digest, request.omit_partitions)
 
     def Metadata(  # noqa: N802
         self, request: broker_pb2.MetadataRequest, context: grpc.ServicerContext

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from raftka.v1 import common_pb2
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from raftka.v1 import controller_pb2 as cpb
 
 from client._controller import ControllerClient
@@ -432,6 +432,9 @@ class ScaleResult:
     partitions: int
     create_s: float
     metadata_records: int
+    # After the last CreateTopics answer, until every running broker had acted on
+    # every record (made its logs); None with no broker of its own.
+    brokers_settled_s: float | None
     fresh_follower_catch_up_s: float
     snapshot_loaded: bool
     failover_s: list[float]
@@ -442,6 +445,33 @@ class ScaleResult:
             round(statistics.median(self.failover_s), 3) if self.failover_s else None
         )
         return data
+
+
+def _wait_brokers_at(cluster: Any, offset: int, *, timeout_s: float) -> float | None:
+    """Seconds until every running broker of ``cluster`` reports ``offset`` applied
+    (a broker acts on a record before it reports it); None when none runs."""
+    brokers = [n for n in cluster.status() if n.role == "broker" and n.state == "running"]
+    if not brokers:
+        return None
+    start = time.perf_counter()
+    deadline = start + timeout_s
+    waiting = {n.id: n.rpc_address for n in brokers}
+    while waiting:
+        for broker_id, address in list(waiting.items()):
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    described = broker_pb2_grpc.BrokerStub(channel).DescribeBroker(
+                        broker_pb2.DescribeBrokerRequest(omit_partitions=True), timeout=10
+                    )
+                except grpc.RpcError:
+                    continue
+            if described.metadata_offset >= offset:
+                del waiting[broker_id]
+        if waiting and time.perf_counter() > deadline:
+            raise TimeoutError(f"brokers {sorted(waiting)} did not reach offset {offset}")
+        if waiting:
+            time.sleep(0.2)
+    return time.perf_counter() - start
 
 
 def run_scale_bench(
@@ -486,6 +516,10 @@ def run_scale_bench(
                 progress(len(batch))
         create_s = time.perf_counter() - t0
         quorum = _quorum(client)
+        # A broker joins a settled cluster: the running brokers have made their logs
+        # first, as they would have long before on separate machines. Timing the
+        # catch-up while they still work on the same two cores would measure them.
+        settled_s = _wait_brokers_at(cluster, quorum.high_watermark - 1, timeout_s=600)
         # A fresh broker's view: a follower starting from nothing.
         follower = MetadataFollower(cluster.bootstrap.split(","), broker_id=-1)
         t1 = time.perf_counter()
@@ -503,6 +537,7 @@ def run_scale_bench(
         partitions=topics * partitions_per_topic,
         create_s=round(create_s, 3),
         metadata_records=quorum.high_watermark,
+        brokers_settled_s=None if settled_s is None else round(settled_s, 3),
         fresh_follower_catch_up_s=round(catch_up_s, 3),
         snapshot_loaded=snapshot_loaded,
         failover_s=[round(v, 3) for v in failover.failover_s],

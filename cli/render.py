@@ -462,6 +462,12 @@ def format_bench_scale(result: dict[str, Any]) -> Table:
             ("partitions", f"{result['partitions']:,}"),
             ("create time", f"{result['create_s']:.1f} s"),
             ("metadata records", f"{result['metadata_records']:,}"),
+            (
+                "brokers done with it",
+                "-"
+                if result["brokers_settled_s"] is None
+                else f"{result['brokers_settled_s']:.1f} s after the last create",
+            ),
             ("fresh follower catch-up", f"{result['fresh_follower_catch_up_s']:.2f} s"),
             ("caught up from a snapshot", "yes" if result["snapshot_loaded"] else "no"),
             ("failover", ", ".join(f"{s:.3f}" for s in result["failover_s"]) + " s"),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+from concurrent import futures
 from typing import Any
 
+import grpc
 import pytest
-from raftka.v1 import common_pb2
+from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from raftka.v1 import controller_pb2 as cpb
 
 from cli import bench
+from cli.localcluster import NodeStatus
 from client.errors import RaftkaError
 
 
@@ -59,3 +63,49 @@ def test_a_failover_run_that_fails_starts_the_killed_controller_again(monkeypatc
     assert refused.value.code == common_pb2.INVALID_REPLICATION_FACTOR
     assert cluster.killed == [2]
     assert cluster.started == [[2]]
+
+
+class _SettlingBroker(broker_pb2_grpc.BrokerServicer):
+    """Reports a metadata offset that moves one record per DescribeBroker."""
+
+    def __init__(self, start: int) -> None:
+        self.offset = start
+        self.asked: list[bool] = []
+
+    def DescribeBroker(self, request, context):  # noqa: N802
+        self.asked.append(request.omit_partitions)
+        self.offset += 1
+        return broker_pb2.DescribeBrokerResponse(
+            metadata_offset=self.offset,
+            partitions=[] if request.omit_partitions else [broker_pb2.LocalPartition()],
+        )
+
+
+def _serve_broker(servicer: _SettlingBroker) -> tuple[grpc.Server, NodeStatus]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    node = NodeStatus(
+        id=100, role="broker", pid=None, running=True, host="127.0.0.1", rpc_port=port,
+        raft_port=None, config="", log="", state="running",
+    )  # fmt: skip
+    return server, node
+
+
+def test_the_scale_bench_waits_for_every_broker_to_act_on_the_last_record():
+    """A fresh broker's catch-up is timed on a settled cluster: the running brokers
+    first report the last record applied (they act on a record before they report it)."""
+    broker = _SettlingBroker(start=0)
+    server, node = _serve_broker(broker)
+    stopped = dataclasses.replace(node, id=101, running=False, state="stopped")
+    try:
+        cluster = type("Cluster", (), {"status": lambda self: [node, stopped]})()
+        assert bench._wait_brokers_at(cluster, 3, timeout_s=10) is not None
+        assert broker.offset == 3 and broker.asked == [True, True, True]
+        with pytest.raises(TimeoutError, match=r"brokers \[100\] did not reach offset 1000"):
+            bench._wait_brokers_at(cluster, 1000, timeout_s=0.3)
+        nobody = type("Cluster", (), {"status": lambda self: [stopped]})()
+        assert bench._wait_brokers_at(nobody, 3, timeout_s=1) is None
+    finally:
+        server.stop(grace=None)

@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DescribeBrokerRequest(_message.Message):
-    __slots__ = ("include_image_digest",)
+    __slots__ = ("include_image_digest", "omit_partitions")
     INCLUDE_IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OMIT_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     include_image_digest: bool
-    def __init__(self, include_image_digest: _Optional[bool] = ...) -> None: ...
+    omit_partitions: bool
+    def __init__(self, include_image_digest: _Optional[bool] = ..., omit_partitions: _Optional[bool] = ...) -> None: ...
 
 class LocalPartition(_message.Message):
     __slots__ = ("topic", "partition", "role", "leader", "leader_epoch", "log_start_offset", "log_end_offset", "high_watermark", "isr", "size_bytes")
