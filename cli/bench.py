@@ -204,7 +204,10 @@ def run_metadata_bench(
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     with ControllerClient(bootstrap) as client, contextlib.ExitStack() as stack:
         if stand_in_brokers:
-            stack.enter_context(StandInBrokers(client, stand_in_brokers))
+            # Their own client, as brokers have: their heartbeats do not take the
+            # benchmark's stream from it.
+            own = stack.enter_context(ControllerClient(bootstrap))
+            stack.enter_context(StandInBrokers(own, stand_in_brokers))
         start_quorum = _quorum(client)
         leader = f"{start_quorum.voters[0].host}:{start_quorum.voters[0].port}"
         stub = client.stub(leader)
@@ -449,29 +452,36 @@ class ScaleResult:
 
 def _wait_brokers_at(cluster: Any, offset: int, *, timeout_s: float) -> float | None:
     """Seconds until every running broker of ``cluster`` reports ``offset`` applied
-    (a broker acts on a record before it reports it); None when none runs."""
-    brokers = [n for n in cluster.status() if n.role == "broker" and n.state == "running"]
-    if not brokers:
-        return None
+    (a broker acts on a record before it reports it); None when none runs. A broker
+    that stops meanwhile is no longer waited for."""
     start = time.perf_counter()
     deadline = start + timeout_s
-    waiting = {n.id: n.rpc_address for n in brokers}
-    while waiting:
-        for broker_id, address in list(waiting.items()):
-            with grpc.insecure_channel(address) as channel:
+    done: set[int] = set()
+    seen_any = False
+    while True:
+        running = [n for n in cluster.status() if n.role == "broker" and n.state == "running"]
+        waiting = [n for n in running if n.id not in done]
+        seen_any = seen_any or bool(running)
+        if not waiting:
+            return time.perf_counter() - start if seen_any else None
+        for node in waiting:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            with grpc.insecure_channel(node.rpc_address) as channel:
                 try:
                     described = broker_pb2_grpc.BrokerStub(channel).DescribeBroker(
-                        broker_pb2.DescribeBrokerRequest(omit_partitions=True), timeout=10
+                        broker_pb2.DescribeBrokerRequest(omit_partitions=True),
+                        timeout=min(10.0, remaining),
                     )
                 except grpc.RpcError:
                     continue
             if described.metadata_offset >= offset:
-                del waiting[broker_id]
-        if waiting and time.perf_counter() > deadline:
-            raise TimeoutError(f"brokers {sorted(waiting)} did not reach offset {offset}")
-        if waiting:
-            time.sleep(0.2)
-    return time.perf_counter() - start
+                done.add(node.id)
+        if time.perf_counter() >= deadline:
+            late = sorted(n.id for n in waiting if n.id not in done)
+            raise TimeoutError(f"brokers {late} did not reach offset {offset}")
+        time.sleep(0.2)
 
 
 def run_scale_bench(

@@ -107,6 +107,7 @@ class ControllerClient:
         *,
         timeout_s: float = 10.0,
         dial: Callable[[str], str] | None = None,
+        stream_idle_close_s: float = 10.0,
     ):
         self.addresses = parse_addresses(bootstrap)
         self.timeout_s = timeout_s
@@ -116,9 +117,17 @@ class ControllerClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, controller_pb2_grpc.ControllerStub] = {}
         self._preferred: str | None = None
-        self._streams = StreamPool(self.stub, "Requests", _unary_in_envelope)
+        self._streams = StreamPool(
+            self.stub, "Requests", _unary_in_envelope, idle_close_s=stream_idle_close_s
+        )
+        self._closed = threading.Event()
+        # Closes idle streams (each holds a controller thread) and ends overdue
+        # requests' streams; started with the first stream.
+        self._sweep_every_s = min(1.0, stream_idle_close_s / 2)
+        self._sweeper: threading.Thread | None = None
 
     def close(self) -> None:
+        self._closed.set()
         self._streams.close()
         with self._lock:
             for channel in self._channels.values():
@@ -212,23 +221,45 @@ class ControllerClient:
     def _send(self, address: str, method: str, request: Any, remaining: float) -> Any:
         """The answer of ``address`` to ``request``: on its Requests stream when the
         method has a place there, else (or when the stream is busy) a unary call."""
+        if self._closed.is_set():
+            raise error_for(common_pb2.UNKNOWN_SERVER_ERROR, f"{method}: the client is closed")
         field = STREAM_FIELDS.get(method)
         if field is None:
             return getattr(self.stub(address), method)(request, timeout=remaining)
-        self._streams.sweep(time.monotonic())  # Closes streams left idle.
+        self._start_sweeper()
+        started = time.monotonic()
         call = self._streams.call(address, cpb.ControllerRequest(**{field: request}), remaining)
         try:
             envelope = call.result(timeout=remaining)
         except (TimeoutError, grpc.FutureTimeoutError):
             call.cancel()  # The stream ends; the controller may have done it.
             raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time") from None
-        if envelope.WhichOneof("response") != field:
-            raise StreamError(
-                grpc.StatusCode.INTERNAL,
-                f"asked {field}, answered {envelope.WhichOneof('response')}: "
-                f"{envelope.error.message}",
-            )
-        return getattr(envelope, field)
+        answered = envelope.WhichOneof("response")
+        if answered == field:
+            return getattr(envelope, field)
+        if answered is None and envelope.error.code == common_pb2.INVALID_REQUEST:
+            # An older controller that does not carry this request on its stream:
+            # nothing was done, so ask with the unary method.
+            left = remaining - (time.monotonic() - started)
+            return getattr(self.stub(address), method)(request, timeout=max(left, 0.001))
+        raise StreamError(
+            grpc.StatusCode.INTERNAL,
+            f"asked {field}, answered {answered}: {envelope.error.message}",
+        )
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is not None:
+            return
+        with self._lock:
+            if self._sweeper is None and not self._closed.is_set():
+                self._sweeper = threading.Thread(
+                    target=self._sweep, name="raftka-controller-streams", daemon=True
+                )
+                self._sweeper.start()
+
+    def _sweep(self) -> None:
+        while not self._closed.wait(self._sweep_every_s):
+            self._streams.sweep(time.monotonic())
 
     def _demote(self, address: str) -> None:
         if self._preferred == address:

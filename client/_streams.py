@@ -200,7 +200,8 @@ class _Stream:
             self._outstanding = call
             call._stream = self
             self.last_used_s = time.monotonic()
-        self._requests.put(call.request)
+            # Under the lock: a close() on another thread queues its end after this.
+            self._requests.put(call.request)
         return True
 
     def abort(self, error: StreamError, only_for: StreamCall | None = None) -> None:
@@ -216,10 +217,22 @@ class _Stream:
         self._call.cancel()
 
     def close(self) -> None:
-        """End the stream once the broker has answered what was sent."""
+        """End the stream once the server has answered what was sent."""
         with self._lock:
             self.broken = True
-        self._requests.put(_END)
+            self._requests.put(_END)
+
+    def close_if_idle(self, now: float, idle_s: float) -> bool:
+        """Close the stream if nothing is outstanding and it was last used ``idle_s``
+        ago or more (in one step, so no request is sent on it meanwhile)."""
+        with self._lock:
+            if self.broken or self._outstanding is not None:
+                return False
+            if now - self.last_used_s < idle_s:
+                return False
+            self.broken = True
+            self._requests.put(_END)
+            return True
 
     def _read(self) -> None:
         error: BaseException
@@ -302,6 +315,8 @@ class StreamPool:
         """Send ``request`` to ``address``: on its stream when that is free, else as a
         unary call. Returns a future of the answer (``result``, ``add_done_callback``,
         ``cancel``). Raises what opening a channel raises (the client is closed)."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
         stub = self._stub_for(address)
         unary = self._unary_for(stub)
         now = time.monotonic()
@@ -333,11 +348,10 @@ class StreamPool:
                         StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time"),
                         only_for=call,
                     )
-            elif now - stream.last_used_s >= self._idle_close_s:
+            elif stream.close_if_idle(now, self._idle_close_s):
                 with self._lock:
                     if self._streams.get(stream.address) is stream:
                         del self._streams[stream.address]
-                stream.close()
 
     def streams(self) -> Iterator[str]:
         """Addresses with an open stream (for tests and diagnostics)."""

@@ -17,10 +17,10 @@ from quorum.service import ControllerService, add_to_server
 log = logging.getLogger(__name__)
 
 # Each broker holds one FetchMetadata stream open; leave room for requests.
-GRPC_WORKERS = 64
+GRPC_WORKERS = 128
 # Clients' Requests streams (a broker's, an admin client's) the node serves at once;
-# past this, a client makes unary calls. The rest of the threads are for brokers'
-# FetchMetadata streams and unary calls.
+# past this, a client makes unary calls. The rest of the threads (104: as many
+# brokers' FetchMetadata streams, less a few for unary calls) are for the others.
 MAX_CLIENT_STREAMS = 24
 
 

@@ -107,5 +107,23 @@ def test_the_scale_bench_waits_for_every_broker_to_act_on_the_last_record():
             bench._wait_brokers_at(cluster, 1000, timeout_s=0.3)
         nobody = type("Cluster", (), {"status": lambda self: [stopped]})()
         assert bench._wait_brokers_at(nobody, 3, timeout_s=1) is None
+        # A broker that stops while it is waited for is waited for no longer.
+        stuck = _SettlingBroker(start=-10_000)
+        stuck_server, stuck_node = _serve_broker(stuck)
+        stuck_node = dataclasses.replace(stuck_node, id=102)
+        calls = [0]
+
+        def status(self):
+            calls[0] += 1
+            if calls[0] < 3:
+                return [node, stuck_node]
+            return [node, dataclasses.replace(stuck_node, running=False, state="stopped")]
+
+        try:
+            changing = type("Cluster", (), {"status": status})()
+            assert bench._wait_brokers_at(changing, 5, timeout_s=10) is not None
+            assert calls[0] == 3 and stuck.asked
+        finally:
+            stuck_server.stop(grace=None)
     finally:
         server.stop(grace=None)

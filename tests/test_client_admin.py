@@ -340,9 +340,10 @@ def test_a_controller_that_timed_out_is_not_asked_first_again(streams):
             client.call("DescribeTopics", request, timeout_s=0.5)
             assert time.monotonic() - started < 0.4
             assert client.addresses[-1] == silent_address
-        silent.released.set()
-        # The stream the client gave up on ends, and its server thread is free.
-        wait_until("the stream's slot is free", lambda: silent.slots.open == 0, 5.0)
+            silent.released.set()
+            # The stream the client gave up on ends (the client is still open), and
+            # its server thread is free.
+            wait_until("the stream's slot is free", lambda: silent.slots.open == 0, 5.0)
     finally:
         silent.released.set()
         silent_server.stop(grace=None)
@@ -403,3 +404,51 @@ def test_the_stream_carries_the_same_methods_on_both_sides():
     assert {m: f for f, m in STREAM_METHODS.items()} == STREAM_FIELDS
     for method in STREAM_METHODS.values():
         assert callable(getattr(ControllerService, method))
+
+
+def test_an_idle_stream_is_closed_without_another_call():
+    """An open client that goes quiet gives its controller thread back."""
+    active = FakeController()
+    server, port = serve(active)
+    try:
+        with ControllerClient([f"127.0.0.1:{port}"], stream_idle_close_s=0.3) as client:
+            client.call("DescribeTopics", controller_pb2.DescribeTopicsRequest())
+            assert active.stream_requests == 1 and active.slots.open == 1
+            wait_until("the idle stream's slot is free", lambda: active.slots.open == 0, 5.0)
+            client.call("DescribeTopics", controller_pb2.DescribeTopicsRequest())
+            assert active.stream_requests == 2  # A new stream for the next call.
+    finally:
+        server.stop(grace=None)
+
+
+class OlderController(FakeController):
+    """Serves Requests but knows none of the requests in it (an older version)."""
+
+    def Requests(self, request_iterator, context):  # noqa: N802
+        for _ in request_iterator:
+            self.stream_requests += 1
+            yield controller_pb2.ControllerResponse(
+                error=err(common_pb2.INVALID_REQUEST, "unknown request")
+            )
+
+
+def test_a_request_the_controllers_stream_does_not_know_goes_unary():
+    older = OlderController()
+    server, port = serve(older)
+    try:
+        with ControllerClient([f"127.0.0.1:{port}"]) as client:
+            request = controller_pb2.CreateTopicsRequest(
+                topics=[controller_pb2.CreatableTopic(name="t", num_partitions=2)]
+            )
+            assert client.call("CreateTopics", request).results[0].num_partitions == 2
+        assert older.stream_requests == 1 and older.answered == 1
+        assert older.topics == {"t": 2}
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_closed_client_refuses_calls_with_a_clear_error():
+    client = ControllerClient(["127.0.0.1:1"])
+    client.close()
+    with pytest.raises(RaftkaError, match="closed"):
+        client.call("DescribeTopics", controller_pb2.DescribeTopicsRequest())

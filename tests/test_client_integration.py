@@ -293,6 +293,18 @@ def test_leader_kill_under_load_loses_no_acknowledged_record(
     print(f"{len(records) - len(load.acked)} duplicate(s) from retries")
 
 
+def test_describe_broker_can_leave_out_its_partitions(cluster, admin, brokers):
+    """What ``raftka bench scale`` polls: the metadata offset without 100,000 partitions."""
+    create_topic(cluster, admin, "described", 3)
+    full = stub(cluster, 100).DescribeBroker(broker_pb2.DescribeBrokerRequest(), timeout=5)
+    short = stub(cluster, 100).DescribeBroker(
+        broker_pb2.DescribeBrokerRequest(omit_partitions=True), timeout=5
+    )
+    assert any(p.topic == "described" for p in full.partitions)
+    assert not short.partitions
+    assert short.broker_id == 100 and short.metadata_offset >= full.metadata_offset > 0
+
+
 def test_seek_and_offset_lookups(cluster, admin, brokers):
     create_topic(cluster, admin, "seek", 1)
     tp = TopicPartition("seek", 0)
