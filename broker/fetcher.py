@@ -59,8 +59,8 @@ _BACKOFF_CODES = {
 # The longest a fetch session stays open; it is then opened again (no back-off).
 _SESSION_S = 60.0
 # How often a session's request reads every partition's position, not only those
-# the last answer held.
-_POSITION_SCAN_S = 1.0
+# the last answer held (between scans only retention moves a position: a log start).
+_POSITION_SCAN_S = 5.0
 
 
 class _SessionEnded(Exception):
@@ -266,21 +266,28 @@ class ReplicaFetcher:
                 key: (entry.leader_epoch, *entry.partition.fetch_position())
                 for key, entry in entries.items()
             }
+            if full or previous is None:
+                moved = list(positions)
+            else:
+                moved = [key for key, at in positions.items() if previous[key] != at]
         else:
             # Only this fetcher's appends and truncations move a position between
             # scans, and it made them from the partitions in the last answer.
-            positions = dict(previous)
+            positions = previous  # Kept nowhere else: updated in place.
+            moved = []
             for key in session.touched:
                 entry = entries.get(key)
-                if entry is not None:
-                    positions[key] = (entry.leader_epoch, *entry.partition.fetch_position())
+                if entry is None:
+                    continue
+                position = (entry.leader_epoch, *entry.partition.fetch_position())
+                if positions[key] != position:
+                    positions[key] = position
+                    moved.append(key)
         session.touched = set()
         by_topic: dict[str, list[broker_pb2.FetchPartition]] = {}
         topic_ids: dict[str, str] = {}
-        for key in sorted(positions):
+        for key in sorted(moved):
             position = positions[key]
-            if not full and previous is not None and previous[key] == position:
-                continue
             leader_epoch, offset, last_epoch, log_start = position
             topic, index = key
             by_topic.setdefault(topic, []).append(

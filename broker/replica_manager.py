@@ -155,6 +155,8 @@ class ReplicaManager:
         self._isr_due_lock = threading.Lock()
         self._isr_eligible: frozenset[int] | None = None
         self._threads: list[threading.Thread] = []
+        # What the high-watermark checkpoint files hold, as last written.
+        self._checkpointed_hws: dict[TopicPartition, int] | None = None
         self.isr_changes_sent = 0
         self._unsettled: dict[TopicPartition, tuple[Partition, IsrChange]] = {}
         # Told (topic, partition) and the new role ("leader", "follower", "deleted")
@@ -501,7 +503,7 @@ class ReplicaManager:
 
     def new_fetch_session(self) -> FetchSession:
         """State for one FetchStream; ``close()`` it when the stream ends."""
-        return FetchSession(min(1.0, self.settings.replica_lag_time_max_ms / 4000))
+        return FetchSession(self.settings.replica_lag_time_max_ms / 4000)
 
     def fetch_in_session(
         self, session: FetchSession, request: broker_pb2.FetchRequest
@@ -828,10 +830,15 @@ class ReplicaManager:
         return {key: p.high_watermark for key, p in self.partitions().items() if not p.closed}
 
     def _checkpoint_hws(self) -> None:
+        hws = self.high_watermarks()
+        if hws == self._checkpointed_hws:
+            return  # The files already say so (each is rewritten whole).
         try:
-            self.logs.checkpoint_high_watermarks(self.high_watermarks())
+            self.logs.checkpoint_high_watermarks(hws)
         except OSError as e:
             log.warning("cannot checkpoint high watermarks: %s", e)
+            return
+        self._checkpointed_hws = hws
 
     def _checkpoint_loop(self) -> None:
         interval = self.settings.hw_checkpoint_interval_ms / 1000

@@ -231,10 +231,15 @@ def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touch
     # Nothing touched, nothing listed; at the scan every position is read again.
     third, _ = fetcher._build_request(entries, session)
     assert third.incremental and listed(third) == {}
+    # Touched but not moved (an answer with only a high watermark): read, not listed.
+    session.touched = {("a", 0)}
+    fourth, _ = fetcher._build_request(entries, session)
+    assert fourth.incremental and listed(fourth) == {}
+    assert [p.reads for p in parts.values()] == [3, 1]
     session.next_scan = 0.0
     scanned, _ = fetcher._build_request(entries, session)
     assert scanned.incremental and listed(scanned) == {"b": 5}
-    assert [p.reads for p in parts.values()] == [3, 2]
+    assert [p.reads for p in parts.values()] == [4, 2]
 
 
 class _SignallingWaiter(Waiter):

@@ -136,3 +136,29 @@ def test_a_deletion_that_fails_to_flush_does_not_stop_the_others(
     assert rm.logs.known() == {}
     assert not any((tmp_path / f"{t}-{i}").exists() for t, i in keys)
     assert all(segment._closed for segment in failing.log.segments)
+
+
+def test_high_watermarks_are_checkpointed_only_when_one_moved(tmp_path: Path) -> None:
+    """An idle broker with many partitions wrote every high watermark every interval."""
+    partition = joinable_partition(tmp_path, "t")
+    rm = Manager([partition]).rm
+    rm._lock = threading.RLock()
+    rm._checkpointed_hws = None
+    written: list[dict[tuple[str, int], int]] = []
+    failing = [False]
+
+    def checkpoint(hws: dict[tuple[str, int], int]) -> None:
+        if failing[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(dict(hws))
+
+    rm.logs = SimpleNamespace(checkpoint_high_watermarks=checkpoint)
+    rm._checkpoint_hws()
+    rm._checkpoint_hws()
+    assert written == [{("t", 0): partition.high_watermark}]
+    partition.high_watermark += 1
+    failing[0] = True
+    rm._checkpoint_hws()  # Not written: tried again next time.
+    failing[0] = False
+    rm._checkpoint_hws()
+    assert written[-1] == {("t", 0): partition.high_watermark} and len(written) == 2
