@@ -117,14 +117,15 @@ class ControllerClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, controller_pb2_grpc.ControllerStub] = {}
         self._preferred: str | None = None
+        # Its own thread closes idle streams (each holds a controller thread).
         self._streams = StreamPool(
-            self.stub, "Requests", _unary_in_envelope, idle_close_s=stream_idle_close_s
+            self.stub,
+            "Requests",
+            _unary_in_envelope,
+            idle_close_s=stream_idle_close_s,
+            sweep_every_s=min(1.0, stream_idle_close_s / 2),
         )
         self._closed = threading.Event()
-        # Closes idle streams (each holds a controller thread) and ends overdue
-        # requests' streams; started with the first stream.
-        self._sweep_every_s = min(1.0, stream_idle_close_s / 2)
-        self._sweeper: threading.Thread | None = None
 
     def close(self) -> None:
         self._closed.set()
@@ -226,7 +227,6 @@ class ControllerClient:
         field = STREAM_FIELDS.get(method)
         if field is None:
             return getattr(self.stub(address), method)(request, timeout=remaining)
-        self._start_sweeper()
         started = time.monotonic()
         call = self._streams.call(address, cpb.ControllerRequest(**{field: request}), remaining)
         try:
@@ -246,20 +246,6 @@ class ControllerClient:
             grpc.StatusCode.INTERNAL,
             f"asked {field}, answered {answered}: {envelope.error.message}",
         )
-
-    def _start_sweeper(self) -> None:
-        if self._sweeper is not None:
-            return
-        with self._lock:
-            if self._sweeper is None and not self._closed.is_set():
-                self._sweeper = threading.Thread(
-                    target=self._sweep, name="raftka-controller-streams", daemon=True
-                )
-                self._sweeper.start()
-
-    def _sweep(self) -> None:
-        while not self._closed.wait(self._sweep_every_s):
-            self._streams.sweep(time.monotonic())
 
     def _demote(self, address: str) -> None:
         if self._preferred == address:

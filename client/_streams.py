@@ -291,6 +291,7 @@ class StreamPool:
         *,
         idle_close_s: float = _IDLE_CLOSE_S,
         fallback_s: float = _FALLBACK_S,
+        sweep_every_s: float | None = None,
     ):
         self._stub_for = stub_for
         self._stream_method = stream_method
@@ -310,6 +311,12 @@ class StreamPool:
         self._streams: dict[str, _Stream] = {}
         self._unary_until: dict[str, float] = {}
         self._closed = False
+        # With ``sweep_every_s``, a thread of the pool's own sweeps (from its first
+        # stream until close), for clients whose loop may stop calling ``sweep``: an
+        # idle stream holds a server thread.
+        self._sweep_every_s = sweep_every_s
+        self._sweeper: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def call(self, address: str, request: Any, timeout_s: float) -> Any:
         """Send ``request`` to ``address``: on its stream when that is free, else as a
@@ -329,6 +336,7 @@ class StreamPool:
                 stream = self._streams[address] = _Stream(
                     self, address, getattr(stub, self._stream_method)
                 )
+                self._start_sweeper()
         if use_unary or stream is None:
             return unary(request, timeout=timeout_s)
         call = StreamCall(request, now + timeout_s, unary)
@@ -358,8 +366,23 @@ class StreamPool:
         with self._lock:
             return iter([a for a, s in self._streams.items() if not s.broken])
 
+    def _start_sweeper(self) -> None:
+        # Under self._lock.
+        if self._sweep_every_s is None or self._sweeper is not None:
+            return
+        self._sweeper = threading.Thread(
+            target=self._sweep_loop, name=f"raftka-{self._stream_method}-sweep", daemon=True
+        )
+        self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        assert self._sweep_every_s is not None
+        while not self._stopped.wait(self._sweep_every_s):
+            self.sweep(time.monotonic())
+
     def close(self) -> None:
         """End every stream; requests on them fail with CANCELLED."""
+        self._stopped.set()
         with self._lock:
             self._closed = True
             streams = list(self._streams.values())

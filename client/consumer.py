@@ -304,7 +304,10 @@ class Consumer:
         )
         self._fetches: dict[int, _Fetch] = {}  # Broker id -> its fetch in flight.
         # Fetches go on a FetchStream per broker (client/_streams.py).
-        self._streams = StreamPool(lambda a: self._cluster.stub(a), "FetchStream", "Fetch")
+        # Swept from poll, and by its own thread for a consumer that stops polling.
+        self._streams = StreamPool(
+            lambda a: self._cluster.stub(a), "FetchStream", "Fetch", sweep_every_s=1.0
+        )
         self._answers: queue.SimpleQueue[_Fetch] = queue.SimpleQueue()
         self._errors: list[RaftkaError] = []
         self._next_partition = 0  # Round-robin start of the next poll's records.

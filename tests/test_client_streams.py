@@ -327,3 +327,18 @@ def test_only_a_consumers_fetch_stream_counts_as_a_client_stream() -> None:
     first.close()  # The client went away: the slot and the session are given back.
     assert node.client_streams.open == 0
     assert node.replicas.sessions == 0
+
+
+def test_a_pool_with_its_own_sweeper_closes_an_idle_stream_unasked(server: _Server) -> None:
+    """A consumer that stops polling, an Admin left open: nobody calls sweep."""
+    pool = _pool(server, idle_close_s=0.2, sweep_every_s=0.05)
+    try:
+        assert _answer(pool.call("a", b"1", 5.0)) == b"stream:1"
+        wait_until("the idle stream to end", lambda: server.streams_ended == 1, WAIT_S)
+        assert list(pool.streams()) == []
+        sweeper = pool._sweeper
+        assert sweeper is not None and sweeper.is_alive()
+    finally:
+        pool.close()
+    sweeper.join(WAIT_S)
+    assert not sweeper.is_alive()
