@@ -292,6 +292,9 @@ class BrokerNode:
             registrations=0 if lifecycle is None else lifecycle.registrations,
             metadata_snapshots_loaded=self.follower.snapshots_loaded,
             metadata_high_watermark=self.follower.high_watermark,
+            client_streams_open=self.client_streams.open,
+            client_streams_limit=self.client_streams.limit,
+            client_streams_refused=self.client_streams.refused,
         )
         if include_image_digest:
             # Of the image at metadata_offset (published together); only when

@@ -303,6 +303,22 @@ def test_describe_broker_can_leave_out_its_partitions(cluster, admin, brokers):
     assert any(p.topic == "described" for p in full.partitions)
     assert not short.partitions
     assert short.broker_id == 100 and short.metadata_offset >= full.metadata_offset > 0
+    assert short.client_streams_limit == 64  # max.client.streams, within 128 rpc threads
+    assert short.client_streams_refused == 0
+
+    def streams_open() -> int:
+        return (
+            stub(cluster, 100)
+            .DescribeBroker(broker_pb2.DescribeBrokerRequest(omit_partitions=True), timeout=5)
+            .client_streams_open
+        )
+
+    with Consumer(brokers, **CONSUMER_OPTIONS) as consumer:
+        consumer.assign([TopicPartition("described", p) for p in range(3)])
+        consumer.poll(timeout_ms=300)  # A FetchStream to each leader, broker 100 one.
+        wait_until("the consumer's stream on broker 100", lambda: streams_open() >= 1)
+    # Every client of the tests so far is closed: each stream is given back.
+    wait_until("the streams given back", lambda: streams_open() == 0)
 
 
 def test_seek_and_offset_lookups(cluster, admin, brokers):

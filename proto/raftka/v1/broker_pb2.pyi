@@ -40,7 +40,7 @@ class LocalPartition(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., role: _Optional[str] = ..., leader: _Optional[int] = ..., leader_epoch: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., isr: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeBrokerResponse(_message.Message):
-    __slots__ = ("error", "broker_id", "broker_epoch", "state", "metadata_offset", "controller_epoch", "partitions", "registrations", "metadata_snapshots_loaded", "metadata_high_watermark", "image_digest")
+    __slots__ = ("error", "broker_id", "broker_epoch", "state", "metadata_offset", "controller_epoch", "partitions", "registrations", "metadata_snapshots_loaded", "metadata_high_watermark", "image_digest", "client_streams_open", "client_streams_limit", "client_streams_refused")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BROKER_ID_FIELD_NUMBER: _ClassVar[int]
     BROKER_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,9 @@ class DescribeBrokerResponse(_message.Message):
     METADATA_SNAPSHOTS_LOADED_FIELD_NUMBER: _ClassVar[int]
     METADATA_HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_STREAMS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_STREAMS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_STREAMS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     error: _common_pb2.Error
     broker_id: int
     broker_epoch: int
@@ -63,7 +66,10 @@ class DescribeBrokerResponse(_message.Message):
     metadata_snapshots_loaded: int
     metadata_high_watermark: int
     image_digest: str
-    def __init__(self, error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., broker_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., state: _Optional[str] = ..., metadata_offset: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[LocalPartition, _Mapping]]] = ..., registrations: _Optional[int] = ..., metadata_snapshots_loaded: _Optional[int] = ..., metadata_high_watermark: _Optional[int] = ..., image_digest: _Optional[str] = ...) -> None: ...
+    client_streams_open: int
+    client_streams_limit: int
+    client_streams_refused: int
+    def __init__(self, error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., broker_id: _Optional[int] = ..., broker_epoch: _Optional[int] = ..., state: _Optional[str] = ..., metadata_offset: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., partitions: _Optional[_Iterable[_Union[LocalPartition, _Mapping]]] = ..., registrations: _Optional[int] = ..., metadata_snapshots_loaded: _Optional[int] = ..., metadata_high_watermark: _Optional[int] = ..., image_digest: _Optional[str] = ..., client_streams_open: _Optional[int] = ..., client_streams_limit: _Optional[int] = ..., client_streams_refused: _Optional[int] = ...) -> None: ...
 
 class MetadataRequest(_message.Message):
     __slots__ = ("topics",)
