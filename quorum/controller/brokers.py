@@ -41,6 +41,12 @@ def register_broker(
         # A retry of a registration that already committed: answer it again.
         response = cpb.RegisterBrokerResponse(error=ok(), broker_epoch=existing.broker_epoch)
         return ControllerResult([], response)
+    if existing is not None:
+        too_large = _too_large(image, req.broker_id, ctx.max_transition_isrs)
+        if too_large is not None:
+            return ControllerResult(
+                [], cpb.RegisterBrokerResponse(error=too_large, broker_epoch=-1)
+            )
     register = r.register_broker(
         req.broker_id,
         req.incarnation_id,
@@ -55,6 +61,19 @@ def register_broker(
         records += leave_isrs(image, req.broker_id)
     epoch = ctx.next_offset + records.index(register)
     return ControllerResult(records, cpb.RegisterBrokerResponse(error=ok(), broker_epoch=epoch))
+
+
+def _too_large(image: MetadataImage, broker_id: int, limit: int | None) -> common_pb2.Error | None:
+    """POLICY_VIOLATION when a state change of the broker would touch more than
+    ``limit`` partitions; known from the ISR index at once, before any work."""
+    count = len(image.isr_index.get(broker_id, ()))
+    if limit is None or count <= limit:
+        return None
+    return error(
+        ErrorCode.POLICY_VIOLATION,
+        f"broker {broker_id} is in {count} ISRs; a state change of it would write more than "
+        f"controller.max.records.per.request={limit} records in one batch (README: Known limit)",
+    )
 
 
 def _registration_refusal(
@@ -119,6 +138,13 @@ def heartbeat(
         return ControllerResult([], cpb.BrokerHeartbeatResponse(error=refusal, is_fenced=True))
     manager.touch(req.broker_id, req.broker_epoch, ctx.now_ms, req.metadata_offset)
     caught_up = req.metadata_offset >= broker.broker_epoch
+    if _changes_state(broker, req, caught_up):
+        too_large = _too_large(image, req.broker_id, ctx.max_transition_isrs)
+        if too_large is not None:
+            response = cpb.BrokerHeartbeatResponse(
+                error=too_large, is_caught_up=caught_up, is_fenced=broker.fenced
+            )
+            return ControllerResult([], response)
     records = _heartbeat_records(image, broker, req, caught_up)
     # The answer describes the state once the records have committed.
     after_image = apply_records(image, records, ctx.next_offset)
@@ -158,6 +184,16 @@ def _heartbeat_records(
     return []
 
 
+def _changes_state(
+    broker: BrokerRegistration, req: cpb.BrokerHeartbeatRequest, caught_up: bool
+) -> bool:
+    """Whether this heartbeat may move the broker to another state (as
+    ``_heartbeat_records`` decides), which touches each partition whose ISR holds it."""
+    if req.want_shutdown or req.want_fence:
+        return not broker.fenced
+    return broker.fenced and caught_up and not broker.in_controlled_shutdown
+
+
 def _leads(image: MetadataImage, broker_id: int) -> bool:
     # A leader is always in its ISR, so the broker's ISR index finds it.
     return any(
@@ -166,18 +202,28 @@ def _leads(image: MetadataImage, broker_id: int) -> bool:
 
 
 def expire_sessions(
-    image: MetadataImage, manager: BrokerHeartbeatManager, now_ms: int
+    image: MetadataImage,
+    manager: BrokerHeartbeatManager,
+    now_ms: int,
+    max_isrs: int | None = None,
+    too_large: list[int] | None = None,
 ) -> list[pb.MetadataRecord]:
     """Fence every unfenced broker whose session expired, in one list of records.
 
     A session recorded under an older broker epoch belongs to an incarnation
-    that has re-registered since; it fences nothing.
+    that has re-registered since; it fences nothing. A broker in more than
+    ``max_isrs`` ISRs is not fenced (its fencing would be one batch too large to
+    replay); its id goes in ``too_large``.
     """
     records: list[pb.MetadataRecord] = []
     scratch = image
     for broker_id, broker_epoch in manager.expired(now_ms):
         broker = scratch.brokers.get(broker_id)
         if broker is None or broker.broker_epoch != broker_epoch or broker.fenced:
+            continue
+        if _too_large(scratch, broker_id, max_isrs) is not None:
+            if too_large is not None:
+                too_large.append(broker_id)
             continue
         fencing = fence_broker(scratch, broker_id)
         # Later fencings must see earlier ones, so that no leadership moves to

@@ -48,3 +48,7 @@ class ControllerContext:
             "producer.id.block.size": 1000,
         }
     )
+    # A broker in more ISRs than this cannot be moved from one state to another
+    # (fenced, shut down, registered again, unfenced): its transition would be one
+    # batch too large to replay (README: "Known limit"). None: no limit.
+    max_transition_isrs: int | None = None

@@ -136,6 +136,8 @@ class ControllerRuntime:
         self._inflight: dict[int, _Inflight] = {}
         self._next_proposal = 0
         self._next_session_check = 0.0
+        # Brokers whose expired session was too large to fence, logged once each.
+        self._unfenceable: set[int] = set()
         self._handlers: dict[str, tuple[Decision, type]] = {
             "register_broker": (brokers.register_broker, cpb.RegisterBrokerResponse),
             "heartbeat": (self._heartbeat_decision, cpb.BrokerHeartbeatResponse),
@@ -248,6 +250,7 @@ class ControllerRuntime:
             cluster_id=self.settings.cluster_id,
             new_topic_id=self._new_topic_id,
             defaults=dict(self.settings.defaults),
+            max_transition_isrs=self.settings.max_records_per_request,
         )
 
     def _add(
@@ -349,7 +352,23 @@ class ControllerRuntime:
             self._finish_resync()
         elif now >= self._next_session_check:
             self._next_session_check = now + self.settings.session_check_interval_s
-            fenced = brokers.expire_sessions(self._spec_image, self.sessions, int(now * 1000))
+            too_large: list[int] = []
+            fenced = brokers.expire_sessions(
+                self._spec_image,
+                self.sessions,
+                int(now * 1000),
+                self.settings.max_records_per_request,
+                too_large,
+            )
+            for broker_id in too_large:
+                if broker_id not in self._unfenceable:
+                    self._unfenceable.add(broker_id)
+                    log.error(
+                        "broker %d's session expired but it is in more than %d ISRs: it is "
+                        "not fenced (README: Known limit)",
+                        broker_id,
+                        self.settings.max_records_per_request,
+                    )
             if fenced:
                 log.info("fencing brokers whose sessions expired: %s", _fenced_ids(fenced))
                 self._add(fenced, None)
