@@ -317,6 +317,8 @@ class StreamPool:
         self._sweep_every_s = sweep_every_s
         self._sweeper: threading.Thread | None = None
         self._stopped = threading.Event()
+        # Streams whose reader thread has not ended (close waits for them).
+        self._live: set[_Stream] = set()
 
     def call(self, address: str, request: Any, timeout_s: float) -> Any:
         """Send ``request`` to ``address``: on its stream when that is free, else as a
@@ -336,6 +338,7 @@ class StreamPool:
                 stream = self._streams[address] = _Stream(
                     self, address, getattr(stub, self._stream_method)
                 )
+                self._live.add(stream)
                 self._start_sweeper()
         if use_unary or stream is None:
             return unary(request, timeout=timeout_s)
@@ -380,18 +383,30 @@ class StreamPool:
         while not self._stopped.wait(self._sweep_every_s):
             self.sweep(time.monotonic())
 
-    def close(self) -> None:
-        """End every stream; requests on them fail with CANCELLED."""
+    def close(self, wait_s: float = 2.0) -> None:
+        """End every stream; requests on them fail with CANCELLED. Waits up to
+        ``wait_s`` for the streams' threads to end: a thread still inside a gRPC call
+        when the interpreter exits can leave the exit waiting on its lock for good."""
         self._stopped.set()
         with self._lock:
             self._closed = True
             streams = list(self._streams.values())
             self._streams.clear()
+            live = list(self._live)
         for stream in streams:
             stream.abort(StreamError(grpc.StatusCode.CANCELLED, "the client is closed"))
+        deadline = time.monotonic() + wait_s
+        me = threading.current_thread()
+        threads = [stream._reader for stream in live]
+        if self._sweeper is not None:
+            threads.append(self._sweeper)
+        for thread in threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _forget(self, stream: _Stream, refused: bool) -> None:
         with self._lock:
+            self._live.discard(stream)
             if self._streams.get(stream.address) is stream:
                 del self._streams[stream.address]
             if refused:

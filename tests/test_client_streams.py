@@ -342,3 +342,17 @@ def test_a_pool_with_its_own_sweeper_closes_an_idle_stream_unasked(server: _Serv
         pool.close()
     sweeper.join(WAIT_S)
     assert not sweeper.is_alive()
+
+
+def test_close_returns_once_the_streams_threads_have_ended(server: _Server) -> None:
+    """A reader thread still inside a gRPC call when the interpreter exits holds the
+    call's lock, and the call's finaliser then waits for it for good: a CLI command
+    hung at exit so. close() waits for them."""
+    pool = _pool(server, sweep_every_s=0.05)
+    for address in ("a", "b", "c"):
+        assert _answer(pool.call(address, b"x", 5.0)) == b"stream:x"
+    readers = [s._reader for s in pool._live]
+    assert len(readers) == 3 and pool._sweeper is not None
+    pool.close()
+    assert not any(t.is_alive() for t in readers)
+    assert not pool._sweeper.is_alive()
