@@ -22,7 +22,8 @@ for ``_FALLBACK_S``. A stream unused for ``_IDLE_CLOSE_S`` is closed by the next
 ``sweep``, to give its server thread back.
 
 A request on a stream has no gRPC deadline of its own: ``StreamPool.sweep`` (the
-client's loop calls it at least once a second) ends a stream whose request is overdue,
+client's loop calls it at least once a second, or the pool's own thread with
+``sweep_every_s``) ends a stream whose request is overdue,
 and the request fails with ``DEADLINE_EXCEEDED``, as a unary call's would. A caller
 that waits on ``result(timeout)`` can ``cancel`` instead.
 """

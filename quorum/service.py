@@ -43,19 +43,11 @@ _FETCH_ENTRIES = cpb.FetchMetadataResponse.DESCRIPTOR.fields_by_name["entries"].
 _READ_ENTRIES = cpb.ReadMetadataLogResponse.DESCRIPTOR.fields_by_name["entries"].number
 
 
-# The requests a Requests stream carries: its oneof field, and the unary method.
+# The requests a Requests stream carries: for each field of its oneof, the unary
+# method of the same name (register_broker -> RegisterBroker).
 STREAM_METHODS = {
-    "register_broker": "RegisterBroker",
-    "broker_heartbeat": "BrokerHeartbeat",
-    "alter_partition": "AlterPartition",
-    "allocate_producer_ids": "AllocateProducerIds",
-    "create_topics": "CreateTopics",
-    "delete_topics": "DeleteTopics",
-    "create_partitions": "CreatePartitions",
-    "elect_leaders": "ElectLeaders",
-    "describe_quorum": "DescribeQuorum",
-    "describe_cluster": "DescribeCluster",
-    "describe_topics": "DescribeTopics",
+    field.name: "".join(part.title() for part in field.name.split("_"))
+    for field in cpb.ControllerRequest.DESCRIPTOR.oneofs_by_name["request"].fields
 }
 
 

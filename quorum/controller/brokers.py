@@ -18,6 +18,8 @@ broker ever sees a fenced broker still leading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from raftka.v1 import common_pb2
 from raftka.v1 import controller_pb2 as cpb
 from raftka.v1 import metadata_pb2 as pb
@@ -138,14 +140,16 @@ def heartbeat(
         return ControllerResult([], cpb.BrokerHeartbeatResponse(error=refusal, is_fenced=True))
     manager.touch(req.broker_id, req.broker_epoch, ctx.now_ms, req.metadata_offset)
     caught_up = req.metadata_offset >= broker.broker_epoch
-    if _changes_state(broker, req, caught_up):
+    transition = _heartbeat_transition(image, broker, req, caught_up)
+    records: list[pb.MetadataRecord] = []
+    if transition is not None:
         too_large = _too_large(image, req.broker_id, ctx.max_transition_isrs)
         if too_large is not None:
             response = cpb.BrokerHeartbeatResponse(
                 error=too_large, is_caught_up=caught_up, is_fenced=broker.fenced
             )
             return ControllerResult([], response)
-    records = _heartbeat_records(image, broker, req, caught_up)
+        records = transition()
     # The answer describes the state once the records have committed.
     after_image = apply_records(image, records, ctx.next_offset)
     after = after_image.brokers[req.broker_id]
@@ -162,36 +166,28 @@ def heartbeat(
     return ControllerResult(records, response)
 
 
-def _heartbeat_records(
+def _heartbeat_transition(
     image: MetadataImage,
     broker: BrokerRegistration,
     req: cpb.BrokerHeartbeatRequest,
     caught_up: bool,
-) -> list[pb.MetadataRecord]:
+) -> Callable[[], list[pb.MetadataRecord]] | None:
+    """The state change this heartbeat asks for, not yet worked out (it touches each
+    partition whose ISR holds the broker); None when there is none."""
     broker_id, epoch = broker.broker_id, broker.broker_epoch
     if req.want_shutdown:
         if broker.fenced:
-            return []  # A fenced broker leads nothing and may exit now.
+            return None  # A fenced broker leads nothing and may exit now.
         if not broker.in_controlled_shutdown:
-            return controlled_shutdown(image, broker_id, epoch)
+            return lambda: controlled_shutdown(image, broker_id, epoch)
         # Kafka's SHUTDOWN_NOW: it has handed everything over; fence it so
         # that it stops counting as a live broker before its session ends.
-        return [] if _leads(image, broker_id) else fence_broker(image, broker_id)
+        return lambda: [] if _leads(image, broker_id) else fence_broker(image, broker_id)
     if req.want_fence:
-        return [] if broker.fenced else fence_broker(image, broker_id)
+        return None if broker.fenced else (lambda: fence_broker(image, broker_id))
     if broker.fenced and caught_up and not broker.in_controlled_shutdown:
-        return unfence_broker(image, broker_id, epoch)
-    return []
-
-
-def _changes_state(
-    broker: BrokerRegistration, req: cpb.BrokerHeartbeatRequest, caught_up: bool
-) -> bool:
-    """Whether this heartbeat may move the broker to another state (as
-    ``_heartbeat_records`` decides), which touches each partition whose ISR holds it."""
-    if req.want_shutdown or req.want_fence:
-        return not broker.fenced
-    return broker.fenced and caught_up and not broker.in_controlled_shutdown
+        return lambda: unfence_broker(image, broker_id, epoch)
+    return None
 
 
 def _leads(image: MetadataImage, broker_id: int) -> bool:
