@@ -82,6 +82,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "a request that would write more metadata records is refused (about 100 ms of replay "
         "on every node; more would hold Raft past an election timeout)",
     ),
+    "controller.transition.slice.partitions": (
+        1000,
+        "a broker's fencing, shutdown, registration or unfencing changes at most this many "
+        "partitions in its own batch; the rest follow in slices of this size, one per tick",
+    ),
     "metadata.log.tail.records": (
         50000,
         "committed records kept for followers; one further behind gets a snapshot first",

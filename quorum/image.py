@@ -90,6 +90,11 @@ class MetadataImage:
     isr_index: immutables.Map[int, immutables.Map[tuple[str, int], bool]] = field(
         default_factory=immutables.Map
     )
+    # Partitions led per broker, and the leaderless partitions as (topic id,
+    # partition) keys: whether a broker still leads anything, and which
+    # partitions wait for an election, without a pass over its partitions.
+    leader_counts: immutables.Map[int, int] = field(default_factory=immutables.Map)
+    leaderless: immutables.Map[tuple[str, int], bool] = field(default_factory=immutables.Map)
 
     def topic_by_name(self, name: str) -> TopicImage | None:
         topic_id = self.topic_ids.get(name)
@@ -127,6 +132,18 @@ class MetadataImage:
             out.append((topic, index, topic.partitions[index]))
         out.sort(key=lambda item: (item[0].name, item[1]))
         return out
+
+    def leaderless_partitions(self) -> list[tuple[TopicImage, int, PartitionRegistration]]:
+        """Partitions without a leader, sorted by topic name and index."""
+        out = []
+        for topic_id, index in self.leaderless.keys():
+            topic = self.topics[topic_id]
+            out.append((topic, index, topic.partitions[index]))
+        out.sort(key=lambda item: (item[0].name, item[1]))
+        return out
+
+    def leads(self, broker_id: int) -> bool:
+        return self.leader_counts.get(broker_id, 0) > 0
 
     def partition_count(self) -> int:
         return sum(len(t.partitions) for t in self.topics.values())

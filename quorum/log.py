@@ -139,7 +139,10 @@ class InMemoryMetadataLog:
                 callback(self._apply(payload), None)
             if self.listener is not None:
                 self.listener.on_tick(self._clock())
-            if not calls and not queued:
+            with self._lock:
+                # A tick may propose (a fencing, a slice of a transition): run that too.
+                more = bool(self._calls or self._queue)
+            if not calls and not queued and not more:
                 return count
 
     def _apply(self, payload: bytes) -> BatchResult:

@@ -34,6 +34,7 @@ def runtime_settings(config: NodeConfig) -> RuntimeSettings:
         request_timeout_s=config["controller.request.timeout.ms"] / 1000.0,
         batch_max_records=config["controller.batch.max.records"],
         max_records_per_request=config["controller.max.records.per.request"],
+        transition_slice=config["controller.transition.slice.partitions"],
         defaults={
             "num.partitions": config["num.partitions"],
             "default.replication.factor": config["default.replication.factor"],

@@ -128,6 +128,8 @@ class _Delta:
         self.preferred_leader_counts = _Map(image.preferred_leader_counts)
         self.unified_names = _Map(image.unified_names)
         self.isr_index = _Map(image.isr_index)
+        self.leader_counts = _Map(image.leader_counts)
+        self.leaderless = _Map(image.leaderless)
         # Per broker, the open ISR index entries this batch changes.
         self.isr_members: dict[int, _Map] = {}
         # Partitions of the topics this batch changes, by topic id.
@@ -175,6 +177,23 @@ class _Delta:
             members = self.isr_members[broker] = _Map(current)  # type: ignore[arg-type]
         return members
 
+    def index_leader(
+        self,
+        key: tuple[str, int],
+        old: PartitionRegistration | None,
+        new: PartitionRegistration | None,
+    ) -> None:
+        if old is not None:
+            if old.leader == NO_LEADER:
+                self.leaderless.delete(key)
+            else:
+                self.leader_counts.add(old.leader, -1)
+        if new is not None:
+            if new.leader == NO_LEADER:
+                self.leaderless.set(key, True)
+            else:
+                self.leader_counts.add(new.leader, 1)
+
     def count(self, part: PartitionRegistration, step: int) -> None:
         for broker in part.replicas:
             self.replica_counts.add(broker, step)
@@ -207,6 +226,8 @@ class _Delta:
             preferred_leader_counts=self.preferred_leader_counts.finish(),
             unified_names=self.unified_names.finish(),
             isr_index=self.isr_index.finish(),
+            leader_counts=self.leader_counts.finish(),
+            leaderless=self.leaderless.finish(),
         )
 
 
@@ -306,6 +327,7 @@ def _remove_topic(delta: _Delta, rec: pb.RemoveTopicRecord, offset: int) -> None
     for index, part in current.items():
         delta.count(part, -1)
         delta.index_isr((topic.topic_id, index), part, None)
+        delta.index_leader((topic.topic_id, index), part, None)
     delta.topics.delete(rec.topic_id)
     delta.topic_ids.delete(topic.name)
     delta.unified_names.delete(unify_name(topic.name))
@@ -338,6 +360,8 @@ def _set_partition(
         delta.count(new, 1)
     if old is None or old.isr != new.isr:
         delta.index_isr((topic.topic_id, index), old, new)
+    if old is None or old.leader != new.leader:
+        delta.index_leader((topic.topic_id, index), old, new)
     delta.partitions_of(topic).set(index, new)
 
 

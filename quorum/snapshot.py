@@ -20,7 +20,7 @@ from quorum.replay import replay_batch
 from quorum.state import MetadataState, frame
 
 _TAIL_FIELD = pb.MetadataStateSnapshot.DESCRIPTOR.fields_by_name["tail"].number
-_DIGEST_VERSION = b"raftka-image-digest-v1"
+_DIGEST_VERSION = b"raftka-image-digest-v2"
 
 
 class SnapshotError(ValueError):
@@ -132,9 +132,9 @@ def image_digest(image: MetadataImage) -> str:
     controller epoch and id come from the ControllerEpochRecord, and append
     times live only in log entries (the retained tail and ``log_start_offset``
     belong to ``MetadataState``, not to the image, and are not covered). The
-    derived indexes (``topic_ids``, replica and preferred-leader counts,
-    ``unified_names``, ``isr_index``) follow from the rest, but replay keeps
-    them incrementally while a snapshot load rebuilds them, so they are
+    derived indexes (``topic_ids``, replica, preferred-leader and leader
+    counts, ``unified_names``, ``isr_index``, ``leaderless``) follow from the
+    rest, but replay keeps them incrementally while a snapshot load rebuilds them, so they are
     covered too: nodes that disagree on them have diverged in a way that
     changes decisions.
 
@@ -197,6 +197,10 @@ def _canonical_lines(image: MetadataImage) -> Iterator[bytes]:
     for broker_id, members in image.isr_index.items():
         for topic_id, index in members.keys():
             yield line("isr_member", broker_id, topic_id, index)
+    for broker_id, count in image.leader_counts.items():
+        yield line("leader_count", broker_id, count)
+    for topic_id, index in image.leaderless.keys():
+        yield line("leaderless", topic_id, index)
 
 
 class DigestCache:

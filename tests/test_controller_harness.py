@@ -104,7 +104,7 @@ class Cluster:
             assert not self.heartbeat(broker_id).is_fenced
 
     def fence(self, broker_id: int) -> None:
-        self.commit(brokers.fence_broker(self.image, broker_id))
+        self.commit(brokers.fence_broker(self.image, broker_id).records)
 
     def epoch(self, broker_id: int) -> int:
         return self.image.brokers[broker_id].broker_epoch

@@ -130,7 +130,7 @@ def test_expiry_fences_several_brokers_without_electing_one_being_fenced():
     cluster.create_topic("t", 3, 3)
     cluster.now_ms = 10_000
     cluster.heartbeat(3)
-    records = brokers.expire_sessions(cluster.image, cluster.heartbeats, cluster.now_ms)
+    records = brokers.expire_sessions(cluster.image, cluster.heartbeats, cluster.now_ms).records
     cluster.commit(records)
     assert [b.broker_id for b in cluster.image.active_brokers()] == [3]
     for _, _, part in cluster.image.iter_partitions():
@@ -142,7 +142,7 @@ def test_expiry_skips_fenced_brokers():
     cluster.start_brokers(1, 2)
     cluster.fence(1)
     assert cluster.heartbeats.expired(60_000)[0][0] == 1
-    records = brokers.expire_sessions(cluster.image, cluster.heartbeats, 60_000)
+    records = brokers.expire_sessions(cluster.image, cluster.heartbeats, 60_000).records
     assert [r.fence_broker.broker_id for r in records] == [2]
 
 
@@ -152,10 +152,10 @@ def test_expiry_skips_a_session_of_an_old_incarnation():
     manager = BrokerHeartbeatManager(session_timeout_ms=100)
     manager.touch(1, cluster.epoch(1), now_ms=0, metadata_offset=0)
     epoch = cluster.register(1, incarnation="restarted")
-    cluster.commit(brokers.unfence_broker(cluster.image, 1, epoch))
-    assert brokers.expire_sessions(cluster.image, manager, 1_000) == []
+    cluster.commit(brokers.unfence_broker(cluster.image, 1, epoch).records)
+    assert brokers.expire_sessions(cluster.image, manager, 1_000).records == []
 
 
 def test_fence_and_unfence_of_an_unknown_broker_decide_nothing_for_it():
     cluster = Cluster()
-    assert brokers.fence_broker(cluster.image, 5) == []
+    assert brokers.fence_broker(cluster.image, 5).records == []

@@ -150,7 +150,9 @@ def _elect(kind: int):
 
 def _expire(cluster: Cluster, broker: int, salt: int) -> None:
     cluster.now_ms += salt % 12_000
-    cluster.commit(brokers.expire_sessions(cluster.image, cluster.heartbeats, cluster.now_ms))
+    cluster.commit(
+        brokers.expire_sessions(cluster.image, cluster.heartbeats, cluster.now_ms).records
+    )
 
 
 STEPS = {

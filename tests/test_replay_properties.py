@@ -142,11 +142,17 @@ def test_replay_never_raises_and_keeps_partition_invariants(records):
         assert image.offset == offset
     replicas: Counter[int] = Counter()
     leaders: Counter[int] = Counter()
-    for _topic, _index, part in image.iter_partitions():
+    leading: Counter[int] = Counter()
+    leaderless = set()
+    for topic, index, part in image.iter_partitions():
         assert part.isr and set(part.isr) <= set(part.replicas)
         assert part.leader == -1 or part.leader in part.isr
         replicas.update(part.replicas)
         leaders[part.replicas[0]] += 1
+        if part.leader == -1:
+            leaderless.add((topic.topic_id, index))
+        else:
+            leading[part.leader] += 1
     # The indexes replay keeps equal a full recount.
     isr_members: dict[int, set[tuple[str, int]]] = {}
     for topic, index, part in image.iter_partitions():
@@ -155,6 +161,8 @@ def test_replay_never_raises_and_keeps_partition_invariants(records):
     assert {b: set(m.keys()) for b, m in image.isr_index.items()} == isr_members
     assert dict(image.replica_counts) == dict(replicas)
     assert dict(image.preferred_leader_counts) == dict(leaders)
+    assert dict(image.leader_counts) == dict(leading)
+    assert set(image.leaderless.keys()) == leaderless
     assert dict(image.unified_names) == {n.replace(".", "_"): n for n in image.topic_ids.keys()}
 
 

@@ -5,20 +5,25 @@ A broker's states, as Kafka's BrokerHeartbeatManager has them:
 - registered: a new registration starts fenced; its broker epoch is the
   offset of the registration record.
 - unfenced: once it has caught up with the metadata log past its own
-  registration (metadata offset >= broker epoch), a heartbeat unfences it
-  and it takes back leaderless partitions whose ISR it is in.
-- controlled shutdown: it asked to stop; it leaves every ISR and leadership
-  at once, and may exit when it leads nothing. Its next heartbeat fences it.
+  registration (metadata offset >= broker epoch), and has left every ISR its
+  previous state had it leave, a heartbeat unfences it and it takes back
+  leaderless partitions whose ISR it is in.
+- controlled shutdown: it asked to stop; it leaves every ISR and leadership,
+  and may exit when it leads nothing. Its next heartbeat fences it.
 - fenced: its session expired (or it asked to be fenced); it leaves every
   ISR and leadership, except that the last ISR member stays in the ISR.
 
-Every transition is one list of records, committed as one batch, so no
-broker ever sees a fenced broker still leading.
+A transition is one list of records, committed as one batch (the state record
+first), so no broker ever sees a fenced broker still leading, up to
+``ctx.transition_slice`` partitions. A broker in more ISRs than that (or an
+unfencing with more leaderless partitions) commits its state record alone and
+the controller finishes the partition changes in slices (``reconcile.py``
+says why that is safe); the ``Transition`` says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from raftka.v1 import common_pb2
 from raftka.v1 import controller_pb2 as cpb
@@ -27,7 +32,7 @@ from raftka.v1 import metadata_pb2 as pb
 from quorum import records as r
 from quorum.controller._common import ErrorCode, apply_records, error, ok
 from quorum.controller.heartbeats import BrokerHeartbeatManager
-from quorum.controller.leadership import elect_leaderless, elect_unclean, leave_isrs
+from quorum.controller.leadership import elect_leaderless, leave_isrs
 from quorum.controller.result import ControllerContext, ControllerResult
 from quorum.image import BrokerRegistration, MetadataImage
 
@@ -43,12 +48,6 @@ def register_broker(
         # A retry of a registration that already committed: answer it again.
         response = cpb.RegisterBrokerResponse(error=ok(), broker_epoch=existing.broker_epoch)
         return ControllerResult([], response)
-    if existing is not None:
-        too_large = _too_large(image, req.broker_id, ctx.max_transition_isrs)
-        if too_large is not None:
-            return ControllerResult(
-                [], cpb.RegisterBrokerResponse(error=too_large, broker_epoch=-1)
-            )
     register = r.register_broker(
         req.broker_id,
         req.incarnation_id,
@@ -56,26 +55,41 @@ def register_broker(
         req.rack,
         fenced=True,
     )
-    records = [register]
-    if existing is not None:
-        # The previous incarnation is gone, whatever its session says: it
-        # must not keep leading or count towards any ISR.
-        records += leave_isrs(image, req.broker_id)
-    epoch = ctx.next_offset + records.index(register)
-    return ControllerResult(records, cpb.RegisterBrokerResponse(error=ok(), broker_epoch=epoch))
-
-
-def _too_large(image: MetadataImage, broker_id: int, limit: int | None) -> common_pb2.Error | None:
-    """POLICY_VIOLATION when a state change of the broker would touch more than
-    ``limit`` partitions; known from the ISR index at once, before any work."""
-    count = len(image.isr_index.get(broker_id, ()))
-    if limit is None or count <= limit:
-        return None
-    return error(
-        ErrorCode.POLICY_VIOLATION,
-        f"broker {broker_id} is in {count} ISRs; a state change of it would write more than "
-        f"controller.max.records.per.request={limit} records in one batch (README: Known limit)",
+    # The previous incarnation is gone, whatever its session says: it must not
+    # keep leading or count towards any ISR.
+    change = _leaving(image, req.broker_id, register, ctx.transition_slice)
+    epoch = ctx.next_offset
+    return ControllerResult(
+        change.records,
+        cpb.RegisterBrokerResponse(error=ok(), broker_epoch=epoch),
+        leaving=change.leaving,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A broker's state change: its records (the state record first), and what
+    later batches finish (``reconcile.Reconciler``)."""
+
+    records: list[pb.MetadataRecord]
+    # Brokers whose ISR memberships and leaderships are still to be removed.
+    leaving: tuple[int, ...] = ()
+    # Whether leaderless partitions are still to be given a leader.
+    electing: bool = False
+
+
+def _fits(count: int, limit: int | None) -> bool:
+    return limit is None or count <= limit
+
+
+def _leaving(
+    image: MetadataImage, broker_id: int, state_record: pb.MetadataRecord, limit: int | None
+) -> Transition:
+    """``state_record`` makes the broker inactive; it leaves every ISR and
+    leadership in the same batch when they fit in ``limit`` partitions."""
+    if _fits(len(image.isr_index.get(broker_id, ())), limit):
+        return Transition([state_record, *leave_isrs(image, broker_id)])
+    return Transition([state_record], leaving=(broker_id,))
 
 
 def _registration_refusal(
@@ -94,32 +108,31 @@ def _registration_refusal(
     return None
 
 
-def fence_broker(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
+def fence_broker(image: MetadataImage, broker_id: int, limit: int | None = None) -> Transition:
     """Fence the broker and remove it from every ISR and leadership."""
     broker = image.brokers.get(broker_id)
     if broker is None:
-        return []
-    return [r.fence_broker(broker_id, broker.broker_epoch), *leave_isrs(image, broker_id)]
+        return Transition([])
+    return _leaving(image, broker_id, r.fence_broker(broker_id, broker.broker_epoch), limit)
 
 
 def unfence_broker(
-    image: MetadataImage, broker_id: int, broker_epoch: int
-) -> list[pb.MetadataRecord]:
-    """Unfence the broker and let it lead the leaderless partitions whose ISR it is in
-    (or, for topics that allow unclean election, that it replicates with no ISR member
-    active)."""
-    return [
-        r.unfence_broker(broker_id, broker_epoch),
-        *elect_leaderless(image, broker_id),
-        *elect_unclean(image, broker_id),
-    ]
+    image: MetadataImage, broker_id: int, broker_epoch: int, limit: int | None = None
+) -> Transition:
+    """Unfence the broker and give a leader to the leaderless partitions that can
+    now have one: those whose ISR it is in, and those of topics that allow unclean
+    election that it replicates with no ISR member active."""
+    unfence = r.unfence_broker(broker_id, broker_epoch)
+    if _fits(len(image.leaderless), limit):
+        return Transition([unfence, *elect_leaderless(image, broker_id)])
+    return Transition([unfence], electing=True)
 
 
 def controlled_shutdown(
-    image: MetadataImage, broker_id: int, broker_epoch: int
-) -> list[pb.MetadataRecord]:
+    image: MetadataImage, broker_id: int, broker_epoch: int, limit: int | None = None
+) -> Transition:
     """Mark the broker as shutting down and move its ISR memberships and leaderships away."""
-    return [r.broker_shutdown(broker_id, broker_epoch), *leave_isrs(image, broker_id)]
+    return _leaving(image, broker_id, r.broker_shutdown(broker_id, broker_epoch), limit)
 
 
 def heartbeat(
@@ -140,30 +153,23 @@ def heartbeat(
         return ControllerResult([], cpb.BrokerHeartbeatResponse(error=refusal, is_fenced=True))
     manager.touch(req.broker_id, req.broker_epoch, ctx.now_ms, req.metadata_offset)
     caught_up = req.metadata_offset >= broker.broker_epoch
-    transition = _heartbeat_transition(image, broker, req, caught_up)
-    records: list[pb.MetadataRecord] = []
-    if transition is not None:
-        too_large = _too_large(image, req.broker_id, ctx.max_transition_isrs)
-        if too_large is not None:
-            response = cpb.BrokerHeartbeatResponse(
-                error=too_large, is_caught_up=caught_up, is_fenced=broker.fenced
-            )
-            return ControllerResult([], response)
-        records = transition()
+    change = _heartbeat_transition(image, broker, req, caught_up, ctx)
     # The answer describes the state once the records have committed.
-    after_image = apply_records(image, records, ctx.next_offset)
+    after_image = apply_records(image, change.records, ctx.next_offset)
     after = after_image.brokers[req.broker_id]
     leaving = after.fenced or after.in_controlled_shutdown
     response = cpb.BrokerHeartbeatResponse(
         error=ok(),
         is_caught_up=caught_up,
         is_fenced=after.fenced,
-        should_shut_down=req.want_shutdown and leaving and not _leads(after_image, after.broker_id),
+        should_shut_down=req.want_shutdown and leaving and not after_image.leads(broker.broker_id),
         # Zero when the context does not say, so the serving layer fills in
         # its own configured interval.
         heartbeat_interval_ms=ctx.defaults.get("broker.heartbeat.interval.ms", 0),
     )
-    return ControllerResult(records, response)
+    return ControllerResult(
+        change.records, response, leaving=change.leaving, electing=change.electing
+    )
 
 
 def _heartbeat_transition(
@@ -171,59 +177,55 @@ def _heartbeat_transition(
     broker: BrokerRegistration,
     req: cpb.BrokerHeartbeatRequest,
     caught_up: bool,
-) -> Callable[[], list[pb.MetadataRecord]] | None:
-    """The state change this heartbeat asks for, not yet worked out (it touches each
-    partition whose ISR holds the broker); None when there is none."""
-    broker_id, epoch = broker.broker_id, broker.broker_epoch
+    ctx: ControllerContext,
+) -> Transition:
+    """The state change this heartbeat asks for (no records when there is none)."""
+    broker_id, epoch, limit = broker.broker_id, broker.broker_epoch, ctx.transition_slice
     if req.want_shutdown:
         if broker.fenced:
-            return None  # A fenced broker leads nothing and may exit now.
+            return Transition([])  # A fenced broker leads nothing and may exit now.
         if not broker.in_controlled_shutdown:
-            return lambda: controlled_shutdown(image, broker_id, epoch)
+            return controlled_shutdown(image, broker_id, epoch, limit)
         # Kafka's SHUTDOWN_NOW: it has handed everything over; fence it so
         # that it stops counting as a live broker before its session ends.
-        return lambda: [] if _leads(image, broker_id) else fence_broker(image, broker_id)
+        if image.leads(broker_id):
+            return Transition([])
+        return fence_broker(image, broker_id, limit)
     if req.want_fence:
-        return None if broker.fenced else (lambda: fence_broker(image, broker_id))
-    if broker.fenced and caught_up and not broker.in_controlled_shutdown:
-        return lambda: unfence_broker(image, broker_id, epoch)
-    return None
-
-
-def _leads(image: MetadataImage, broker_id: int) -> bool:
-    # A leader is always in its ISR, so the broker's ISR index finds it.
-    return any(
-        part.leader == broker_id for _, _, part in image.partitions_with_isr_member(broker_id)
-    )
+        return Transition([]) if broker.fenced else fence_broker(image, broker_id, limit)
+    if (
+        broker.fenced
+        and caught_up
+        and not broker.in_controlled_shutdown
+        # A restarted broker must first leave the ISRs of its previous incarnation.
+        and broker_id not in ctx.settling
+    ):
+        return unfence_broker(image, broker_id, epoch, limit)
+    return Transition([])
 
 
 def expire_sessions(
     image: MetadataImage,
     manager: BrokerHeartbeatManager,
     now_ms: int,
-    max_isrs: int | None = None,
-    too_large: list[int] | None = None,
-) -> list[pb.MetadataRecord]:
+    limit: int | None = None,
+) -> Transition:
     """Fence every unfenced broker whose session expired, in one list of records.
 
     A session recorded under an older broker epoch belongs to an incarnation
-    that has re-registered since; it fences nothing. A broker in more than
-    ``max_isrs`` ISRs is not fenced (its fencing would be one batch too large to
-    replay); its id goes in ``too_large``.
+    that has re-registered since; it fences nothing.
     """
     records: list[pb.MetadataRecord] = []
+    leaving: list[int] = []
     scratch = image
     for broker_id, broker_epoch in manager.expired(now_ms):
         broker = scratch.brokers.get(broker_id)
         if broker is None or broker.broker_epoch != broker_epoch or broker.fenced:
             continue
-        if _too_large(scratch, broker_id, max_isrs) is not None:
-            if too_large is not None:
-                too_large.append(broker_id)
-            continue
-        fencing = fence_broker(scratch, broker_id)
+        fencing = fence_broker(scratch, broker_id, limit)
         # Later fencings must see earlier ones, so that no leadership moves to
         # a broker fenced in the same batch.
-        scratch = apply_records(scratch, fencing)
-        records += fencing
-    return records
+        scratch = apply_records(scratch, fencing.records)
+        records += fencing.records
+        leaving += fencing.leaving
+    return Transition(records, leaving=tuple(leaving))

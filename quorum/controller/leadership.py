@@ -46,13 +46,13 @@ def leave_isrs(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
     for topic, index, part in image.partitions_with_isr_member(broker_id):
         if broker_id in part.isr:
             unclean = unclean_enabled(image, topic.name)
-            change = _without(topic.topic_id, index, part, broker_id, active, unclean)
+            change = without(topic.topic_id, index, part, broker_id, active, unclean)
             if change is not None:
                 out.append(change)
     return out
 
 
-def _without(
+def without(
     topic_id: str,
     index: int,
     part: PartitionRegistration,
@@ -60,6 +60,9 @@ def _without(
     active: Collection[int],
     unclean: bool = False,
 ) -> pb.MetadataRecord | None:
+    """The change that takes ``broker_id`` (in the ISR) out of the partition's ISR
+    and leadership; None when there is nothing to change (it is the last ISR
+    member of a leaderless partition)."""
     isr = tuple(b for b in part.isr if b != broker_id)
     if part.leader in (broker_id, NO_LEADER) and elect_leader(part.replicas, isr, active) < 0:
         chosen = elect_leader(part.replicas, part.replicas, active) if unclean else NO_LEADER
@@ -81,47 +84,39 @@ def unclean_enabled(image: MetadataImage, topic_name: str) -> bool:
     return value.lower() == "true"
 
 
-def elect_unclean(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
-    """Lead every leaderless partition that ``broker_id`` replicates, of a topic that
-    allows unclean election, when no ISR member is active (``broker_id`` comes back).
-
-    Only topics with the config set are looked at, so the cost is theirs alone.
-    """
-    from quorum.records import CONFIG_TOPIC
-
-    active = active_ids(image) | {broker_id}
-    out = []
-    for (kind, name), configs in image.configs.items():
-        if kind != CONFIG_TOPIC or configs.get("unclean.leader.election.enable", "").lower() != (
-            "true"
-        ):
-            continue
-        topic = image.topic_by_name(name)
-        if topic is None:
-            continue
-        for index, part in sorted(topic.partitions.items()):
-            if (
-                part.leader == NO_LEADER
-                and broker_id in part.replicas
-                and elect_leader(part.replicas, part.isr, active) == NO_LEADER
-            ):
-                out.append(
-                    r.partition_change(topic.topic_id, index, leader=broker_id, isr=[broker_id])
-                )
-    return out
+def elect(
+    topic_id: str,
+    index: int,
+    part: PartitionRegistration,
+    active: Collection[int],
+    unclean: bool = False,
+) -> pb.MetadataRecord | None:
+    """A leader for a leaderless partition, when it can have one: an active ISR
+    member, else (a topic that allows unclean election) an active replica, whose
+    ISR is then itself alone."""
+    if part.leader != NO_LEADER:
+        return None
+    leader = elect_leader(part.replicas, part.isr, active)
+    if leader != NO_LEADER:
+        return r.partition_change(topic_id, index, leader=leader)
+    if unclean:
+        chosen = elect_leader(part.replicas, part.replicas, active)
+        if chosen != NO_LEADER:
+            return r.partition_change(topic_id, index, leader=chosen, isr=[chosen])
+    return None
 
 
 def elect_leaderless(image: MetadataImage, broker_id: int) -> list[pb.MetadataRecord]:
-    """Give a leader to every leaderless partition with ``broker_id`` in its ISR.
+    """Give a leader to every leaderless partition that can have one once
+    ``broker_id`` is active again (it counts as active here whatever the image
+    says, since its unfence record comes first in the batch).
 
-    Used when the broker becomes active again; it counts as active here
-    whatever the image says, since its unfence record comes first in the batch.
+    The leaderless index finds them, so the cost is theirs alone.
     """
     active = active_ids(image) | {broker_id}
     out = []
-    for topic, index, part in image.partitions_with_isr_member(broker_id):
-        if part.leader == NO_LEADER and broker_id in part.isr:
-            leader = elect_leader(part.replicas, part.isr, active)
-            if leader != NO_LEADER:
-                out.append(r.partition_change(topic.topic_id, index, leader=leader))
+    for topic, index, part in image.leaderless_partitions():
+        change = elect(topic.topic_id, index, part, active, unclean_enabled(image, topic.name))
+        if change is not None:
+            out.append(change)
     return out

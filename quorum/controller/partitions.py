@@ -64,9 +64,16 @@ def _alter_response(
 def _alter_refusal(
     image: MetadataImage, req: cpb.AlterPartitionRequest, part: PartitionRegistration | None
 ) -> common_pb2.Error | None:
-    _, stale = check_broker_epoch(image, req.broker_id, req.broker_epoch)
+    broker, stale = check_broker_epoch(image, req.broker_id, req.broker_epoch)
     if stale.code != ErrorCode.NONE:
         return stale
+    if broker is not None and broker.fenced:
+        # Its leaderships are being moved away (in slices, for a broker in many
+        # ISRs: reconcile.py); a fenced broker decides nothing meanwhile.
+        return error(
+            ErrorCode.NOT_LEADER_OR_FOLLOWER,
+            f"broker {req.broker_id} is fenced; its leaderships are moving to other brokers",
+        )
     if part is None:
         return error(
             ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown partition {req.topic}-{req.partition}"

@@ -26,6 +26,10 @@ class ControllerResult(Generic[R]):
     # The image after replaying ``records`` from ``ctx.next_offset``, when the
     # decision has computed it anyway; None means the caller replays them.
     image: MetadataImage | None = None
+    # Work the records begin and later batches finish (``reconcile.py``): brokers
+    # still to leave ISRs and leaderships, and leaderless partitions to elect for.
+    leaving: tuple[int, ...] = ()
+    electing: bool = False
 
 
 @dataclass(slots=True)
@@ -48,7 +52,8 @@ class ControllerContext:
             "producer.id.block.size": 1000,
         }
     )
-    # A broker in more ISRs than this cannot be moved from one state to another
-    # (fenced, shut down, registered again, unfenced): its transition would be one
-    # batch too large to replay (README: "Known limit"). None: no limit.
-    max_transition_isrs: int | None = None
+    # A broker transition works out at most this many partition changes in its
+    # own batch and leaves the rest to later ones (``reconcile.py``); None: all.
+    transition_slice: int | None = None
+    # Brokers whose earlier transition is still leaving ISRs: not unfenced yet.
+    settling: frozenset[int] = frozenset()

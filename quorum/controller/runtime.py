@@ -19,6 +19,11 @@ single-threaded QuorumController, so there is no locking. gRPC threads call
 - **Answers** go out only after the batch has committed (accepted) on this
   node. Each batch names the offset it expects to start at, so a batch decided
   on speculation that did not hold is refused whole instead of misapplied.
+- **Large broker transitions** (a broker in thousands of ISRs fenced, shut
+  down, registered again or unfenced) commit their state record first and
+  the partition changes in later slices, one per tick while the pipeline has
+  room (``reconcile.py``). After a resync or a failover the remaining work
+  is found again in the committed image.
 - **Anything unexpected** (a refusal, an unknown outcome, a timeout, a batch we
   did not propose) makes the controller *resync*: it stops taking requests,
   waits for its in-flight batches, and rebuilds the speculative image from
@@ -44,6 +49,7 @@ from raftka.v1 import metadata_pb2 as pb
 from quorum import records as r
 from quorum.controller import brokers, partitions, producer_ids, topics
 from quorum.controller.heartbeats import BrokerHeartbeatManager
+from quorum.controller.reconcile import Reconciler
 from quorum.controller.result import ControllerContext, ControllerResult
 from quorum.image import MetadataImage
 from quorum.log import MetadataLog, ProposeOutcome
@@ -71,6 +77,10 @@ class RuntimeSettings:
     # past this many that would hold the Raft thread longer than an election
     # timeout, so such a request is refused (split it) instead.
     max_records_per_request: int = 20_000
+    # A broker transition (fencing, shutdown, registration, unfencing) changes at
+    # most this many partitions in its own batch; the controller writes the rest
+    # in slices of this size, one per tick (reconcile.py).
+    transition_slice: int = 1000
     session_check_interval_s: float = 0.1
     # How long a broker whose metadata stream dropped has to come back before
     # it is fenced; negative: wait for the session timeout as Kafka does.
@@ -136,8 +146,7 @@ class ControllerRuntime:
         self._inflight: dict[int, _Inflight] = {}
         self._next_proposal = 0
         self._next_session_check = 0.0
-        # Brokers whose expired session was too large to fence, logged once each.
-        self._unfenceable: set[int] = set()
+        self.reconciler = Reconciler(settings.transition_slice)
         self._handlers: dict[str, tuple[Decision, type]] = {
             "register_broker": (brokers.register_broker, cpb.RegisterBrokerResponse),
             "heartbeat": (self._heartbeat_decision, cpb.BrokerHeartbeatResponse),
@@ -220,6 +229,15 @@ class ControllerRuntime:
             self._add(result.records, waiter, result.image)
         else:
             self._answer_after_pending(waiter)
+        self._follow_up(result.leaving, result.electing)
+
+    def _follow_up(self, leaving: tuple[int, ...], electing: bool) -> None:
+        for broker_id in leaving:
+            log.info("broker %d leaves its ISRs in slices", broker_id)
+            self.reconciler.leave(broker_id)
+        if electing:
+            log.info("leaderless partitions get leaders in slices")
+            self.reconciler.elect()
 
     def _answer_after_pending(self, waiter: _Waiter) -> None:
         """Answer a request that wrote nothing once what it read has committed.
@@ -250,7 +268,8 @@ class ControllerRuntime:
             cluster_id=self.settings.cluster_id,
             new_topic_id=self._new_topic_id,
             defaults=dict(self.settings.defaults),
-            max_transition_isrs=self.settings.max_records_per_request,
+            transition_slice=self.settings.transition_slice,
+            settling=self.reconciler.settling,
         )
 
     def _add(
@@ -352,26 +371,23 @@ class ControllerRuntime:
             self._finish_resync()
         elif now >= self._next_session_check:
             self._next_session_check = now + self.settings.session_check_interval_s
-            too_large: list[int] = []
             fenced = brokers.expire_sessions(
-                self._spec_image,
-                self.sessions,
-                int(now * 1000),
-                self.settings.max_records_per_request,
-                too_large,
+                self._spec_image, self.sessions, int(now * 1000), self.settings.transition_slice
             )
-            for broker_id in too_large:
-                if broker_id not in self._unfenceable:
-                    self._unfenceable.add(broker_id)
-                    log.error(
-                        "broker %d's session expired but it is in more than %d ISRs: it is "
-                        "not fenced (README: Known limit)",
-                        broker_id,
-                        self.settings.max_records_per_request,
-                    )
-            if fenced:
-                log.info("fencing brokers whose sessions expired: %s", _fenced_ids(fenced))
-                self._add(fenced, None)
+            if fenced.records:
+                log.info("fencing brokers whose sessions expired: %s", _fenced_ids(fenced.records))
+                self._add(fenced.records, None)
+                self._follow_up(fenced.leaving, False)
+        if (
+            not self._resyncing
+            and not self.reconciler.idle
+            and len(self._inflight) < self.settings.max_inflight_batches
+        ):
+            # At most one slice per tick, and only while a batch can go out: the
+            # slices must not run ahead of the commits they depend on.
+            records = self.reconciler.step(self._spec_image)
+            if records:
+                self._add(records, None)
         if len(self._inflight) < self.settings.max_inflight_batches:
             self._flush()
 
@@ -410,6 +426,7 @@ class ControllerRuntime:
         self._spec_image = image
         self._spec_next = state.next_offset
         self.sessions.reset_all(image, int(self._monotonic() * 1000))
+        self.reconciler.reset(image)
         log.info("node %d is the active controller in epoch %d", self.settings.node_id, term)
 
     def _deactivate(self, why: str) -> None:
@@ -440,6 +457,7 @@ class ControllerRuntime:
             return
         self._spec_image = state.image
         self._spec_next = state.next_offset
+        self.reconciler.reset(state.image)
         self._resyncing = False
         log.info("controller resynchronised at offset %d", state.next_offset)
 

@@ -1,0 +1,344 @@
+"""Broker transitions too large for one batch: the state record first, then the
+partition changes in slices (quorum/controller/reconcile.py).
+
+The pure tests drive ``Reconciler.step`` by hand and commit each slice; the
+runtime tests run the same through ``ControllerRuntime`` over the in-memory log,
+with a slice of two partitions so that every transition here is sliced.
+"""
+
+from __future__ import annotations
+
+import pytest
+from raftka.v1 import common_pb2 as c
+from raftka.v1 import controller_pb2 as cpb
+from test_controller_harness import CLUSTER_ID, Cluster, check_partitions
+from test_controller_runtime import Clock, become_active, call, heartbeat, register
+
+from quorum import records as r
+from quorum.controller import brokers, partitions
+from quorum.controller.reconcile import Reconciler
+from quorum.controller.runtime import ControllerRuntime, RuntimeSettings
+from quorum.image import NO_LEADER, MetadataImage
+from quorum.log import InMemoryMetadataLog, ProposeOutcome
+from quorum.replay import replay_batch
+
+
+def six_partitions(count: int = 6) -> Cluster:
+    """Brokers 1-3, topic "t" with 6 partitions, each replicated on all three:
+    every broker is in 6 ISRs and leads 2 partitions."""
+    cluster = Cluster()
+    cluster.start_brokers(1, 2, 3)
+    cluster.create_topic("t", partitions=count, rf=3)
+    assert {cluster.partition("t", i).leader for i in range(6)} == {1, 2, 3}
+    return cluster
+
+
+def commit_raw(cluster: Cluster, records) -> None:
+    """Commit without the harness's partition check, which a half-done transition
+    (a fenced broker still leading) is allowed to fail."""
+    image, no_ops = replay_batch(cluster.image, records, cluster.next_offset)
+    assert no_ops == []
+    cluster.image, cluster.next_offset = image, cluster.next_offset + len(records)
+
+
+def finish(cluster: Cluster, reconciler: Reconciler) -> list[list]:
+    """Step and commit until the reconciler is idle; return the slices."""
+    slices = []
+    for _ in range(100):
+        if reconciler.idle:
+            return slices
+        records = reconciler.step(cluster.image)
+        if records:
+            commit_raw(cluster, records)
+            slices.append(records)
+    raise AssertionError("the reconciler never became idle")
+
+
+def partitions_of(image: MetadataImage) -> dict:
+    return {(topic.name, index): part for topic, index, part in image.iter_partitions()}
+
+
+def in_isr_beside_others(image: MetadataImage, broker_id: int) -> list:
+    return [
+        (topic.name, index)
+        for topic, index, part in image.iter_partitions()
+        if broker_id in part.isr and len(part.isr) > 1
+    ]
+
+
+def test_a_fencing_too_large_for_one_batch_commits_alone_and_is_finished_in_slices():
+    inline, sliced = six_partitions(12), six_partitions(12)  # broker 2 leads 4 of 12
+    inline.commit(brokers.fence_broker(inline.image, 2).records)
+
+    fencing = brokers.fence_broker(sliced.image, 2, limit=5)
+    assert [rec.WhichOneof("record") for rec in fencing.records] == ["fence_broker"]
+    assert fencing.leaving == (2,)
+    commit_raw(sliced, fencing.records)
+    assert sliced.image.brokers[2].fenced and sliced.image.leads(2)
+
+    reconciler = Reconciler(slice_records=1)
+    reconciler.leave(2)
+    assert reconciler.settling == {2}
+    slices = finish(sliced, reconciler)
+
+    assert [len(s) for s in slices] == [1] * 12
+    # Leaderships move first: the first four slices are the partitions broker 2
+    # led (in map order they would come anywhere).
+    assert [rec.partition_change.HasField("leader") for (rec,) in slices] == [True] * 4 + [
+        False
+    ] * 8
+    assert not sliced.image.leads(2)
+    assert reconciler.settling == frozenset()
+    # The same end state, partition by partition, as the one-batch fencing.
+    assert partitions_of(sliced.image) == partitions_of(inline.image)
+    check_partitions(sliced.image)
+
+
+def test_a_restarted_broker_is_not_unfenced_until_it_has_left_its_old_isrs():
+    cluster = six_partitions()
+    ctx = cluster.ctx()
+    ctx.transition_slice = 5
+    restart = cpb.RegisterBrokerRequest(
+        broker_id=1, incarnation_id="inc-1-restarted", cluster_id=CLUSTER_ID
+    )
+    result = brokers.register_broker(cluster.image, restart, ctx)
+    assert result.response.error.code == c.NONE
+    assert [rec.WhichOneof("record") for rec in result.records] == ["register_broker"]
+    assert result.leaving == (1,)
+    assert result.response.broker_epoch == cluster.next_offset
+    commit_raw(cluster, result.records)
+    reconciler = Reconciler(slice_records=2)
+    reconciler.leave(1)
+
+    def beat() -> cpb.BrokerHeartbeatResponse:
+        ctx = cluster.ctx()
+        ctx.transition_slice, ctx.settling = 5, reconciler.settling
+        request = cpb.BrokerHeartbeatRequest(
+            broker_id=1, broker_epoch=cluster.epoch(1), metadata_offset=cluster.next_offset - 1
+        )
+        outcome = brokers.heartbeat(cluster.image, request, ctx, cluster.heartbeats)
+        commit_raw(cluster, outcome.records)
+        return outcome.response
+
+    # Caught up, but still in ISRs of its previous incarnation: stays fenced.
+    response = beat()
+    assert response.is_caught_up and response.is_fenced
+    commit_raw(cluster, reconciler.step(cluster.image))
+    assert beat().is_fenced
+    finish(cluster, reconciler)
+    assert in_isr_beside_others(cluster.image, 1) == []
+    assert not beat().is_fenced
+    check_partitions(cluster.image)
+
+
+def test_unfencing_with_many_leaderless_partitions_elects_them_in_slices():
+    """A whole cluster went down: the last broker fenced is the last ISR member of
+    every partition, and its return elects it everywhere, two partitions a slice."""
+    cluster = six_partitions()
+    for broker_id in (1, 2, 3):
+        cluster.fence(broker_id)
+    assert len(cluster.image.leaderless) == 6
+    unfence = brokers.unfence_broker(cluster.image, 3, cluster.epoch(3), limit=5)
+    assert [rec.WhichOneof("record") for rec in unfence.records] == ["unfence_broker"]
+    assert unfence.electing
+    commit_raw(cluster, unfence.records)
+    reconciler = Reconciler(slice_records=2)
+    reconciler.elect()
+    slices = finish(cluster, reconciler)
+    assert [len(s) for s in slices] == [2, 2, 2]
+    assert len(cluster.image.leaderless) == 0
+    assert {part.leader for part in partitions_of(cluster.image).values()} == {3}
+    check_partitions(cluster.image)
+
+
+def test_reset_finds_the_work_left_in_the_committed_image():
+    """A new active controller knows nothing of its predecessor's slices; the
+    image says what is left (an inactive broker still in ISRs, leaderless
+    partitions that can have a leader)."""
+    cluster = six_partitions()
+    commit_raw(cluster, brokers.fence_broker(cluster.image, 2, limit=0).records)
+    first = Reconciler(slice_records=2)
+    first.leave(2)
+    commit_raw(cluster, first.step(cluster.image))  # then the controller fails over
+
+    second = Reconciler(slice_records=2)
+    second.reset(cluster.image)
+    assert second.settling == {2} and not second.idle
+    finish(cluster, second)
+    assert in_isr_beside_others(cluster.image, 2) == [] and not cluster.image.leads(2)
+    check_partitions(cluster.image)
+
+    healthy = Reconciler()
+    healthy.reset(six_partitions().image)
+    assert healthy.idle and healthy.step(six_partitions().image) == []
+
+
+def test_a_slice_concerns_one_broker_and_stays_within_its_scan_budget():
+    """Two brokers leaving the same partitions: a slice for both, worked out on one
+    image, would let the second change of a partition put back the first's broker."""
+    cluster = six_partitions()
+    for broker_id in (1, 2):
+        commit_raw(cluster, brokers.fence_broker(cluster.image, broker_id, limit=0).records)
+    reconciler = Reconciler(slice_records=100, scan_budget=4)
+    reconciler.leave(2)
+    reconciler.leave(1)
+    first = reconciler.step(cluster.image)
+    assert 0 < len(first) <= 4
+    touched = {rec.partition_change.partition for rec in first}
+    assert len(touched) == len(first)  # one change per partition
+    commit_raw(cluster, first)
+    finish(cluster, reconciler)
+    for part in partitions_of(cluster.image).values():
+        assert part.isr == (3,) and part.leader == 3
+    check_partitions(cluster.image)
+
+
+def test_a_fenced_leader_cannot_change_an_isr_while_its_leaderships_move():
+    cluster = six_partitions()
+    commit_raw(cluster, brokers.fence_broker(cluster.image, 2, limit=0).records)
+    topic = cluster.image.topic_by_name("t")
+    index, part = next((i, p) for i, p in sorted(topic.partitions.items()) if p.leader == 2)
+    request = cpb.AlterPartitionRequest(
+        broker_id=2,
+        broker_epoch=cluster.epoch(2),
+        topic="t",
+        topic_id=topic.topic_id,
+        partition=index,
+        leader_epoch=part.leader_epoch,
+        partition_epoch=part.partition_epoch,
+        new_isr=[2],
+    )
+    result = partitions.alter_partition(cluster.image, request, cluster.ctx())
+    assert result.records == []
+    assert result.response.error.code == c.NOT_LEADER_OR_FOLLOWER
+    assert "fenced" in result.response.error.message
+
+
+# -- through the runtime -------------------------------------------------------------
+
+
+@pytest.fixture
+def sliced():
+    clock = Clock()
+    log = InMemoryMetadataLog(node_id=1, clock=clock)
+    ids = iter(f"topic-{i}" for i in range(1000))
+    runtime = ControllerRuntime(
+        log,
+        RuntimeSettings(node_id=1, cluster_id="c1", session_timeout_ms=3000, transition_slice=2),
+        monotonic=clock,
+        wall_ms=lambda: 1_700_000_000_000,
+        new_topic_id=lambda: next(ids),
+    )
+    log.listener = runtime
+    become_active(log, runtime)
+    epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
+    for b in (1, 2, 3):
+        assert not heartbeat(log, runtime, b, epochs[b]).is_fenced
+    created = call(
+        log,
+        runtime,
+        "create_topics",
+        cpb.CreateTopicsRequest(
+            topics=[cpb.CreatableTopic(name="t", num_partitions=6, replication_factor=3)]
+        ),
+    )
+    assert created.results[0].error.code == c.NONE
+    return log, runtime, clock, epochs
+
+
+def record_batches(log: InMemoryMetadataLog) -> list[list[str]]:
+    """From now on, the record kinds of each committed batch, batch by batch."""
+    batches: list[list[str]] = []
+    on_commit = log.listener.on_commit
+
+    def seen(result, state) -> None:
+        if result.accepted and result.last_offset >= 0:
+            kinds = [e.record.WhichOneof("record") for e in state.entries()]
+            first = result.base_offset - state.entries()[0].offset
+            batches.append(kinds[first : first + result.last_offset - result.base_offset + 1])
+        on_commit(result, state)
+
+    log.listener.on_commit = seen  # type: ignore[method-assign]
+    return batches
+
+
+def test_an_expired_session_of_a_broker_in_many_isrs_is_fenced_then_finished(sliced):
+    log, runtime, clock, epochs = sliced
+    batches = record_batches(log)
+    clock.now += 2.0
+    for b in (1, 3):
+        heartbeat(log, runtime, b, epochs[b])
+    clock.now += 2.0  # broker 2's session (3 s) has expired
+    log.run_pending()
+    image = log.state.image
+    assert image.brokers[2].fenced
+    assert in_isr_beside_others(image, 2) == [] and not image.leads(2)
+    assert runtime.reconciler.idle
+    kinds = [k for k in batches if k]
+    fencing = next(i for i, k in enumerate(kinds) if "fence_broker" in k)
+    # The state record first; the first slice may share its batch.
+    assert kinds[fencing][0] == "fence_broker" and len(kinds[fencing]) <= 3
+    changes = [k for batch in kinds[fencing:] for k in batch if k == "partition_change"]
+    assert len(changes) == 6  # one change per partition broker 2 was in
+    assert all(len(batch) <= 3 for batch in kinds[fencing:])
+    check_partitions(image)
+
+
+def test_a_restarted_broker_registers_and_is_unfenced_after_its_slices(sliced):
+    log, runtime, clock, epochs = sliced
+    epoch = register(log, runtime, 1, incarnation="inc-1-restarted")
+    assert epoch > epochs[1]
+    # run_pending ran every slice before it returned; the broker left every ISR
+    # it shared with others, and only now may its heartbeat unfence it.
+    assert in_isr_beside_others(log.state.image, 1) == []
+    response = heartbeat(log, runtime, 1, epoch)
+    assert not response.is_fenced
+    check_partitions(log.state.image)
+
+
+def test_work_left_by_a_batch_of_unknown_outcome_is_found_again_after_the_resync(sliced):
+    log, runtime, clock, epochs = sliced
+    shutdown = runtime.submit(
+        "heartbeat",
+        cpb.BrokerHeartbeatRequest(
+            broker_id=2,
+            broker_epoch=epochs[2],
+            metadata_offset=log.state.next_offset,
+            want_shutdown=True,
+        ),
+    )
+    # The batch with the shutdown record (and the first slice) commits, but the
+    # controller does not learn it: it resynchronises and forgets its slices.
+    log.fail_next(ProposeOutcome.UNKNOWN)
+    log.run_pending()
+    assert shutdown.result().error.code == c.UNKNOWN_OUTCOME
+    image = log.state.image
+    assert image.brokers[2].in_controlled_shutdown
+    assert not image.leads(2) and in_isr_beside_others(image, 2) == []
+    assert runtime.reconciler.idle
+    check_partitions(image)
+
+
+def test_a_new_active_controller_finishes_what_the_last_one_began(sliced):
+    log, runtime, clock, epochs = sliced
+    # The previous controller committed the fencing and nothing after it.
+    log.propose(
+        r.encode_batch(
+            [r.fence_broker(2, epochs[2])],
+            controller_epoch=log.state.image.controller_epoch,
+            proposer_id=1,
+            expected_base_offset=log.state.next_offset,
+            append_time_ms=0,
+        ),
+        lambda result, outcome: None,
+    )
+    log.set_leader(2)
+    log.run_pending()
+    assert not runtime.active and log.state.image.leads(2)
+    log.set_leader(1)
+    log.run_pending()
+    assert runtime.active
+    image = log.state.image
+    assert in_isr_beside_others(image, 2) == [] and not image.leads(2)
+    assert all(part.leader != NO_LEADER for part in partitions_of(image).values())
+    check_partitions(image)
