@@ -129,7 +129,7 @@ class StandInBrokers:
         """One heartbeat each: broker id -> unfenced (or, shutting down, allowed to)."""
         offset = _quorum(self.client).high_watermark
         answers = {}
-        for broker_id, epoch in self.epochs.items():
+        for broker_id, epoch in list(self.epochs.items()):  # restart() changes it
             response = self.client.call(
                 "BrokerHeartbeat",
                 cpb.BrokerHeartbeatRequest(
@@ -144,6 +144,46 @@ class StandInBrokers:
                 response.should_shut_down if want_shutdown else not response.is_fenced
             )
         return answers
+
+    def restart(self, broker_id: int, timeout_s: float = 300) -> tuple[float, float]:
+        """Stop one stand-in as a killed broker stops (its heartbeats end, and it is
+        fenced), then register it again as a new incarnation. Returns the seconds
+        until it led nothing, and from its registration until it was unfenced."""
+        cluster_id = _quorum(self.client).cluster_id
+        epoch = self.epochs.pop(broker_id)  # the heartbeat thread forgets it
+        t0 = time.perf_counter()
+        # What the controller does when a broker's connection drops: fence it.
+        self.client.call(
+            "BrokerHeartbeat",
+            cpb.BrokerHeartbeatRequest(
+                broker_id=broker_id, broker_epoch=epoch, metadata_offset=-1, want_fence=True
+            ),
+            timeout_s=10,
+        )
+        _wait_broker(self.client, broker_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
+        t1 = time.perf_counter()
+        response = self.client.call(
+            "RegisterBroker",
+            cpb.RegisterBrokerRequest(
+                broker_id=broker_id,
+                incarnation_id=uuid.uuid4().hex,
+                listeners=[
+                    common_pb2.Endpoint(
+                        name="PLAINTEXT", host=self.LISTENER[0], port=self.LISTENER[1]
+                    )
+                ],
+                cluster_id=cluster_id,
+            ),
+            timeout_s=10,
+        )
+        check(response.error)
+        self.epochs[broker_id] = response.broker_epoch
+        deadline = t1 + timeout_s
+        while not self._beat(False)[broker_id]:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"stand-in broker {broker_id} not unfenced in {timeout_s} s")
+            time.sleep(0.1)
+        return t1 - t0, time.perf_counter() - t1
 
     def _run(self) -> None:
         while not self._stop.wait(self.HEARTBEAT_S):
@@ -170,6 +210,55 @@ class StandInBrokers:
             self._beat(True)  # the heartbeat after an agreed shutdown fences the broker
         except Exception as e:
             log.warning("stand-in brokers not shut down (their sessions will expire): %s", e)
+
+
+def _leads_nothing(broker: cpb.BrokerDescription) -> bool:
+    return broker.fenced and broker.leader_count == 0
+
+
+def _unfenced(broker: cpb.BrokerDescription) -> bool:
+    return not broker.fenced and not broker.in_controlled_shutdown
+
+
+def _wait_broker(
+    client: ControllerClient,
+    broker_id: int,
+    deadline: float,
+    what: str,
+    predicate: Callable[[cpb.BrokerDescription], bool],
+    incarnation_not: str = "",
+) -> None:
+    """Until the controllers' view of ``broker_id`` satisfies ``predicate`` (and, when
+    given, it has an incarnation other than ``incarnation_not``)."""
+    while True:
+        described = client.call("DescribeCluster", cpb.DescribeClusterRequest(), timeout_s=10)
+        broker = next((b for b in described.brokers if b.broker_id == broker_id), None)
+        if broker is not None and broker.incarnation_id != incarnation_not and predicate(broker):
+            return
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"broker {broker_id} did not come {what} in time")
+        time.sleep(0.05)
+
+
+def _restart_a_broker(
+    cluster: Any, client: ControllerClient, timeout_s: float = 600
+) -> tuple[float, float] | None:
+    """kill -9 the running broker with the highest id and start it again. Returns the
+    seconds until it led nothing (fenced, every leadership moved), and from its start
+    until it was registered again and unfenced; None when no broker runs."""
+    running = [n for n in cluster.status() if n.role == "broker" and n.state == "running"]
+    if not running:
+        return None
+    node_id = max(n.id for n in running)
+    described = client.call("DescribeCluster", cpb.DescribeClusterRequest(), timeout_s=10)
+    before = next(b.incarnation_id for b in described.brokers if b.broker_id == node_id)
+    t0 = time.perf_counter()
+    cluster.kill(node_id)
+    _wait_broker(client, node_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
+    t1 = time.perf_counter()
+    cluster.start([node_id])
+    _wait_broker(client, node_id, t1 + timeout_s, "back", _unfenced, incarnation_not=before)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _create_request(prefix: str, index: int, partitions: int) -> cpb.CreateTopicsRequest:
@@ -441,6 +530,11 @@ class ScaleResult:
     fresh_follower_catch_up_s: float
     snapshot_loaded: bool
     failover_s: list[float]
+    # A broker in every ISR killed (real brokers) or fenced (stand-ins): seconds until
+    # it led nothing; then, restarted as a new incarnation, until it was unfenced.
+    # None when the run had no broker to restart.
+    broker_moved_s: float | None = None
+    broker_rejoined_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -502,12 +596,13 @@ def run_scale_bench(
     from broker.metadata_follower import MetadataFollower
 
     prefix = f"scale-{uuid.uuid4().hex[:6]}"
+    stand_ins: StandInBrokers | None = None
     with (
         ControllerClient(cluster.bootstrap, timeout_s=60) as client,
         contextlib.ExitStack() as stack,
     ):
         if stand_in_brokers:
-            stack.enter_context(StandInBrokers(client, stand_in_brokers))
+            stand_ins = stack.enter_context(StandInBrokers(client, stand_in_brokers))
         t0 = time.perf_counter()
         for first in range(0, topics, topics_per_request):
             batch = [
@@ -542,6 +637,10 @@ def run_scale_bench(
         finally:
             follower.stop()
         failover = run_failover_bench(cluster, failover_runs)
+        if stand_ins is not None:
+            restart: tuple[float, float] | None = stand_ins.restart(max(stand_ins.epochs))
+        else:
+            restart = _restart_a_broker(cluster, client)
     return ScaleResult(
         topics=topics,
         partitions=topics * partitions_per_topic,
@@ -551,4 +650,6 @@ def run_scale_bench(
         fresh_follower_catch_up_s=round(catch_up_s, 3),
         snapshot_loaded=snapshot_loaded,
         failover_s=[round(v, 3) for v in failover.failover_s],
+        broker_moved_s=None if restart is None else round(restart[0], 3),
+        broker_rejoined_s=None if restart is None else round(restart[1], 3),
     )

@@ -190,6 +190,8 @@ def cluster_json(cluster: ClusterInfo) -> dict[str, Any]:
                 "fenced": b.fenced,
                 "in_controlled_shutdown": b.in_controlled_shutdown,
                 "state": _broker_state(b.fenced, b.in_controlled_shutdown),
+                "leader_count": b.leader_count,
+                "isr_count": b.isr_count,
             }
             for b in cluster.brokers
         ],
@@ -201,8 +203,9 @@ def format_brokers(cluster: ClusterInfo) -> Table:
         title=f"brokers of cluster {cluster.cluster_id} "
         f"(active controller {cluster.controller_id}, epoch {cluster.controller_epoch})"
     )
-    for column in ("id", "address", "rack", "state", "broker epoch"):
-        table.add_column(column, justify="right" if column in ("id", "broker epoch") else "left")
+    numeric = ("id", "broker epoch", "leads", "in ISRs")
+    for column in ("id", "address", "rack", "state", "broker epoch", "leads", "in ISRs"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     style = {"unfenced": "green", "fenced": "red", "shutting_down": "yellow"}
     for b in cluster.brokers:
         state = _broker_state(b.fenced, b.in_controlled_shutdown)
@@ -212,6 +215,8 @@ def format_brokers(cluster: ClusterInfo) -> Table:
             b.rack or "-",
             Text(state, style=style[state]),
             str(b.broker_epoch),
+            str(b.leader_count),
+            str(b.isr_count),
         )
     return table
 
@@ -472,8 +477,20 @@ def format_bench_scale(result: dict[str, Any]) -> Table:
             ("caught up from a snapshot", "yes" if result["snapshot_loaded"] else "no"),
             ("failover", ", ".join(f"{s:.3f}" for s in result["failover_s"]) + " s"),
             ("failover median", "-" if median is None else f"{median:.3f} s"),
+            (
+                "a broker killed: led nothing after",
+                _seconds(result.get("broker_moved_s")),
+            ),
+            (
+                "restarted: unfenced after",
+                _seconds(result.get("broker_rejoined_s")),
+            ),
         ],
     )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
 
 
 def format_bench_figures(title: str, result: dict[str, Any]) -> Table:

@@ -101,6 +101,9 @@ class BrokerInfo:
     rack: str
     fenced: bool
     in_controlled_shutdown: bool
+    # Partitions it leads, and ISRs it is in.
+    leader_count: int = 0
+    isr_count: int = 0
 
     @property
     def address(self) -> str:
@@ -469,6 +472,8 @@ def _broker_info(broker: controller_pb2.BrokerDescription) -> BrokerInfo:
         rack=broker.rack,
         fenced=broker.fenced,
         in_controlled_shutdown=broker.in_controlled_shutdown,
+        leader_count=broker.leader_count,
+        isr_count=broker.isr_count,
     )
 
 

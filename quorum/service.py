@@ -400,6 +400,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                     rack=b.rack,
                     fenced=b.fenced,
                     in_controlled_shutdown=b.in_controlled_shutdown,
+                    leader_count=image.leader_counts.get(b.broker_id, 0),
+                    isr_count=len(image.isr_index.get(b.broker_id, ())),
                 )
             )
         return response
