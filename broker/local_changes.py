@@ -6,6 +6,16 @@ comparing ``TopicImage`` objects by identity skips unchanged topics without
 looking at their partitions; the cost is one identity check per topic plus
 work proportional to the partitions that really changed.
 
+A broker acts on a leadership only while the image holds its own registration
+(its incarnation), unfenced. A restarted broker's previous incarnation may
+still lead partitions in the image: when a broker is in thousands of ISRs the
+controller moves those leaderships in slices after the new registration
+(``quorum/controller/reconcile.py``), and the new process may have lost the tail
+of its log (no fsync), so leading with it could make followers truncate
+acknowledged records. Such a partition is followed with no leader to fetch
+from until the controller moves it; by the time the broker is unfenced every
+one has moved, and any that has not is taken up then.
+
 Pure: no I/O, no clock. The broker applies the result in this order: deletes
 first, then leaders and followers. A topic deleted and re-created under the
 same name in one change appears in both ``deletes`` and ``leaders`` or
@@ -15,9 +25,9 @@ same name in one change appears in both ``deletes`` and ``leaders`` or
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from quorum.image import MetadataImage, PartitionRegistration, TopicImage
+from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration, TopicImage
 
 TopicPartition = tuple[str, int]
 
@@ -45,6 +55,7 @@ def local_changes(
     new: MetadataImage,
     broker_id: int,
     touched: Iterable[str] | None = None,
+    incarnation: str | None = None,
 ) -> LocalChanges:
     """The partitions whose registration changed between ``old`` and ``new`` for ``broker_id``.
 
@@ -57,8 +68,17 @@ def local_changes(
     followers: dict[TopicPartition, PartitionRegistration] = {}
     deletes: set[TopicPartition] = set()
     topic_ids: dict[str, str] = {}
+    may_lead = incarnation is None or _may_lead(new, broker_id, incarnation)
+    if may_lead and incarnation is not None and not _may_lead(old, broker_id, incarnation):
+        # Leaderships held back so far (there should be none left): take them up.
+        for topic_id, index in new.isr_index.get(broker_id, {}).keys():
+            topic = new.topics[topic_id]
+            part = topic.partitions[index]
+            if part.leader == broker_id:
+                leaders[(topic.name, index)] = part
+                topic_ids[topic.name] = topic_id
     if old.topics is new.topics:
-        return LocalChanges()
+        return LocalChanges(leaders, followers, frozenset(deletes), topic_ids)
     candidates = new.topics.keys() if touched is None else touched
     for topic_id in candidates:
         new_topic = new.topics.get(topic_id)
@@ -68,8 +88,12 @@ def local_changes(
         for index, before, after in _changed_partitions(old_topic, new_topic):
             key = (new_topic.name, index)
             if after is not None and broker_id in after.replicas:
-                target = leaders if after.leader == broker_id else followers
-                target[key] = after
+                if after.leader != broker_id:
+                    followers[key] = after
+                elif may_lead:
+                    leaders[key] = after
+                else:
+                    followers[key] = replace(after, leader=NO_LEADER)
                 topic_ids[new_topic.name] = topic_id
             elif before is not None and broker_id in before.replicas:
                 deletes.add(key)
@@ -86,6 +110,11 @@ def local_changes(
 
 
 _Change = tuple[int, PartitionRegistration | None, PartitionRegistration | None]
+
+
+def _may_lead(image: MetadataImage, broker_id: int, incarnation: str) -> bool:
+    broker = image.brokers.get(broker_id)
+    return broker is not None and broker.incarnation_id == incarnation and not broker.fenced
 
 
 def _changed_partitions(old_topic: TopicImage | None, new_topic: TopicImage) -> list[_Change]:

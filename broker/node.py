@@ -212,7 +212,8 @@ class BrokerNode:
     def _on_metadata_change(
         self, old: MetadataImage, new: MetadataImage, topic_ids: frozenset[str] | None
     ) -> None:
-        changes = local_changes(old, new, self.broker_id, topic_ids)
+        incarnation = None if self.lifecycle is None else self.lifecycle.incarnation_id
+        changes = local_changes(old, new, self.broker_id, topic_ids, incarnation)
         if changes:
             self.on_local_changes(changes, new)
 

@@ -77,6 +77,9 @@ class StandInBrokers:
         self.client = client
         self.count = count
         self.epochs: dict[int, int] = {}
+        # Held while heartbeats go out, so that restart() can take a stand-in out
+        # of them without a heartbeat of its old epoch arriving after its fencing.
+        self._beating = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,20 +132,21 @@ class StandInBrokers:
         """One heartbeat each: broker id -> unfenced (or, shutting down, allowed to)."""
         offset = _quorum(self.client).high_watermark
         answers = {}
-        for broker_id, epoch in list(self.epochs.items()):  # restart() changes it
-            response = self.client.call(
-                "BrokerHeartbeat",
-                cpb.BrokerHeartbeatRequest(
-                    broker_id=broker_id,
-                    broker_epoch=epoch,
-                    metadata_offset=offset,
-                    want_shutdown=want_shutdown,
-                ),
-                timeout_s=10,
-            )
-            answers[broker_id] = (
-                response.should_shut_down if want_shutdown else not response.is_fenced
-            )
+        with self._beating:
+            for broker_id, epoch in self.epochs.items():
+                response = self.client.call(
+                    "BrokerHeartbeat",
+                    cpb.BrokerHeartbeatRequest(
+                        broker_id=broker_id,
+                        broker_epoch=epoch,
+                        metadata_offset=offset,
+                        want_shutdown=want_shutdown,
+                    ),
+                    timeout_s=10,
+                )
+                answers[broker_id] = (
+                    response.should_shut_down if want_shutdown else not response.is_fenced
+                )
         return answers
 
     def restart(self, broker_id: int, timeout_s: float = 300) -> tuple[float, float]:
@@ -150,16 +154,26 @@ class StandInBrokers:
         fenced), then register it again as a new incarnation. Returns the seconds
         until it led nothing, and from its registration until it was unfenced."""
         cluster_id = _quorum(self.client).cluster_id
-        epoch = self.epochs.pop(broker_id)  # the heartbeat thread forgets it
         t0 = time.perf_counter()
-        # What the controller does when a broker's connection drops: fence it.
-        self.client.call(
-            "BrokerHeartbeat",
-            cpb.BrokerHeartbeatRequest(
-                broker_id=broker_id, broker_epoch=epoch, metadata_offset=-1, want_fence=True
-            ),
-            timeout_s=10,
-        )
+        with self._beating:
+            # The heartbeat thread forgets it; what the controller does when a
+            # broker's connection drops is to fence it.
+            epoch = self.epochs.pop(broker_id)
+            try:
+                fenced = self.client.call(
+                    "BrokerHeartbeat",
+                    cpb.BrokerHeartbeatRequest(
+                        broker_id=broker_id,
+                        broker_epoch=epoch,
+                        metadata_offset=-1,
+                        want_fence=True,
+                    ),
+                    timeout_s=10,
+                )
+                check(fenced.error)
+            except BaseException:
+                self.epochs[broker_id] = epoch  # so that it is shut down at the end
+                raise
         _wait_broker(self.client, broker_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
         t1 = time.perf_counter()
         response = self.client.call(
@@ -177,7 +191,8 @@ class StandInBrokers:
             timeout_s=10,
         )
         check(response.error)
-        self.epochs[broker_id] = response.broker_epoch
+        with self._beating:
+            self.epochs[broker_id] = response.broker_epoch
         deadline = t1 + timeout_s
         while not self._beat(False)[broker_id]:
             if time.perf_counter() > deadline:
@@ -251,12 +266,16 @@ def _restart_a_broker(
         return None
     node_id = max(n.id for n in running)
     described = client.call("DescribeCluster", cpb.DescribeClusterRequest(), timeout_s=10)
-    before = next(b.incarnation_id for b in described.brokers if b.broker_id == node_id)
+    before = next((b.incarnation_id for b in described.brokers if b.broker_id == node_id), None)
+    if before is None:
+        raise RuntimeError(f"broker {node_id} runs but is not registered")
     t0 = time.perf_counter()
     cluster.kill(node_id)
-    _wait_broker(client, node_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
-    t1 = time.perf_counter()
-    cluster.start([node_id])
+    try:
+        _wait_broker(client, node_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
+    finally:
+        t1 = time.perf_counter()
+        cluster.start([node_id])  # also when the wait failed: leave the cluster whole
     _wait_broker(client, node_id, t1 + timeout_s, "back", _unfenced, incarnation_not=before)
     return t1 - t0, time.perf_counter() - t1
 

@@ -319,6 +319,13 @@ class NodeConfig:
             raise ConfigError("broker.heartbeat.interval.ms must be below the session timeout")
         if self["max.client.streams"] < 0 or self["num.rpc.threads"] < 1:
             raise ConfigError("need max.client.streams >= 0 and num.rpc.threads >= 1")
+        slice_ = self["controller.transition.slice.partitions"]
+        if not 1 <= slice_ <= self["controller.max.records.per.request"]:
+            # An inline transition of that size would be refused as too large.
+            raise ConfigError(
+                "need 1 <= controller.transition.slice.partitions <= "
+                "controller.max.records.per.request"
+            )
 
     @property
     def node_id(self) -> int:

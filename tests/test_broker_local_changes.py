@@ -236,3 +236,47 @@ def _check_only_changed(old, new, broker_id, changes):
 def test_from_empty_equals_hosted(broker_id):
     image = build(BASE)
     assert apply({}, local_changes(EMPTY_IMAGE, image, broker_id)) == hosted(image, broker_id)
+
+
+# BASE with every broker unfenced (registered at offsets 0 to 3).
+UNFENCED = BASE + [r.unfence_broker(b, b) for b in BROKERS]
+
+
+def test_a_restarted_broker_does_not_lead_for_its_previous_incarnation():
+    """Broker 1 restarted (incarnation "inc1-b"): the image still says its previous
+    incarnation leads orders-0, as it does while the controller moves a large broker's
+    leaderships in slices. The new process, whose log may be shorter than what the old
+    one acknowledged, follows it with no one to fetch from until the leadership moves."""
+    before = build(UNFENCED)
+    held = local_changes(EMPTY_IMAGE, before, 1, incarnation="inc1-b")
+    assert ("orders", 0) not in held.leaders
+    assert held.followers[("orders", 0)].leader == NO_LEADER
+    assert (
+        held.followers[("orders", 0)].leader_epoch == before.partition("t-orders", 0).leader_epoch
+    )
+    assert held.followers[("orders", 1)].leader == 2  # others' leaderships as they are
+    # Its own registration, still fenced: nothing to lead yet.
+    registered = build([r.register_broker(1, "inc1-b", [], fenced=True)], before)
+    assert not local_changes(before, registered, 1, incarnation="inc1-b").leaders
+    # The controller moves the leadership: a follower of broker 2 at the next epoch.
+    moved = build([r.partition_change("t-orders", 0, leader=2, isr=[2, 3])], registered)
+    changes = local_changes(registered, moved, 1, incarnation="inc1-b")
+    assert changes.followers[("orders", 0)].leader == 2 and not changes.leaders
+    # Unfenced, it leads what it is elected for.
+    unfenced = build([r.unfence_broker(1, registered.brokers[1].broker_epoch)], moved)
+    elected = build([r.partition_change("t-orders", 1, leader=1)], unfenced)
+    assert set(local_changes(unfenced, elected, 1, incarnation="inc1-b").leaders) == {("orders", 1)}
+    # The incarnation that was registered leads as before; no incarnation: no check.
+    assert ("orders", 0) in local_changes(EMPTY_IMAGE, before, 1, incarnation="inc1").leaders
+    assert ("orders", 0) in local_changes(EMPTY_IMAGE, before, 1).leaders
+
+
+def test_a_leadership_held_back_is_taken_up_when_the_broker_is_unfenced():
+    """Should one be left when the broker is unfenced (the controller moves them all
+    first), it is led then rather than never."""
+    fenced = build([r.register_broker(1, "inc1-b", [], fenced=True)], build(UNFENCED))
+    assert not local_changes(EMPTY_IMAGE, fenced, 1, incarnation="inc1-b").leaders
+    unfenced = build([r.unfence_broker(1, fenced.brokers[1].broker_epoch)], fenced)
+    changes = local_changes(fenced, unfenced, 1, incarnation="inc1-b")
+    assert set(changes.leaders) == {("orders", 0)}
+    assert changes.topic_ids["orders"] == "t-orders"

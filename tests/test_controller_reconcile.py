@@ -179,15 +179,25 @@ def test_a_slice_concerns_one_broker_and_stays_within_its_scan_budget():
     cluster = six_partitions()
     for broker_id in (1, 2):
         commit_raw(cluster, brokers.fence_broker(cluster.image, broker_id, limit=0).records)
-    reconciler = Reconciler(slice_records=100, scan_budget=4)
+    reconciler = Reconciler(slice_records=100, scan_budget=100)
     reconciler.leave(2)
     reconciler.leave(1)
-    first = reconciler.step(cluster.image)
-    assert 0 < len(first) <= 4
-    touched = {rec.partition_change.partition for rec in first}
-    assert len(touched) == len(first)  # one change per partition
-    commit_raw(cluster, first)
-    finish(cluster, reconciler)
+    slices = finish(cluster, reconciler)
+    # Broker 1's leaderships, then the rest of its ISRs, then broker 2's, though the
+    # budget had room for more: one broker a slice, and each partition changed once
+    # a slice (the second pass sees the first's changes).
+    assert [len(s) for s in slices] == [2, 4, 2, 4]
+    for records, leaving in zip(slices, (1, 1, 2, 2), strict=True):
+        assert len({rec.partition_change.partition for rec in records}) == len(records)
+        assert all(leaving not in rec.partition_change.isr.ids for rec in records)
+        assert all(3 in rec.partition_change.isr.ids for rec in records)
+    # A budget of four partitions examined per step: never more changes than that.
+    again = six_partitions()
+    commit_raw(again, brokers.fence_broker(again.image, 3, limit=0).records)
+    small = Reconciler(slice_records=100, scan_budget=4)
+    small.leave(3)
+    slices = finish(again, small)
+    assert max(map(len, slices)) <= 4 and sum(map(len, slices)) == 6 and len(slices) > 2
     for part in partitions_of(cluster.image).values():
         assert part.isr == (3,) and part.leader == 3
     check_partitions(cluster.image)
@@ -317,6 +327,35 @@ def test_work_left_by_a_batch_of_unknown_outcome_is_found_again_after_the_resync
     assert not image.leads(2) and in_isr_beside_others(image, 2) == []
     assert runtime.reconciler.idle
     check_partitions(image)
+
+
+def test_a_slice_that_is_not_applied_is_found_again_after_the_resync(sliced):
+    """The registration commits; the first slice after it does not. The controller
+    resynchronises and must find that slice's work again in the committed image, or
+    the restarted broker is unfenced while still in ISRs beside others."""
+    log, runtime, clock, epochs = sliced
+    on_commit = runtime.on_commit
+    armed = [True]
+
+    def fail_the_slice_after_the_registration(result, state) -> None:
+        on_commit(result, state)
+        if armed[0] and result.accepted and result.last_offset >= 0:
+            first = result.base_offset - state.entries()[0].offset
+            kinds = [e.record.WhichOneof("record") for e in state.entries()[first:]]
+            if "register_broker" in kinds:
+                armed[0] = False
+                log.fail_next(ProposeOutcome.NOT_APPLIED)
+
+    runtime.on_commit = fail_the_slice_after_the_registration  # type: ignore[method-assign]
+    epoch = register(log, runtime, 1, incarnation="inc-1-restarted")
+    assert not armed[0], "no slice followed the registration"
+    for _ in range(5):
+        clock.now += 0.5
+        log.run_pending()
+    response = heartbeat(log, runtime, 1, epoch)
+    assert in_isr_beside_others(log.state.image, 1) == []
+    assert not response.is_fenced
+    check_partitions(log.state.image)
 
 
 def test_a_new_active_controller_finishes_what_the_last_one_began(sliced):

@@ -918,9 +918,10 @@ def test_controller_simulation(seed: int) -> None:
     simulate(seed, FAST_STEPS)
 
 
-# 57 and 75 caught a broker unfenced while its slices were still under way, 91
-# a resync that did not look for the work its lost slices had left.
-@pytest.mark.parametrize("seed", [*FAST_SEEDS[:12], 57, 75, 91])
+# 57 and 60 catch a broker unfenced while its slices are still under way, 30 and
+# 32 a resync that does not look for the work its lost slices left (each with the
+# check or the reset taken out; scans are in sorted order, so seeds repeat).
+@pytest.mark.parametrize("seed", [*FAST_SEEDS[:12], 30, 32, 57, 60])
 def test_controller_simulation_with_sliced_transitions(seed: int) -> None:
     simulate(seed, FAST_STEPS, transition_slice=1)
 

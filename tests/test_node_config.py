@@ -63,3 +63,12 @@ def test_client_streams_need_a_count_of_zero_or_more():
         _config(**{"max.client.streams": -1})
     # A config written for fewer threads still loads; the broker serves fewer streams.
     assert _config(**{"num.rpc.threads": 16, "max.client.streams": 64})["max.client.streams"] == 64
+
+
+@pytest.mark.parametrize("value", [0, -1, 20_001])
+def test_a_transition_slice_must_fit_in_one_request(value):
+    """Zero slices nothing; past controller.max.records.per.request an inline
+    transition would be refused as a request too large."""
+    with pytest.raises(ConfigError, match="controller.transition.slice.partitions"):
+        _config(**{"controller.transition.slice.partitions": value})
+    assert _config(**{"controller.transition.slice.partitions": 20_000})

@@ -213,16 +213,21 @@ def expire_sessions(
     """Fence every unfenced broker whose session expired, in one list of records.
 
     A session recorded under an older broker epoch belongs to an incarnation
-    that has re-registered since; it fences nothing.
+    that has re-registered since; it fences nothing. ``limit`` bounds the
+    partition changes of all the fencings together: once it is used up, the
+    next brokers' are left to later batches.
     """
     records: list[pb.MetadataRecord] = []
     leaving: list[int] = []
+    changes = 0  # partition changes so far
     scratch = image
     for broker_id, broker_epoch in manager.expired(now_ms):
         broker = scratch.brokers.get(broker_id)
         if broker is None or broker.broker_epoch != broker_epoch or broker.fenced:
             continue
-        fencing = fence_broker(scratch, broker_id, limit)
+        room = None if limit is None else max(0, limit - changes)
+        fencing = fence_broker(scratch, broker_id, room)
+        changes += len(fencing.records) - 1
         # Later fencings must see earlier ones, so that no leadership moves to
         # a broker fenced in the same batch.
         scratch = apply_records(scratch, fencing.records)

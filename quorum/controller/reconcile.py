@@ -40,6 +40,18 @@ from quorum.image import MetadataImage
 
 Key = tuple[str, int]
 
+# A scan sorts its keys when there are at most this many, so that runs (the
+# controller simulation, tests, small clusters) repeat exactly; map order
+# depends on the process's string hashing. Sorting 100,000 keys would hold the
+# controller thread for 60-180 ms, so larger scans take map order.
+SORT_KEYS_UP_TO = 10_000
+
+
+def _scan_order(keys: list[Key]) -> list[Key]:
+    if len(keys) <= SORT_KEYS_UP_TO:
+        keys.sort()
+    return keys
+
 
 @dataclass(slots=True)
 class _Scan:
@@ -124,7 +136,7 @@ class Reconciler:
             return [], budget, True  # Nothing to leave (it came back through a snapshot).
         scan = self._leaving.get(broker_id)
         if scan is None:
-            keys = list(image.isr_index.get(broker_id, {}).keys())
+            keys = _scan_order(list(image.isr_index.get(broker_id, {}).keys()))
             scan = _Scan(keys, leaders_only=image.leads(broker_id))
             self._leaving[broker_id] = scan
         active = active_ids(image) - {broker_id}
@@ -135,6 +147,10 @@ class Reconciler:
                 if not scan.leaders_only:
                     return records, budget, True
                 scan.leaders_only, scan.position = False, 0
+                if records:
+                    # The second pass must see these changes, or it would write a
+                    # second change of the same partitions from their old state.
+                    return records, budget, False
             if budget <= 0:
                 break
             topic_id, index = scan.keys[scan.position]
@@ -157,7 +173,7 @@ class Reconciler:
         self, image: MetadataImage, budget: int
     ) -> tuple[list[pb.MetadataRecord], bool]:
         if self._electing is None:
-            self._electing = _Scan(list(image.leaderless.keys()))
+            self._electing = _Scan(_scan_order(list(image.leaderless.keys())))
         scan = self._electing
         active = active_ids(image)
         unclean: dict[str, bool] = {}
