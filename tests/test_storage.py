@@ -188,9 +188,10 @@ def test_kip74_first_batch_even_when_too_big(tmp_path: Path) -> None:
 def test_a_new_log_syncs_only_directory_entries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Creating a partition's log makes its file names durable, nothing else: the
-    files are empty, and a missing checkpoint means what an empty one says. (A broker
-    creating a partition synced thirteen times, for every topic created.)"""
+    """Opening a partition's log makes nothing durable: it has no file until its first
+    append, which makes that file's name durable, and a missing checkpoint means what an
+    empty one says. (A broker creating a partition synced thirteen times, for every
+    topic created.)"""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -203,10 +204,11 @@ def test_a_new_log_syncs_only_directory_entries(
     set_sync(True)
     try:
         log = PartitionLog(tmp_path / "t-0", SMALL)
+        assert synced == []
+        log.append(make_batch(0, records=3), now_ms=0)
+        assert synced[0] == str(tmp_path / "t-0")  # the new file's name, first
     finally:
         set_sync(previous)
-    assert synced == [str(tmp_path / "t-0")]
-    log.append(make_batch(0, records=3), now_ms=0)
     log.flush()
     log.close()
     with PartitionLog(tmp_path / "t-0", SMALL) as reopened:
@@ -220,6 +222,27 @@ def test_a_new_log_reopens_empty_after_a_crash(tmp_path: Path) -> None:
         assert (log.log_start_offset, log.log_end_offset) == (0, 0)
         log.append(make_batch(0), now_ms=0)
         assert log.read(0, 10_000) == make_batch(0)
+
+
+def test_reopening_logs_that_never_received_a_batch_holds_no_descriptor(
+    tmp_path: Path,
+) -> None:
+    """A broker restarted with thousands of idle replicas opens each log again; each
+    created (and held open) an empty segment file, and one hosting 100,000 ran out of
+    descriptors at 20,000 and never rejoined."""
+    for i in range(3):
+        PartitionLog(tmp_path / f"t-{i}", SMALL).close()
+    logs = [PartitionLog(tmp_path / f"t-{i}", SMALL) for i in range(3)]
+    try:
+        assert _open_descriptors_under(tmp_path) == []
+        assert list(tmp_path.glob("t-*/*.log")) == []
+        logs[1].append(make_batch(0), now_ms=0)
+        assert _open_descriptors_under(tmp_path) == [segment_file_name(0, ".log")]
+    finally:
+        for log in logs:
+            log.close()
+    with PartitionLog(tmp_path / "t-1", SMALL) as reopened:
+        assert reopened.read(0, 10_000) == make_batch(0)
 
 
 def _open_descriptors_under(directory: Path) -> list[str]:
@@ -242,9 +265,9 @@ def test_index_files_are_opened_only_to_be_written(tmp_path: Path) -> None:
     directory = tmp_path / "t-0"
     log = PartitionLog(directory, SMALL)
     first = segment_file_name(0, ".log")
-    assert _open_descriptors_under(directory) == [first]
-    assert sorted(p.name for p in directory.glob("0*")) == [first]
+    assert _open_descriptors_under(directory) == []  # no file before the first append
     log.append(make_batch(0), now_ms=0)
+    assert sorted(p.name for p in directory.glob("0*")) == [first]
     log.flush()  # nothing to sync for indexes that do not exist
     assert _open_descriptors_under(directory) == [first]
     while not log.active_segment.index_entries:

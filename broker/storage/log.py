@@ -271,18 +271,16 @@ class PartitionLog:
                     LogSegment(self.directory, later, self.config.index_interval_bytes).delete()
                 break
         if not self._segments:
-            # A new log: empty files, nothing to recover and nothing to make durable
-            # but their names (appends sync the files by the flush policy).
+            # A log that never received a batch: as ``_create`` makes it, a segment
+            # whose file the first append makes. Opening (creating) its file here held
+            # a descriptor per idle partition: a broker restarted with 100,000 idle
+            # replicas ran out of descriptors and never rejoined.
             start = start_checkpoint if start_checkpoint is not None else 0
             self._add_segment(
-                LogSegment.open(
-                    self.directory,
-                    start,
-                    index_interval_bytes=self.config.index_interval_bytes,
-                    recover=False,
+                LogSegment.create(
+                    self.directory, start, index_interval_bytes=self.config.index_interval_bytes
                 )
             )
-            fsync_dir(self.directory)
         first_base = self._segments[0].base_offset
         self._log_start_offset = min(max(start_checkpoint or 0, first_base), self.log_end_offset)
         self._load_leader_epoch_cache(first_recovered if first_recovered is not None else 0)
