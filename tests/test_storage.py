@@ -245,6 +245,23 @@ def test_reopening_logs_that_never_received_a_batch_holds_no_descriptor(
         assert reopened.read(0, 10_000) == make_batch(0)
 
 
+def test_an_empty_segment_file_reopens_without_a_descriptor(tmp_path: Path) -> None:
+    """Versions before made an empty file for each idle log they reopened: 100,000 of
+    them must not take 100,000 descriptors at the next restart. Stray index files
+    beside an empty log go."""
+    directory = tmp_path / "t-0"
+    directory.mkdir()
+    (directory / segment_file_name(0, ".log")).touch()
+    (directory / segment_file_name(0, ".index")).write_bytes(b"\0" * 8)
+    with PartitionLog(directory, SMALL) as log:
+        assert _open_descriptors_under(directory) == []
+        assert not (directory / segment_file_name(0, ".index")).exists()
+        log.append(make_batch(0), now_ms=0)
+        assert log.read(0, 10_000) == make_batch(0)
+    with PartitionLog(directory, SMALL) as reopened:
+        assert reopened.log_end_offset == 1
+
+
 def _open_descriptors_under(directory: Path) -> list[str]:
     paths = []
     for fd in os.listdir("/proc/self/fd"):

@@ -174,7 +174,23 @@ class LogSegment:
         index_interval_bytes: int = 4096,
         recover: bool = True,
     ) -> LogSegment:
-        """Open (or create) the segment; ``recover`` scans it all, otherwise trust it."""
+        """Open (or create) the segment; ``recover`` scans it all, otherwise trust it.
+
+        An empty or missing ``.log`` opens as ``create`` makes a segment, holding no
+        descriptor until the first append: a broker restarted with 100,000 idle
+        replicas (each with an empty file, from a version that made one) ran out of
+        descriptors. Index files beside an empty log describe nothing and go.
+        """
+        path = Path(directory) / segment_file_name(base_offset, ".log")
+        try:
+            empty = os.stat(path).st_size == 0
+        except FileNotFoundError:
+            empty = True
+        if empty:
+            segment = cls(directory, base_offset, index_interval_bytes, lazy=True)
+            for index in (segment.index_path, segment.time_index_path):
+                index.unlink(missing_ok=True)
+            return segment
         segment = cls(directory, base_offset, index_interval_bytes)
         try:
             if recover:
@@ -197,12 +213,12 @@ class LogSegment:
 
     @property
     def _log(self) -> int:
-        """The ``.log``'s descriptor; a lazy segment creates the file here, exclusively
-        (its directory was made empty), and makes its name durable."""
+        """The ``.log``'s descriptor; a lazy segment opens (creates) the file here, and
+        makes its name durable. The file, when there is one, is empty."""
         fd = self._log_fd
         if fd is None:
             self._check_open()
-            fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fsync_dir(self.directory)
             except BaseException:
