@@ -160,25 +160,29 @@ class ReplicaFetcher:
         self._thread.join(timeout=10)
         self._channel.close()
 
-    def add(self, partition: Partition, leader_epoch: int) -> None:
+    def add(self, partition: Partition, leader_epoch: int, *, notify: bool = True) -> None:
+        """Fetch ``partition`` too. With ``notify=False`` the fetch in flight goes on
+        until ``changed()``: a broker adding 100,000 partitions one by one closed the
+        session and built a request over all of them after each one."""
         with self._lock:
             self._entries[(partition.topic, partition.index)] = _Entry(partition, leader_epoch)
+        if notify:
+            self.changed()
+
+    def remove(self, key: tuple[str, int], *, notify: bool = True) -> bool:
+        with self._lock:
+            removed = self._entries.pop(key, None) is not None
+        if removed and notify:
+            self.changed()
+        return removed
+
+    def changed(self) -> None:
+        """The partition set changed: end the fetch in flight, which asks for the old one."""
+        with self._lock:
             session = self._new_generation()
         if session is not None:
             session.close()
         self._wake.set()
-
-    def remove(self, key: tuple[str, int]) -> bool:
-        session = None
-        with self._lock:
-            removed = self._entries.pop(key, None) is not None
-            if removed:
-                session = self._new_generation()
-        if session is not None:
-            session.close()
-        if removed:
-            self._wake.set()
-        return removed
 
     def _new_generation(self) -> _FetchSession | None:
         """Under the lock: a new partition set; returns the session to close (its

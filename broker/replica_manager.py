@@ -144,6 +144,9 @@ class ReplicaManager:
         self._partitions: dict[TopicPartition, Partition] = {}
         self._lock = threading.RLock()
         self._fetchers: dict[tuple[int, str], ReplicaFetcher] = {}
+        # Fetchers whose partitions the change being applied added or removed; told
+        # once at its end.
+        self._changed_fetchers: set[ReplicaFetcher] = set()
         self._following: dict[TopicPartition, tuple[int, str]] = {}
         self._stopped = threading.Event()
         self._isr_wake = threading.Event()
@@ -234,6 +237,9 @@ class ReplicaManager:
                     self._follow_changed(key, reg, changes.topic_ids[key[0]], image)
                 except (OSError, ValueError) as e:
                     log.error("%s-%d: cannot become follower: %s", *key, e)
+            changed, self._changed_fetchers = self._changed_fetchers, set()
+            for fetcher in changed:
+                fetcher.changed()
             self._drop_idle_fetchers()
         self._check_isr(changes.leaders)
         if self.role_listeners:
@@ -328,15 +334,16 @@ class ReplicaManager:
             )
             fetcher.start()
             self._fetchers[source] = fetcher
-        fetcher.add(partition, reg.leader_epoch)
+        fetcher.add(partition, reg.leader_epoch, notify=False)
+        self._changed_fetchers.add(fetcher)
         self._following[key] = source
 
     def _stop_following(self, key: TopicPartition) -> None:
         source = self._following.pop(key, None)
         if source is not None:
             fetcher = self._fetchers.get(source)
-            if fetcher is not None:
-                fetcher.remove(key)
+            if fetcher is not None and fetcher.remove(key, notify=False):
+                self._changed_fetchers.add(fetcher)
 
     def _drop_idle_fetchers(self) -> None:
         for source, fetcher in list(self._fetchers.items()):

@@ -162,3 +162,65 @@ def test_high_watermarks_are_checkpointed_only_when_one_moved(tmp_path: Path) ->
     failing[0] = False
     rm._checkpoint_hws()
     assert written[-1] == {("t", 0): partition.high_watermark} and len(written) == 2
+
+
+def test_a_change_adding_many_followed_partitions_tells_their_fetcher_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each partition added to a fetcher ended its fetch in flight and made it build a
+    request over every partition it had: a broker restarted with 100,000 replicas
+    spent most of its time there while it opened its logs. One change, one notice."""
+    from broker.fetcher import ReplicaFetcher
+    from quorum import records as r
+    from quorum.image import EMPTY_IMAGE, Endpoint
+    from quorum.replay import replay_batch
+
+    config = NodeConfig(
+        {
+            "node.id": 1,
+            "controller.quorum.voters": "9@127.0.0.1:1:2",
+            "listeners": "127.0.0.1:0",
+            "cluster.id": "c",
+            "log.dirs": str(tmp_path),
+        }
+    )
+    settings = BrokerSettings.from_config(config)
+    records = [
+        r.register_broker(b, f"inc{b}", [Endpoint("PLAINTEXT", "127.0.0.1", 1)], fenced=False)
+        for b in (1, 2)
+    ]
+    records.append(r.topic("t", "id-t"))
+    records += [r.partition("id-t", i, [2, 1], [2, 1], 2) for i in range(20)]
+    image, _ = replay_batch(EMPTY_IMAGE, records, 0)
+    rm = ReplicaManager(
+        1,
+        settings,
+        LogManager([tmp_path], settings.log_config),
+        image=lambda: image,
+        broker_epoch=lambda: 1,
+        alter_partition=lambda request: None,  # type: ignore[arg-type,return-value]
+    )
+    rm.logs.load()
+    told: list[ReplicaFetcher] = []
+    real_changed = ReplicaFetcher.changed
+
+    def changed(self: ReplicaFetcher) -> None:
+        told.append(self)
+        real_changed(self)
+
+    monkeypatch.setattr(ReplicaFetcher, "changed", changed)
+    parts = dict(image.topic_by_name("t").partitions)
+    try:
+        rm.apply(
+            LocalChanges(
+                followers={("t", i): p for i, p in parts.items()}, topic_ids={"t": "id-t"}
+            ),
+            image,
+        )
+        assert len(told) == 1
+        (fetcher,) = rm._fetchers.values()
+        assert len(fetcher._entries) == 20
+        rm.apply(LocalChanges(deletes=frozenset({("t", 0), ("t", 1)})), image)
+        assert told == [fetcher, fetcher] and len(fetcher._entries) == 18
+    finally:
+        rm.stop()
