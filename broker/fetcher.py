@@ -161,9 +161,10 @@ class ReplicaFetcher:
         self._channel.close()
 
     def add(self, partition: Partition, leader_epoch: int, *, notify: bool = True) -> None:
-        """Fetch ``partition`` too. With ``notify=False`` the fetch in flight goes on
-        until ``changed()``: a broker adding 100,000 partitions one by one closed the
-        session and built a request over all of them after each one."""
+        """Fetch ``partition`` too. With ``notify=False`` the fetch in flight is not
+        ended (the next one asks for the set as it then is) until ``changed()``: a
+        broker adding 100,000 partitions one by one closed the session and built a
+        request over all of them after each one; now at most once per fetch."""
         with self._lock:
             self._entries[(partition.topic, partition.index)] = _Entry(partition, leader_epoch)
         if notify:

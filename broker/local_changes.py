@@ -6,8 +6,10 @@ comparing ``TopicImage`` objects by identity skips unchanged topics without
 looking at their partitions; the cost is one identity check per topic plus
 work proportional to the partitions that really changed.
 
-A broker acts on a leadership only while the image holds its own registration
-(its incarnation), unfenced. A restarted broker's previous incarnation may
+A broker takes up a leadership only while the image holds its own registration
+(its incarnation), unfenced; one it already leads when it is fenced it keeps
+until the controller moves it, as Kafka's brokers do (its log is intact, and
+followers still fetch from it). A restarted broker's previous incarnation may
 still lead partitions in the image: when a broker is in thousands of ISRs the
 controller moves those leaderships in slices after the new registration
 (``quorum/controller/reconcile.py``), and the new process may have lost the tail

@@ -213,34 +213,37 @@ class ReplicaManager:
     def apply(self, changes: LocalChanges, image: MetadataImage) -> None:
         """Apply partition changes for this broker (on the metadata follower's thread)."""
         with self._lock:
-            # One partition that fails (its disk, no file descriptor left) must not
-            # stop the others' changes. A deleted log is not flushed first.
-            for key in sorted(changes.deletes):
-                self._stop_following(key)
-                partition = self._partitions.pop(key, None)
-                if partition is not None:
+            try:
+                # One partition that fails (its disk, no file descriptor left) must not
+                # stop the others' changes. A deleted log is not flushed first.
+                for key in sorted(changes.deletes):
+                    self._stop_following(key)
+                    partition = self._partitions.pop(key, None)
+                    if partition is not None:
+                        try:
+                            partition.close(flush=False)
+                        except OSError as e:
+                            log.warning("%s-%d: closing the log to delete it: %s", *key, e)
                     try:
-                        partition.close(flush=False)
+                        self.logs.delete(*key)
                     except OSError as e:
-                        log.warning("%s-%d: closing the log to delete it: %s", *key, e)
-                try:
-                    self.logs.delete(*key)
-                except OSError as e:
-                    log.error("%s-%d: cannot delete the log: %s", *key, e)
-            for key, reg in sorted(changes.leaders.items()):
-                try:
-                    self._lead(key, reg, changes.topic_ids[key[0]], image)
-                except (OSError, ValueError) as e:
-                    log.error("%s-%d: cannot become leader: %s", *key, e)
-            for key, reg in sorted(changes.followers.items()):
-                try:
-                    self._follow_changed(key, reg, changes.topic_ids[key[0]], image)
-                except (OSError, ValueError) as e:
-                    log.error("%s-%d: cannot become follower: %s", *key, e)
-            changed, self._changed_fetchers = self._changed_fetchers, set()
-            for fetcher in changed:
-                fetcher.changed()
-            self._drop_idle_fetchers()
+                        log.error("%s-%d: cannot delete the log: %s", *key, e)
+                for key, reg in sorted(changes.leaders.items()):
+                    try:
+                        self._lead(key, reg, changes.topic_ids[key[0]], image)
+                    except (OSError, ValueError) as e:
+                        log.error("%s-%d: cannot become leader: %s", *key, e)
+                for key, reg in sorted(changes.followers.items()):
+                    try:
+                        self._follow_changed(key, reg, changes.topic_ids[key[0]], image)
+                    except (OSError, ValueError) as e:
+                        log.error("%s-%d: cannot become follower: %s", *key, e)
+            finally:
+                # Also after an unexpected error: what was added must be fetched.
+                changed, self._changed_fetchers = self._changed_fetchers, set()
+                for fetcher in changed:
+                    fetcher.changed()
+                self._drop_idle_fetchers()
         self._check_isr(changes.leaders)
         if self.role_listeners:
             roles = {key: "deleted" for key in changes.deletes}

@@ -1069,3 +1069,26 @@ def test_a_failed_write_moves_no_offset_and_leaves_no_bytes(tmp_path, monkeypatc
     assert reopened.log_end_offset == 5
     assert [h.base_offset for _, h in iter_batches(reopened.read(0, 1 << 20))] == [0, 2]
     reopened.close()
+
+
+def test_a_full_truncation_cut_short_by_a_crash_restarts_at_its_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new empty segment's file marks where the log restarts: a crash after the
+    old segments went and before the log start checkpoint was written must not bring
+    the log back at offset 0 (segments are otherwise made by their first append)."""
+    directory = tmp_path / "t-0"
+    log = PartitionLog(directory, SMALL)
+    for _ in range(3):
+        log.append(make_batch(log.log_end_offset), now_ms=0)
+    log.flush()
+
+    def crash(self: PartitionLog, offset: int) -> None:
+        raise SystemExit("the process died here")
+
+    monkeypatch.setattr(PartitionLog, "_set_log_start_offset", crash)
+    with pytest.raises(SystemExit):
+        log.truncate_fully_and_start_at(50)
+    monkeypatch.undo()
+    with PartitionLog(directory, SMALL) as reopened:
+        assert (reopened.log_start_offset, reopened.log_end_offset) == (50, 50)

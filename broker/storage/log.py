@@ -509,13 +509,14 @@ class PartitionLog:
         if self.active_segment.is_empty:
             return self.active_segment
         self.flush()
-        segment = LogSegment.open(
+        # Its file comes with the append that follows; until then the segment before
+        # it is the last one on disk, which a restart opens as the active one.
+        segment = LogSegment.create(
             self.directory,
             self.log_end_offset,
             index_interval_bytes=self.config.index_interval_bytes,
         )
         self._add_segment(segment)
-        fsync_dir(self.directory)
         return segment
 
     # ------------------------------------------------------------------ read
@@ -625,12 +626,13 @@ class PartitionLog:
         self._segments.clear()
         self._bases.clear()
         self.leader_epoch_cache.clear()
-        self._add_segment(
-            LogSegment.open(
-                self.directory, offset, index_interval_bytes=self.config.index_interval_bytes
-            )
+        segment = LogSegment.create(
+            self.directory, offset, index_interval_bytes=self.config.index_interval_bytes
         )
-        fsync_dir(self.directory)
+        # An empty file at ``offset`` says where the log restarts, should the process
+        # die before the log start checkpoint below is written.
+        segment.make_file()
+        self._add_segment(segment)
         self._set_log_start_offset(offset)
         self._recovery_point = offset
         self.flush()

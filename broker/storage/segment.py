@@ -228,6 +228,11 @@ class LogSegment:
             self._log_fd = fd
         return fd
 
+    def make_file(self) -> None:
+        """Make the ``.log`` now (empty) and its name durable, for a segment whose
+        position must survive a crash before its first append."""
+        self._log  # noqa: B018 -- the property makes the file
+
     # ------------------------------------------------------------------ properties
 
     @property
