@@ -224,3 +224,34 @@ def test_a_change_adding_many_followed_partitions_tells_their_fetcher_once(
         assert told == [fetcher, fetcher] and len(fetcher._entries) == 18
     finally:
         rm.stop()
+
+
+def test_many_due_isr_changes_go_out_together(tmp_path: Path) -> None:
+    """A restarted follower catches up on thousands of partitions at once: their
+    expansions are sent several at a time, not one controller round trip after
+    another, and every one is sent."""
+    from broker.replica_manager import ISR_CHANGES_IN_FLIGHT
+
+    topics = [f"t{i}" for i in range(40)]
+    m = Manager([joinable_partition(tmp_path, t) for t in topics])
+    in_flight = [0]
+    most = [0]
+    lock = threading.Lock()
+    ready = threading.Barrier(2, timeout=5)  # two calls at once, or the test fails
+    sent: list[str] = []
+
+    def send(partition: Partition, change: IsrChange) -> None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            sent.append(change.topic)
+        if len(sent) <= 2:
+            ready.wait()
+        with lock:
+            in_flight[0] -= 1
+        partition.isr_change_done(change, None, -1)
+
+    m.rm._send_isr_change = send
+    m.rm._send_isr_changes(full=True)
+    assert sorted(sent) == sorted(topics)
+    assert 2 <= most[0] <= ISR_CHANGES_IN_FLIGHT
