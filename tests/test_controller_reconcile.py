@@ -381,3 +381,24 @@ def test_a_new_active_controller_finishes_what_the_last_one_began(sliced):
     assert in_isr_beside_others(image, 2) == [] and not image.leads(2)
     assert all(part.leader != NO_LEADER for part in partitions_of(image).values())
     check_partitions(image)
+
+
+def test_a_slice_that_fails_to_be_worked_out_does_not_stop_the_controller(sliced, monkeypatch):
+    """A bug in a slice is logged and the work looked for again; requests and the
+    other batches go on."""
+    log, runtime, clock, epochs = sliced
+    calls = [0]
+    real_step = Reconciler.step
+
+    def step_once_broken(self, image):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug")
+        return real_step(self, image)
+
+    monkeypatch.setattr(Reconciler, "step", step_once_broken)
+    epoch = register(log, runtime, 1, incarnation="inc-1-restarted")
+    assert calls[0] >= 2
+    assert in_isr_beside_others(log.state.image, 1) == []
+    assert not heartbeat(log, runtime, 1, epoch).is_fenced
+    check_partitions(log.state.image)

@@ -385,7 +385,12 @@ class ControllerRuntime:
         ):
             # At most one slice per tick, and only while a batch can go out: the
             # slices must not run ahead of the commits they depend on.
-            records = self.reconciler.step(self._spec_image)
+            try:
+                records = self.reconciler.step(self._spec_image)
+            except Exception:  # a bug here must not stop the batches below
+                log.exception("working out a slice failed; looking for the work again")
+                self.reconciler.reset(self._spec_image)
+                records = []
             if records:
                 self._add(records, None)
         if len(self._inflight) < self.settings.max_inflight_batches:
