@@ -104,24 +104,28 @@ class StandInBrokers:
         self._thread.start()
         return self
 
+    def _register_one(self, broker_id: int, cluster_id: str) -> int:
+        """Register ``broker_id`` as a new incarnation; returns its broker epoch."""
+        response = self.client.call(
+            "RegisterBroker",
+            cpb.RegisterBrokerRequest(
+                broker_id=broker_id,
+                incarnation_id=uuid.uuid4().hex,
+                listeners=[
+                    common_pb2.Endpoint(
+                        name="PLAINTEXT", host=self.LISTENER[0], port=self.LISTENER[1]
+                    )
+                ],
+                cluster_id=cluster_id,
+            ),
+            timeout_s=10,
+        )
+        check(response.error)
+        return response.broker_epoch
+
     def _register(self, ids: list[int], cluster_id: str) -> None:
         for broker_id in ids:
-            response = self.client.call(
-                "RegisterBroker",
-                cpb.RegisterBrokerRequest(
-                    broker_id=broker_id,
-                    incarnation_id=uuid.uuid4().hex,
-                    listeners=[
-                        common_pb2.Endpoint(
-                            name="PLAINTEXT", host=self.LISTENER[0], port=self.LISTENER[1]
-                        )
-                    ],
-                    cluster_id=cluster_id,
-                ),
-                timeout_s=10,
-            )
-            check(response.error)
-            self.epochs[broker_id] = response.broker_epoch
+            self.epochs[broker_id] = self._register_one(broker_id, cluster_id)
         deadline = time.monotonic() + 30
         while not all(self._beat(False).values()):  # every one unfenced
             if time.monotonic() > deadline:
@@ -176,23 +180,9 @@ class StandInBrokers:
                 raise
         _wait_broker(self.client, broker_id, t0 + timeout_s, "to lead nothing", _leads_nothing)
         t1 = time.perf_counter()
-        response = self.client.call(
-            "RegisterBroker",
-            cpb.RegisterBrokerRequest(
-                broker_id=broker_id,
-                incarnation_id=uuid.uuid4().hex,
-                listeners=[
-                    common_pb2.Endpoint(
-                        name="PLAINTEXT", host=self.LISTENER[0], port=self.LISTENER[1]
-                    )
-                ],
-                cluster_id=cluster_id,
-            ),
-            timeout_s=10,
-        )
-        check(response.error)
+        new_epoch = self._register_one(broker_id, cluster_id)
         with self._beating:
-            self.epochs[broker_id] = response.broker_epoch
+            self.epochs[broker_id] = new_epoch
         deadline = t1 + timeout_s
         while not self._beat(False)[broker_id]:
             if time.perf_counter() > deadline:

@@ -39,6 +39,20 @@ def broker(broker_id: int, fenced: bool = False) -> SimpleNamespace:
     return SimpleNamespace(broker_id=broker_id, fenced=fenced, in_controlled_shutdown=False)
 
 
+def broker_settings(log_dir: Path) -> BrokerSettings:
+    return BrokerSettings.from_config(
+        NodeConfig(
+            {
+                "node.id": 1,
+                "controller.quorum.voters": "9@127.0.0.1:1:2",
+                "listeners": "127.0.0.1:0",
+                "cluster.id": "c",
+                "log.dirs": str(log_dir),
+            }
+        )
+    )
+
+
 class Manager:
     """A ReplicaManager reduced to its ISR pass; sent changes are recorded."""
 
@@ -100,16 +114,7 @@ def test_a_deletion_that_fails_to_flush_does_not_stop_the_others(
     """Deleting topics closes their partitions without flushing them, so a log that
     cannot flush (a full disk, no descriptor left) neither stops the other deletions
     in the change nor stays: its files are closed and its directory goes."""
-    config = NodeConfig(
-        {
-            "node.id": 1,
-            "controller.quorum.voters": "9@127.0.0.1:1:2",
-            "listeners": "127.0.0.1:0",
-            "cluster.id": "c",
-            "log.dirs": str(tmp_path),
-        }
-    )
-    settings = BrokerSettings.from_config(config)
+    settings = broker_settings(tmp_path)
     rm = ReplicaManager(
         1,
         settings,
@@ -175,16 +180,7 @@ def test_a_change_adding_many_followed_partitions_tells_their_fetcher_once(
     from quorum.image import EMPTY_IMAGE, Endpoint
     from quorum.replay import replay_batch
 
-    config = NodeConfig(
-        {
-            "node.id": 1,
-            "controller.quorum.voters": "9@127.0.0.1:1:2",
-            "listeners": "127.0.0.1:0",
-            "cluster.id": "c",
-            "log.dirs": str(tmp_path),
-        }
-    )
-    settings = BrokerSettings.from_config(config)
+    settings = broker_settings(tmp_path)
     records = [
         r.register_broker(b, f"inc{b}", [Endpoint("PLAINTEXT", "127.0.0.1", 1)], fenced=False)
         for b in (1, 2)

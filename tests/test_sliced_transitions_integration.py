@@ -5,11 +5,10 @@ with a slice of a few partitions, so that a small cluster goes through the path 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import running_cluster
 from typer.testing import CliRunner
 
 from cli import bench
@@ -23,19 +22,13 @@ pytestmark = pytest.mark.integration
 SLICE = 4
 
 
-@contextmanager
-def sliced_cluster(directory: Path, controllers: int, brokers: int) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(directory)
-    cluster.create(controllers=controllers, brokers=brokers)
-    for node in cluster.nodes():
-        if node.role == "controller":
-            cluster.update_config(node.id, {"controller.transition.slice.partitions": SLICE})
-    try:
-        cluster.start()
-        cluster.wait_ready(timeout_s=60)
-        yield cluster
-    finally:
-        cluster.stop(timeout_s=15)
+def sliced_cluster(directory: Path, controllers: int, brokers: int):
+    def configure(cluster: LocalCluster) -> None:
+        for node in cluster.nodes():
+            if node.role == "controller":
+                cluster.update_config(node.id, {"controller.transition.slice.partitions": SLICE})
+
+    return running_cluster(directory, configure, controllers=controllers, brokers=brokers)
 
 
 def controller_log(cluster: LocalCluster) -> str:
