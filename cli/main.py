@@ -14,6 +14,7 @@ args, obj=Deps(admin=...))``.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -908,7 +909,14 @@ def bench_memory(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Free what the command left in reference cycles (a client's finished gRPC
+        # calls) while gRPC's threads still run. Left to interpreter exit, a call's
+        # finaliser can wait for a lock that a daemon thread, frozen at exit, holds:
+        # `raftka consume` hung after its last record in about 1 run in 40.
+        gc.collect()
 
 
 if __name__ == "__main__":

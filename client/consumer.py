@@ -702,6 +702,13 @@ class Consumer:
             fetch.call.cancel()
         self._streams.close()
         self._fetches.clear()
+        # Answers still queued hold their calls: let the calls go now, while gRPC's
+        # threads run (a call finalised at interpreter exit can hang it).
+        while True:
+            try:
+                self._answers.get_nowait().call = None
+            except queue.Empty:
+                break
         self._cluster.close()
 
     def __enter__(self) -> Consumer:
