@@ -12,7 +12,7 @@ import pytest
 from raftka.v1 import common_pb2 as c
 from raftka.v1 import controller_pb2 as cpb
 from test_controller_harness import CLUSTER_ID, Cluster, check_partitions
-from test_controller_runtime import Clock, become_active, call, heartbeat, register
+from test_controller_runtime import Clock, become_active, create_topic, heartbeat, register
 
 from quorum import records as r
 from quorum.controller import brokers, partitions
@@ -244,14 +244,7 @@ def sliced():
     epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
     for b in (1, 2, 3):
         assert not heartbeat(log, runtime, b, epochs[b]).is_fenced
-    created = call(
-        log,
-        runtime,
-        "create_topics",
-        cpb.CreateTopicsRequest(
-            topics=[cpb.CreatableTopic(name="t", num_partitions=6, replication_factor=3)]
-        ),
-    )
+    created = create_topic(log, runtime, "t", 6, 3)
     assert created.results[0].error.code == c.NONE
     return log, runtime, clock, epochs
 

@@ -67,6 +67,14 @@ def register(log, runtime, broker_id: int, incarnation: str = "") -> int:
     return response.broker_epoch
 
 
+def create_topic(log, runtime, name: str, partitions: int, rf: int) -> cpb.CreateTopicsResponse:
+    """CreateTopics of one topic, run to its answer."""
+    request = cpb.CreateTopicsRequest(
+        topics=[cpb.CreatableTopic(name=name, num_partitions=partitions, replication_factor=rf)]
+    )
+    return call(log, runtime, "create_topics", request)  # type: ignore[return-value]
+
+
 def heartbeat(log, runtime, broker_id: int, epoch: int, offset: int | None = None):
     return call(
         log,
@@ -199,14 +207,7 @@ def test_session_expiry_fences_and_moves_leadership(env):
     epochs = {b: register(log, runtime, b) for b in (1, 2, 3)}
     for b, e in epochs.items():
         assert not heartbeat(log, runtime, b, e).is_fenced
-    created = call(
-        log,
-        runtime,
-        "create_topics",
-        cpb.CreateTopicsRequest(
-            topics=[cpb.CreatableTopic(name="orders", num_partitions=3, replication_factor=3)]
-        ),
-    )
+    created = create_topic(log, runtime, "orders", 3, 3)
     assert created.results[0].error.code == common_pb2.NONE, created
     topic = log.state.image.topic_by_name("orders")
     led_by_1 = [i for i, p in topic.partitions.items() if p.leader == 1]
@@ -323,25 +324,11 @@ def test_a_request_too_large_for_one_batch_is_refused_whole():
     epoch = register(log, runtime, 1)
     heartbeat(log, runtime, 1, epoch)
     before = (log.state.image, log.state.next_offset)
-    response = call(
-        log,
-        runtime,
-        "create_topics",
-        cpb.CreateTopicsRequest(
-            topics=[cpb.CreatableTopic(name="huge", num_partitions=50, replication_factor=1)]
-        ),
-    )
+    response = create_topic(log, runtime, "huge", 50, 1)
     assert response.error.code == common_pb2.POLICY_VIOLATION
     assert "split it" in response.error.message
     assert (log.state.image, log.state.next_offset) == before
-    small = call(
-        log,
-        runtime,
-        "create_topics",
-        cpb.CreateTopicsRequest(
-            topics=[cpb.CreatableTopic(name="small", num_partitions=5, replication_factor=1)]
-        ),
-    )
+    small = create_topic(log, runtime, "small", 5, 1)
     assert small.results[0].error.code == common_pb2.NONE
 
 
