@@ -27,6 +27,21 @@ CLUSTER_ID = "raftka-test"
 SESSION_TIMEOUT_MS = 9000
 
 
+def isr_request(broker_id: int, broker_epoch: int, **change) -> cpb.AlterPartitionRequest:
+    """An AlterPartition request carrying one ISR change."""
+    return cpb.AlterPartitionRequest(
+        broker_id=broker_id, broker_epoch=broker_epoch, changes=[cpb.IsrChange(**change)]
+    )
+
+
+def isr_outcome(response: cpb.AlterPartitionResponse) -> cpb.IsrChangeResult:
+    """The result of a one-change request; a refusal of the whole request stands for it."""
+    if response.error.code != common_pb2.NONE:
+        return cpb.IsrChangeResult(error=response.error)
+    (result,) = response.results
+    return result
+
+
 class NoOpRecord(AssertionError):
     """A decision produced a record that replay refused."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from raftka.v1 import common_pb2 as c
 from raftka.v1 import controller_pb2 as cpb
-from test_controller_harness import CLUSTER_ID, Cluster, check_partitions
+from test_controller_harness import CLUSTER_ID, Cluster, check_partitions, isr_request
 from test_controller_runtime import Clock, become_active, create_topic, heartbeat, register
 
 from quorum import records as r
@@ -208,9 +208,9 @@ def test_a_fenced_leader_cannot_change_an_isr_while_its_leaderships_move():
     commit_raw(cluster, brokers.fence_broker(cluster.image, 2, limit=0).records)
     topic = cluster.image.topic_by_name("t")
     index, part = next((i, p) for i, p in sorted(topic.partitions.items()) if p.leader == 2)
-    request = cpb.AlterPartitionRequest(
-        broker_id=2,
-        broker_epoch=cluster.epoch(2),
+    request = isr_request(
+        2,
+        cluster.epoch(2),
         topic="t",
         topic_id=topic.topic_id,
         partition=index,

@@ -6,7 +6,7 @@ import pytest
 from raftka.v1 import common_pb2 as c
 from raftka.v1 import controller_pb2 as cpb
 from raftka.v1 import metadata_pb2 as pb
-from test_controller_harness import CLUSTER_ID, Cluster
+from test_controller_harness import CLUSTER_ID, Cluster, isr_outcome, isr_request
 
 from quorum.controller import brokers, partitions, producer_ids, topics
 from quorum.controller.configs import validate_topic_configs
@@ -293,11 +293,11 @@ def test_placement_is_deterministic_and_the_seed_turns_the_start(cluster):
 # AlterPartition.
 
 
-def alter(cluster: Cluster, **overrides) -> cpb.AlterPartitionResponse:
+def alter(cluster: Cluster, **overrides) -> cpb.IsrChangeResult:
     part = cluster.partition("t", 0)
+    broker_id = overrides.pop("broker_id", part.leader)
+    broker_epoch = overrides.pop("broker_epoch", cluster.epoch(part.leader))
     fields = dict(
-        broker_id=part.leader,
-        broker_epoch=cluster.epoch(part.leader),
         topic="t",
         partition=0,
         leader_epoch=part.leader_epoch,
@@ -305,7 +305,8 @@ def alter(cluster: Cluster, **overrides) -> cpb.AlterPartitionResponse:
         new_isr=list(part.isr),
     )
     fields.update(overrides)
-    return cluster.run(partitions.alter_partition, cpb.AlterPartitionRequest(**fields))
+    request = isr_request(broker_id, broker_epoch, **fields)
+    return isr_outcome(cluster.run(partitions.alter_partition, request))
 
 
 @pytest.fixture
@@ -364,9 +365,9 @@ def test_a_deposed_leaders_alter_partition_is_refused_after_the_leader_moves(t_o
     old = t_on_three.partition("t")
     t_on_three.fence(1)
     t_on_three.heartbeat(1)
-    request = cpb.AlterPartitionRequest(
-        broker_id=1,
-        broker_epoch=t_on_three.epoch(1),
+    request = isr_request(
+        1,
+        t_on_three.epoch(1),
         topic="t",
         partition=0,
         leader_epoch=old.leader_epoch,
@@ -374,7 +375,87 @@ def test_a_deposed_leaders_alter_partition_is_refused_after_the_leader_moves(t_o
         new_isr=[1],
     )
     response = t_on_three.run(partitions.alter_partition, request)
-    assert response.error.code == c.NOT_LEADER_OR_FOLLOWER
+    assert isr_outcome(response).error.code == c.NOT_LEADER_OR_FOLLOWER
+
+
+def change_for(cluster: Cluster, topic: str, index: int, new_isr: list[int]) -> cpb.IsrChange:
+    part = cluster.partition(topic, index)
+    return cpb.IsrChange(
+        topic=topic,
+        partition=index,
+        leader_epoch=part.leader_epoch,
+        partition_epoch=part.partition_epoch,
+        new_isr=new_isr,
+    )
+
+
+def test_one_request_changes_many_partitions_in_one_batch_and_answers_each(cluster):
+    cluster.create_topic("m", 12, 3)
+    leader = cluster.partition("m", 0).leader
+    led = [i for i in range(12) if cluster.partition("m", i).leader == leader]
+    assert len(led) >= 4
+    changes = [change_for(cluster, "m", i, [leader]) for i in led]
+    changes.append(change_for(cluster, "m", led[0], [leader]))  # asked twice: refused
+    changes.append(cpb.IsrChange(topic="m", partition=99, new_isr=[leader]))
+    stale = change_for(cluster, "m", led[1], [leader])
+    stale.partition_epoch += 1
+    request = cpb.AlterPartitionRequest(
+        broker_id=leader, broker_epoch=cluster.epoch(leader), changes=[*changes, stale]
+    )
+    offset = cluster.next_offset
+    response = cluster.run(partitions.alter_partition, request)
+    assert response.error.code == c.NONE
+    asked = [(x.topic, x.partition) for x in request.changes]
+    assert [(x.topic, x.partition) for x in response.results] == asked
+    codes = [x.error.code for x in response.results]
+    # led[0] and led[1] are asked twice: every occurrence is refused, nothing half-done.
+    expected = [c.INVALID_REQUEST, c.INVALID_REQUEST]
+    expected += [c.NONE] * (len(led) - 2) + [c.INVALID_REQUEST, c.UNKNOWN_TOPIC_OR_PARTITION]
+    expected += [c.INVALID_REQUEST]
+    assert codes == expected
+    assert cluster.next_offset == offset + len(led) - 2  # a record per accepted change
+    for i in led[2:]:
+        part = cluster.partition("m", i)
+        assert (part.isr, part.partition_epoch) == ((leader,), 1)
+    for i in led[:2]:
+        assert cluster.partition("m", i).partition_epoch == 0
+
+
+def test_refused_changes_do_not_hold_back_the_others(cluster):
+    cluster.create_topic("m", 6, 3)
+    leader = cluster.partition("m", 0).leader
+    led = [i for i in range(6) if cluster.partition("m", i).leader == leader]
+    assert len(led) >= 2
+    good = change_for(cluster, "m", led[0], [leader])
+    bad = change_for(cluster, "m", led[1], [leader])
+    bad.leader_epoch -= 1
+    request = cpb.AlterPartitionRequest(
+        broker_id=leader, broker_epoch=cluster.epoch(leader), changes=[bad, good]
+    )
+    offset = cluster.next_offset
+    results = cluster.run(partitions.alter_partition, request).results
+    assert [x.error.code for x in results] == [c.FENCED_LEADER_EPOCH, c.NONE]
+    assert f"m-{led[1]}" in results[0].error.message
+    assert (list(results[1].isr), results[1].partition_epoch) == ([leader], 1)
+    assert cluster.next_offset == offset + 1
+    assert cluster.partition("m", led[0]).isr == (leader,)
+    assert cluster.partition("m", led[1]).partition_epoch == 0
+
+
+@pytest.mark.parametrize(
+    ("broker_epoch", "changes", "code"),
+    [
+        (None, [], c.INVALID_REQUEST),
+        (99, [cpb.IsrChange(topic="t", new_isr=[1])], c.STALE_BROKER_EPOCH),
+    ],
+)
+def test_a_refused_request_answers_no_result(t_on_three, broker_epoch, changes, code):
+    epoch = t_on_three.epoch(1) if broker_epoch is None else broker_epoch
+    request = cpb.AlterPartitionRequest(broker_id=1, broker_epoch=epoch, changes=changes)
+    offset = t_on_three.next_offset
+    response = t_on_three.run(partitions.alter_partition, request)
+    assert (response.error.code, list(response.results)) == (code, [])
+    assert t_on_three.next_offset == offset
 
 
 # ElectLeaders.

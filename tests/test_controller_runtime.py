@@ -8,6 +8,7 @@ from concurrent.futures import Future
 import pytest
 from raftka.v1 import common_pb2
 from raftka.v1 import controller_pb2 as cpb
+from test_controller_harness import isr_outcome, isr_request
 
 from quorum import records as r
 from quorum.controller.runtime import ControllerRuntime, RuntimeSettings
@@ -287,20 +288,22 @@ def test_alter_partition_for_a_deleted_topic_cannot_touch_its_namesake(env):
     assert (old.leader_epoch, old.partition_epoch) == (new.leader_epoch, new.partition_epoch)
 
     def shrink(topic_id: str):
-        return call(
-            log,
-            runtime,
-            "alter_partition",
-            cpb.AlterPartitionRequest(
-                broker_id=old.leader,
-                broker_epoch=epochs[old.leader],
-                topic="orders",
-                topic_id=topic_id,
-                partition=0,
-                leader_epoch=old.leader_epoch,
-                partition_epoch=old.partition_epoch,
-                new_isr=[old.leader],
-            ),
+        return isr_outcome(
+            call(
+                log,
+                runtime,
+                "alter_partition",
+                isr_request(
+                    old.leader,
+                    epochs[old.leader],
+                    topic="orders",
+                    topic_id=topic_id,
+                    partition=0,
+                    leader_epoch=old.leader_epoch,
+                    partition_epoch=old.partition_epoch,
+                    new_isr=[old.leader],
+                ),
+            )
         )
 
     stale = shrink(old_id)

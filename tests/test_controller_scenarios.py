@@ -10,7 +10,7 @@ from collections import Counter
 
 from raftka.v1 import common_pb2 as c
 from raftka.v1 import controller_pb2 as cpb
-from test_controller_harness import Cluster, picture
+from test_controller_harness import Cluster, isr_outcome, isr_request, picture
 
 from quorum import records as r
 from quorum.controller import brokers, partitions
@@ -122,16 +122,16 @@ def test_an_isr_expansion_then_preferred_election_brings_leadership_home():
     cluster.fence(1)
     cluster.heartbeat(1)
     part = cluster.partition("orders", 0)
-    expand = cpb.AlterPartitionRequest(
-        broker_id=part.leader,
-        broker_epoch=cluster.epoch(part.leader),
+    expand = isr_request(
+        part.leader,
+        cluster.epoch(part.leader),
         topic="orders",
         partition=0,
         leader_epoch=part.leader_epoch,
         partition_epoch=part.partition_epoch,
         new_isr=[*part.isr, 1],
     )
-    response = cluster.run(partitions.alter_partition, expand)
+    response = isr_outcome(cluster.run(partitions.alter_partition, expand))
     assert response.error.code == c.NONE
     assert response.partition_epoch == part.partition_epoch + 1
     elect = cpb.ElectLeadersRequest(election_type=cpb.PREFERRED)
@@ -202,9 +202,9 @@ def test_requests_decided_under_an_old_broker_epoch_are_refused():
     old_epoch = cluster.epoch(2)
     cluster.register(2, incarnation="inc-2-restarted")
     part = cluster.partition("orders", 1)
-    stale_alter = cpb.AlterPartitionRequest(
-        broker_id=2,
-        broker_epoch=old_epoch,
+    stale_alter = isr_request(
+        2,
+        old_epoch,
         topic="orders",
         partition=1,
         leader_epoch=part.leader_epoch,

@@ -214,6 +214,7 @@ class _Simulation:
         self.seed = seed
         self.steps = steps
         self.rng = random.Random(seed)
+        self.batch_rng = random.Random(f"{seed}:isr-changes")
         self.clock = _Clock()
         self.log = _SteppableLog(node_id=1, clock=self.clock)
         # Nothing is trimmed, so the whole log stays readable for replay.
@@ -431,19 +432,40 @@ class _Simulation:
         others = [b for b in part.replicas if b != broker_id]
         new_isr = [broker_id] + [b for b in others if self.rng.random() < 0.6]
         stale = self.rng.random() < 0.2
-        self._submit(
-            "alter_partition",
-            cpb.AlterPartitionRequest(
-                broker_id=broker_id,
-                broker_epoch=self._broker_epoch(broker_id),
+        changes = [
+            cpb.IsrChange(
                 topic=name,
                 topic_id=topic_id,
                 partition=index,
                 leader_epoch=part.leader_epoch - (1 if stale and self.rng.random() < 0.5 else 0),
                 partition_epoch=part.partition_epoch - (1 if stale else 0),
                 new_isr=new_isr,
+            )
+        ]
+        # A leader sends every change it has pending in one request: sometimes more
+        # changes (the same partition again, now and then), drawn from a generator of
+        # their own so that the main one runs as it did when the seeds above were found.
+        side = self.batch_rng
+        for _ in range(side.choice((0, 0, 0, 1, 2))):
+            name, topic_id, index, part = side.choice(parts)
+            members = [b for b in part.replicas if b != broker_id]
+            changes.append(
+                cpb.IsrChange(
+                    topic=name,
+                    topic_id=topic_id,
+                    partition=index,
+                    leader_epoch=part.leader_epoch,
+                    partition_epoch=part.partition_epoch - (side.random() < 0.2),
+                    new_isr=[broker_id] + [b for b in members if side.random() < 0.6],
+                )
+            )
+        self._submit(
+            "alter_partition",
+            cpb.AlterPartitionRequest(
+                broker_id=broker_id,
+                broker_epoch=self._broker_epoch(broker_id),
+                changes=changes,
             ),
-            topic_id=topic_id,
         )
 
     def _submit_elect_leaders(self) -> None:
@@ -858,18 +880,28 @@ class _Simulation:
                 self._answer_fail(q, response, f"{asked.name} has fewer partitions")
 
     def _check_alter_partition(self, q: _Request, response: Any) -> None:
-        def holds(image: MetadataImage) -> bool:
-            part = image.partition(q.context["topic_id"], q.request.partition)
-            return (
-                part is not None
-                and part.partition_epoch == response.partition_epoch
-                and part.leader == response.leader
-                and part.leader_epoch == response.leader_epoch
-                and set(part.isr) == set(response.isr)
-            )
+        asked = [(c.topic, c.partition) for c in q.request.changes]
+        answered = [(x.topic, x.partition) for x in response.results]
+        if answered != asked:
+            self._answer_fail(q, response, f"results for {answered}, asked {asked}")
+        for change, result in zip(q.request.changes, response.results, strict=False):
+            if result.error.code != NONE:
+                continue
 
-        if not self._answer_holds(q, holds):
-            self._answer_fail(q, response, "no committed state of the partition matches")
+            def holds(image: MetadataImage, change: Any = change, result: Any = result) -> bool:
+                part = image.partition(change.topic_id, change.partition)
+                return (
+                    part is not None
+                    and part.partition_epoch == result.partition_epoch
+                    and part.leader == result.leader
+                    and part.leader_epoch == result.leader_epoch
+                    and set(part.isr) == set(result.isr)
+                )
+
+            if not self._answer_holds(q, holds):
+                self._answer_fail(
+                    q, response, f"no committed state of {change.topic}-{change.partition} matches"
+                )
 
     def _check_elect_leaders(self, q: _Request, response: Any) -> None:
         # Elections are covered by the partition invariants; the answer names

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from raftka.v1 import common_pb2, controller_pb2
 
+from broker import replica_manager
 from broker.local_changes import LocalChanges
 from broker.log_manager import LogManager
-from broker.partition import IsrChange, Partition, PartitionSettings
+from broker.partition import Partition, PartitionSettings
 from broker.replica_manager import BrokerSettings, ReplicaManager
 from broker.storage.log import LogConfig, PartitionLog
+from client.errors import UnknownOutcomeError
 from quorum.config import NodeConfig
 from quorum.image import PartitionRegistration
 
@@ -54,40 +59,61 @@ def broker_settings(log_dir: Path) -> BrokerSettings:
 
 
 class Manager:
-    """A ReplicaManager reduced to its ISR pass; sent changes are recorded."""
+    """A ReplicaManager reduced to its ISR pass, with a stand-in controller that
+    records every AlterPartition and refuses each change (so it is due again)."""
 
     def __init__(self, partitions: list[Partition]):
         rm = object.__new__(ReplicaManager)
+        rm.broker_id = 1
+        rm._broker_epoch = lambda: 7
         rm._partitions = {(p.topic, p.index): p for p in partitions}
         rm._isr_wake = threading.Event()
         rm._isr_due = set()
         rm._isr_due_lock = threading.Lock()
         rm._isr_eligible = None
         rm._unsettled = {}
+        rm.isr_changes_sent = 0
         self.brokers = {1: broker(1), 2: broker(2)}
         rm._image = lambda: SimpleNamespace(brokers=self.brokers)
-        self.sent: list[str] = []
-
-        def send(partition: Partition, change: IsrChange) -> None:
-            self.sent.append(change.topic)
-            partition.isr_change_done(change, None, -1)  # refused: due again later
-
-        rm._send_isr_change = send
+        self.requests: list[controller_pb2.AlterPartitionRequest] = []
+        self.answer: Callable[[controller_pb2.AlterPartitionRequest], Any] = refuse_each
+        rm._alter_partition = self.alter
         self.rm = rm
+
+    def alter(self, request: controller_pb2.AlterPartitionRequest) -> Any:
+        self.requests.append(request)
+        return self.answer(request)
+
+    @property
+    def sent(self) -> list[str]:
+        return [change.topic for request in self.requests for change in request.changes]
+
+
+def refuse_each(request: controller_pb2.AlterPartitionRequest) -> Any:
+    return controller_pb2.AlterPartitionResponse(
+        results=[
+            controller_pb2.IsrChangeResult(
+                topic=change.topic,
+                partition=change.partition,
+                error=common_pb2.Error(code=common_pb2.INVALID_UPDATE_VERSION, message="stale"),
+            )
+            for change in request.changes
+        ]
+    )
 
 
 def test_only_marked_partitions_are_looked_at_between_full_passes(tmp_path: Path) -> None:
     m = Manager([joinable_partition(tmp_path, t) for t in ("a", "b", "c")])
     m.rm._send_isr_changes(full=False)  # first pass: eligibility is new, so all
     assert sorted(m.sent) == ["a", "b", "c"]
-    m.sent.clear()
+    m.requests.clear()
     m.rm._send_isr_changes(full=False)
     assert m.sent == []  # nothing marked, nobody changed
     m.rm._check_isr([("b", 0), ("gone", 0)])
     assert m.rm._isr_wake.is_set()
     m.rm._send_isr_changes(full=False)
     assert m.sent == ["b"]
-    m.sent.clear()
+    m.requests.clear()
     m.rm._send_isr_changes(full=True)
     assert sorted(m.sent) == ["a", "b", "c"]
 
@@ -95,7 +121,7 @@ def test_only_marked_partitions_are_looked_at_between_full_passes(tmp_path: Path
 def test_a_change_in_who_may_join_looks_at_every_partition(tmp_path: Path) -> None:
     m = Manager([joinable_partition(tmp_path, t) for t in ("a", "b")])
     m.rm._send_isr_changes(full=False)
-    m.sent.clear()
+    m.requests.clear()
     m.brokers[3] = broker(3)  # a broker registered and was unfenced
     m.rm._send_isr_changes(full=False)
     assert sorted(m.sent) == ["a", "b"]
@@ -222,32 +248,90 @@ def test_a_change_adding_many_followed_partitions_tells_their_fetcher_once(
         rm.stop()
 
 
-def test_many_due_isr_changes_go_out_together(tmp_path: Path) -> None:
+def test_many_due_isr_changes_go_out_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A restarted follower catches up on thousands of partitions at once: their
-    expansions are sent several at a time, not one controller round trip after
-    another, and every one is sent."""
-    from broker.replica_manager import ISR_CHANGES_IN_FLIGHT
-
+    expansions go out in as few AlterPartition requests as the bound per request
+    allows, not one controller round trip each, and every one is sent."""
+    monkeypatch.setattr(replica_manager, "ISR_CHANGES_PER_REQUEST", 16)
     topics = [f"t{i}" for i in range(40)]
     m = Manager([joinable_partition(tmp_path, t) for t in topics])
-    in_flight = [0]
-    most = [0]
-    lock = threading.Lock()
-    ready = threading.Barrier(2, timeout=5)  # two calls at once, or the test fails
-    sent: list[str] = []
-
-    def send(partition: Partition, change: IsrChange) -> None:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-            sent.append(change.topic)
-        if len(sent) <= 2:
-            ready.wait()
-        with lock:
-            in_flight[0] -= 1
-        partition.isr_change_done(change, None, -1)
-
-    m.rm._send_isr_change = send
     m.rm._send_isr_changes(full=True)
-    assert sorted(sent) == sorted(topics)
-    assert 2 <= most[0] <= ISR_CHANGES_IN_FLIGHT
+    assert [len(request.changes) for request in m.requests] == [16, 16, 8]
+    assert sorted(m.sent) == sorted(topics)
+    assert {(r.broker_id, r.broker_epoch) for r in m.requests} == {(1, 7)}
+    change = m.requests[0].changes[0]
+    assert (list(change.new_isr), change.topic_id) == ([1, 2], f"id-{change.topic}")
+
+
+def test_each_answer_settles_its_own_partition(tmp_path: Path) -> None:
+    """Accepted changes take the committed ISR, refused and unanswered ones are due
+    again, whatever order the results come in."""
+    parts = {t: joinable_partition(tmp_path, t) for t in ("a", "b", "c")}
+    m = Manager(list(parts.values()))
+
+    def answer(request: controller_pb2.AlterPartitionRequest) -> Any:
+        by_topic = {change.topic: change for change in request.changes}
+        return controller_pb2.AlterPartitionResponse(
+            results=[
+                controller_pb2.IsrChangeResult(
+                    topic="b",
+                    partition=0,
+                    error=common_pb2.Error(code=common_pb2.FENCED_LEADER_EPOCH),
+                ),
+                controller_pb2.IsrChangeResult(
+                    topic="a",
+                    partition=0,
+                    leader=1,
+                    leader_epoch=0,
+                    partition_epoch=by_topic["a"].partition_epoch + 1,
+                    isr=by_topic["a"].new_isr,
+                ),
+            ]  # and nothing about "c"
+        )
+
+    m.answer = answer
+    m.rm._send_isr_changes(full=True)
+    assert sorted(m.sent) == ["a", "b", "c"]
+    assert (parts["a"].isr, parts["a"].partition_epoch, parts["a"].pending_isr) == (
+        (1, 2),
+        1,
+        None,
+    )
+    for t in ("b", "c"):
+        assert (parts[t].isr, parts[t].pending_isr) == ((1,), None)
+    m.requests.clear()
+    m.answer = refuse_each
+    m.rm._send_isr_changes(full=True)
+    assert sorted(m.sent) == ["b", "c"]  # due again; "a" is done
+
+
+def test_a_refused_request_refuses_every_change_in_it(tmp_path: Path) -> None:
+    parts = [joinable_partition(tmp_path, t) for t in ("a", "b")]
+    m = Manager(parts)
+    m.answer = lambda request: controller_pb2.AlterPartitionResponse(
+        error=common_pb2.Error(code=common_pb2.STALE_BROKER_EPOCH, message="old epoch")
+    )
+    m.rm._send_isr_changes(full=True)
+    assert sorted(m.sent) == ["a", "b"]
+    assert all(p.pending_isr is None and p.isr == (1,) for p in parts)
+
+
+def test_changes_of_unknown_outcome_are_sent_again_unchanged(tmp_path: Path) -> None:
+    parts = [joinable_partition(tmp_path, t) for t in ("a", "b")]
+    m = Manager(parts)
+
+    def lost(request: controller_pb2.AlterPartitionRequest) -> Any:
+        raise UnknownOutcomeError("the controller died mid-request")
+
+    m.answer = lost
+    m.rm._send_isr_changes(full=True)
+    first = list(m.requests[0].changes)
+    assert all(p.pending_isr == (1, 2) for p in parts)  # the ISR stays the maximal one
+    assert set(m.rm._unsettled) == {("a", 0), ("b", 0)}
+    m.requests.clear()
+    m.answer = refuse_each
+    m.rm._send_isr_changes(full=False)
+    assert list(m.requests[0].changes) == first
+    assert m.rm._unsettled == {}

@@ -1,13 +1,15 @@
 """Partition decisions: ISR changes from partition leaders, and leader elections.
 
-AlterPartition is the leader's request to shrink or expand its ISR. It is
-checked against every epoch it carries, because the leader decided it on
-what it knew then: a request from a deposed leader, or decided on an ISR
-that has changed since, must not overwrite the newer state.
+AlterPartition is the leader's request to shrink or expand the ISRs of its
+partitions, as many as it has changes pending for. Each change is checked
+against every epoch it carries, because the leader decided it on what it knew
+then: a change from a deposed leader, or decided on an ISR that has changed
+since, must not overwrite the newer state.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,92 +27,128 @@ from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
 def alter_partition(
     image: MetadataImage, req: cpb.AlterPartitionRequest, ctx: ControllerContext
 ) -> ControllerResult[cpb.AlterPartitionResponse]:
-    topic = image.topic_by_name(req.topic)
-    if topic is not None and req.topic_id and req.topic_id != topic.topic_id:
-        return ControllerResult(
-            [],
-            cpb.AlterPartitionResponse(
-                error=error(
-                    ErrorCode.UNKNOWN_TOPIC_ID,
-                    f"topic {req.topic!r} is now {topic.topic_id}, not {req.topic_id}",
-                )
-            ),
-        )
-    part = None if topic is None else topic.partitions.get(req.partition)
-    refusal = _alter_refusal(image, req, part)
-    if refusal is not None:
-        return ControllerResult([], cpb.AlterPartitionResponse(error=refusal))
-    assert topic is not None and part is not None
-    if set(req.new_isr) == set(part.isr):
-        # Already the state asked for (a retry, or a reordering): nothing to commit.
-        return ControllerResult([], _alter_response(part, part.isr, part.partition_epoch))
-    change = r.partition_change(topic.topic_id, req.partition, isr=list(req.new_isr))
-    response = _alter_response(part, tuple(req.new_isr), part.partition_epoch + 1)
-    return ControllerResult([change], response)
-
-
-def _alter_response(
-    part: PartitionRegistration, isr: Iterable[int], partition_epoch: int
-) -> cpb.AlterPartitionResponse:
-    return cpb.AlterPartitionResponse(
-        error=ok(),
-        leader=part.leader,
-        leader_epoch=part.leader_epoch,
-        partition_epoch=partition_epoch,
-        isr=list(isr),
-    )
-
-
-def _alter_refusal(
-    image: MetadataImage, req: cpb.AlterPartitionRequest, part: PartitionRegistration | None
-) -> common_pb2.Error | None:
+    """A leader's pending ISR changes: each checked on its own, the accepted ones
+    committed in one batch (Kafka's AlterPartition carries them the same way)."""
     broker, stale = check_broker_epoch(image, req.broker_id, req.broker_epoch)
     if stale.code != ErrorCode.NONE:
-        return stale
+        return _refused(stale)
     if broker is not None and broker.fenced:
         # Its leaderships are being moved away (in slices, for a broker in many
         # ISRs: reconcile.py); a fenced broker decides nothing meanwhile.
-        return error(
-            ErrorCode.NOT_LEADER_OR_FOLLOWER,
-            f"broker {req.broker_id} is fenced; its leaderships are moving to other brokers",
+        return _refused(
+            error(
+                ErrorCode.NOT_LEADER_OR_FOLLOWER,
+                f"broker {req.broker_id} is fenced; its leaderships are moving to other brokers",
+            )
         )
+    if not req.changes:
+        return _refused(error(ErrorCode.INVALID_REQUEST, "the request carries no ISR change"))
+    asked = Counter((change.topic, change.partition) for change in req.changes)
+    active = active_ids(image)
+    records: list[pb.MetadataRecord] = []
+    results: list[cpb.IsrChangeResult] = []
+    for change in req.changes:
+        if asked[(change.topic, change.partition)] > 1:
+            duplicate = error(
+                ErrorCode.INVALID_REQUEST,
+                f"{change.topic}-{change.partition} is asked more than once in the request",
+            )
+            results.append(_result(change, duplicate))
+            continue
+        record, result = _alter_one(image, req.broker_id, change, active)
+        if record is not None:
+            records.append(record)
+        results.append(result)
+    return ControllerResult(records, cpb.AlterPartitionResponse(error=ok(), results=results))
+
+
+def _refused(why: common_pb2.Error) -> ControllerResult[cpb.AlterPartitionResponse]:
+    return ControllerResult([], cpb.AlterPartitionResponse(error=why))
+
+
+def _alter_one(
+    image: MetadataImage, leader: int, change: cpb.IsrChange, active: frozenset[int]
+) -> tuple[pb.MetadataRecord | None, cpb.IsrChangeResult]:
+    topic = image.topic_by_name(change.topic)
+    if topic is not None and change.topic_id and change.topic_id != topic.topic_id:
+        return None, _result(
+            change,
+            error(
+                ErrorCode.UNKNOWN_TOPIC_ID,
+                f"topic {change.topic!r} is now {topic.topic_id}, not {change.topic_id}",
+            ),
+        )
+    part = None if topic is None else topic.partitions.get(change.partition)
+    refusal = _alter_refusal(leader, change, part, active)
+    if refusal is not None:
+        return None, _result(change, refusal)
+    assert topic is not None and part is not None
+    if set(change.new_isr) == set(part.isr):
+        # Already the state asked for (a retry, or a reordering): nothing to commit.
+        return None, _result(change, ok(), part, part.isr, part.partition_epoch)
+    record = r.partition_change(topic.topic_id, change.partition, isr=list(change.new_isr))
+    return record, _result(change, ok(), part, change.new_isr, part.partition_epoch + 1)
+
+
+def _result(
+    change: cpb.IsrChange,
+    outcome: common_pb2.Error,
+    part: PartitionRegistration | None = None,
+    isr: Iterable[int] = (),
+    partition_epoch: int = 0,
+) -> cpb.IsrChangeResult:
+    result = cpb.IsrChangeResult(topic=change.topic, partition=change.partition, error=outcome)
+    if part is not None:
+        result.leader = part.leader
+        result.leader_epoch = part.leader_epoch
+        result.partition_epoch = partition_epoch
+        result.isr.extend(isr)
+    return result
+
+
+def _alter_refusal(
+    leader: int,
+    change: cpb.IsrChange,
+    part: PartitionRegistration | None,
+    active: frozenset[int],
+) -> common_pb2.Error | None:
+    name = f"{change.topic}-{change.partition}"
     if part is None:
-        return error(
-            ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown partition {req.topic}-{req.partition}"
-        )
-    if part.leader != req.broker_id:
+        return error(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown partition {name}")
+    if part.leader != leader:
         return error(
             ErrorCode.NOT_LEADER_OR_FOLLOWER,
-            f"broker {req.broker_id} is not the leader of {req.topic}-{req.partition}"
-            f" (leader {part.leader})",
+            f"broker {leader} is not the leader of {name} (leader {part.leader})",
         )
-    if req.leader_epoch < part.leader_epoch:
+    if change.leader_epoch < part.leader_epoch:
         return error(
-            ErrorCode.FENCED_LEADER_EPOCH, _epochs("leader", req.leader_epoch, part.leader_epoch)
+            ErrorCode.FENCED_LEADER_EPOCH,
+            _epochs(name, "leader", change.leader_epoch, part.leader_epoch),
         )
-    if req.leader_epoch > part.leader_epoch:
+    if change.leader_epoch > part.leader_epoch:
         return error(
-            ErrorCode.UNKNOWN_LEADER_EPOCH, _epochs("leader", req.leader_epoch, part.leader_epoch)
+            ErrorCode.UNKNOWN_LEADER_EPOCH,
+            _epochs(name, "leader", change.leader_epoch, part.leader_epoch),
         )
-    if req.partition_epoch != part.partition_epoch:
+    if change.partition_epoch != part.partition_epoch:
         return error(
             ErrorCode.INVALID_UPDATE_VERSION,
-            _epochs("partition", req.partition_epoch, part.partition_epoch),
+            _epochs(name, "partition", change.partition_epoch, part.partition_epoch),
         )
-    return _isr_refusal(image, req, part)
+    return _isr_refusal(leader, change, part, active)
 
 
-def _epochs(what: str, asked: int, current: int) -> str:
-    return f"{what} epoch {asked} in the request, {current} in the controller"
+def _epochs(name: str, what: str, asked: int, current: int) -> str:
+    return f"{name}: {what} epoch {asked} in the request, {current} in the controller"
 
 
 def _isr_refusal(
-    image: MetadataImage, req: cpb.AlterPartitionRequest, part: PartitionRegistration
+    leader: int, change: cpb.IsrChange, part: PartitionRegistration, active: frozenset[int]
 ) -> common_pb2.Error | None:
-    new_isr = list(req.new_isr)
+    new_isr = list(change.new_isr)
     if len(set(new_isr)) != len(new_isr):
         return error(ErrorCode.INVALID_REQUEST, f"duplicate brokers in the new ISR {new_isr}")
-    if req.broker_id not in new_isr:
+    if leader not in new_isr:
         return error(ErrorCode.INVALID_REQUEST, f"the new ISR {new_isr} leaves out the leader")
     outside = sorted(set(new_isr) - set(part.replicas))
     if outside:
@@ -119,7 +157,6 @@ def _isr_refusal(
         )
     # A broker that is fenced or shutting down would leave again at once, and
     # an ISR member that is not alive makes acks=all writes wait for nothing.
-    active = active_ids(image)
     ineligible = sorted(b for b in set(new_isr) - set(part.isr) if b not in active)
     if ineligible:
         return error(
