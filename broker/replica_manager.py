@@ -35,7 +35,7 @@ from broker.partition import (
     now_ms,
 )
 from broker.storage.log import LogConfig
-from client.errors import RaftkaError, RequestTimedOutError, UnknownOutcomeError
+from client.errors import RaftkaError
 from quorum.config import NodeConfig
 from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
 
@@ -47,6 +47,25 @@ _MAX_WAIT_MS = 30_000
 # pending together, as Kafka's does; the bound keeps each request's metadata batch
 # moderate (a broker restarted with 30,000 replicas is due to rejoin them all at once).
 ISR_CHANGES_PER_REQUEST = 1000
+# How a leader takes a refused ISR change, as Kafka's Partition.handleAlterPartitionError.
+# The controller checks a change's epochs first, so these refusals mean the epochs
+# were the current ones: neither this send nor an earlier one of the same change was
+# applied, and the leader goes back to its committed ISR.
+_ISR_CHANGE_NOT_APPLIED = frozenset({common_pb2.INELIGIBLE_REPLICA, common_pb2.INVALID_REQUEST})
+# These mean the leader's view is behind the controller's, perhaps because an earlier
+# send whose answer was lost committed the change: it stays pending (the high
+# watermark counts the maximal ISR) until the metadata brings the partition's state.
+# Going back to the old ISR instead could acknowledge acks=all writes that a replica
+# in the committed ISR does not have. Any other refusal is sent again.
+_ISR_CHANGE_AWAITS_METADATA = frozenset(
+    {
+        common_pb2.FENCED_LEADER_EPOCH,
+        common_pb2.INVALID_UPDATE_VERSION,
+        common_pb2.NOT_LEADER_OR_FOLLOWER,
+        common_pb2.UNKNOWN_TOPIC_OR_PARTITION,
+        common_pb2.UNKNOWN_TOPIC_ID,
+    }
+)
 
 
 def _error(code: str | int, message: str = "") -> common_pb2.Error:
@@ -802,7 +821,12 @@ class ReplicaManager:
         One request per change, even 16 in flight at a time, took a broker restarted
         with 10,000 replicas 10-12 s to be back in all its ISRs."""
         for start in range(0, len(due), ISR_CHANGES_PER_REQUEST):
-            self._alter_isrs(due[start : start + ISR_CHANGES_PER_REQUEST])
+            items = due[start : start + ISR_CHANGES_PER_REQUEST]
+            try:
+                self._alter_isrs(items)
+            except Exception:  # the changes stay pending: sent again, not stranded
+                log.exception("sending %d ISR changes failed; sending them again", len(items))
+                self._send_again(items)
 
     def _alter_isrs(self, items: list[tuple[Partition, IsrChange]]) -> None:
         request = controller_pb2.AlterPartitionRequest(
@@ -832,35 +856,55 @@ class ReplicaManager:
             )
         try:
             answer = self._alter_partition(request)
-        except (UnknownOutcomeError, RequestTimedOutError, grpc.RpcError) as e:
-            # Perhaps committed: keep the changes pending (the high watermark keeps
-            # counting the maximal ISR) and send them again; a committed one comes
-            # back as "already so", or arrives with the metadata.
-            log.info("outcome of %d ISR changes unknown: %s", len(items), e)
-            for partition, change in items:
-                self._unsettled[(change.topic, change.partition)] = (partition, change)
-            return
         except RaftkaError as e:
-            self._isr_changes_refused(items, str(e))
+            # Timed out, no controller, the outcome unknown: perhaps committed.
+            log.info("%d ISR changes not answered: %s", len(items), e)
+            self._send_again(items)
             return
-        if answer.error.code != common_pb2.NONE:
-            self._isr_changes_refused(items, answer.error.message)
+        except grpc.RpcError as e:
+            log.info("%d ISR changes not answered: %s", len(items), e)
+            self._send_again(items)
+            return
+        code = answer.error.code
+        if code == common_pb2.POLICY_VIOLATION and len(items) > 1:
+            # More records than the controller takes in one request
+            # (controller.max.records.per.request): in halves.
+            half = len(items) // 2
+            self._alter_isrs(items[:half])
+            self._alter_isrs(items[half:])
+            return
+        if code != common_pb2.NONE:
+            # Refused whole (a stale broker epoch, a fenced broker, ...): nothing in
+            # it was applied, but an earlier send of the same changes may have been.
+            log.info("%d ISR changes refused: %s", len(items), answer.error.message)
+            self._send_again(items)
             return
         results = {(result.topic, result.partition): result for result in answer.results}
         for partition, change in items:
             result = results.get((change.topic, change.partition))
             if result is None:
-                self._isr_changes_refused([(partition, change)], "the answer leaves it out")
-            elif result.error.code != common_pb2.NONE:
-                self._isr_changes_refused([(partition, change)], result.error.message)
-            else:
+                log.warning("%s-%d: no answer to its ISR change", change.topic, change.partition)
+                self._send_again([(partition, change)])
+            elif result.error.code == common_pb2.NONE:
                 partition.isr_change_done(change, tuple(result.isr), result.partition_epoch)
+            else:
+                self._isr_change_refused(partition, change, result.error)
 
-    @staticmethod
-    def _isr_changes_refused(items: list[tuple[Partition, IsrChange]], why: str) -> None:
+    def _send_again(self, items: list[tuple[Partition, IsrChange]]) -> None:
+        """Keep the changes pending (the high watermark goes on counting the maximal
+        ISR) and send them again, unchanged, on the ISR thread's next pass."""
         for partition, change in items:
-            log.info("%s-%d: ISR change refused: %s", change.topic, change.partition, why)
+            self._unsettled[(change.topic, change.partition)] = (partition, change)
+
+    def _isr_change_refused(
+        self, partition: Partition, change: IsrChange, why: common_pb2.Error
+    ) -> None:
+        log.info("%s-%d: ISR change refused: %s", change.topic, change.partition, why.message)
+        if why.code in _ISR_CHANGE_NOT_APPLIED:
             partition.isr_change_done(change, None, -1)
+        elif why.code not in _ISR_CHANGE_AWAITS_METADATA:
+            self._send_again([(partition, change)])
+        # Else it stays pending until the metadata brings the partition's state.
 
     # ------------------------------------------------------------------ background
 

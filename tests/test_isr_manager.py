@@ -23,9 +23,10 @@ from broker import replica_manager
 from broker.local_changes import LocalChanges
 from broker.log_manager import LogManager
 from broker.partition import Partition, PartitionSettings
+from broker.record_batch import Record, encode_batch
 from broker.replica_manager import BrokerSettings, ReplicaManager
 from broker.storage.log import LogConfig, PartitionLog
-from client.errors import UnknownOutcomeError
+from client.errors import RequestTimedOutError, UnknownOutcomeError
 from quorum.config import NodeConfig
 from quorum.image import PartitionRegistration
 
@@ -60,7 +61,8 @@ def broker_settings(log_dir: Path) -> BrokerSettings:
 
 class Manager:
     """A ReplicaManager reduced to its ISR pass, with a stand-in controller that
-    records every AlterPartition and refuses each change (so it is due again)."""
+    records every AlterPartition and refuses each change as one that cannot be
+    applied (so it is due again)."""
 
     def __init__(self, partitions: list[Partition]):
         rm = object.__new__(ReplicaManager)
@@ -89,13 +91,15 @@ class Manager:
         return [change.topic for request in self.requests for change in request.changes]
 
 
-def refuse_each(request: controller_pb2.AlterPartitionRequest) -> Any:
+def refuse_each(
+    request: controller_pb2.AlterPartitionRequest, code: int = common_pb2.INELIGIBLE_REPLICA
+) -> Any:
     return controller_pb2.AlterPartitionResponse(
         results=[
             controller_pb2.IsrChangeResult(
                 topic=change.topic,
                 partition=change.partition,
-                error=common_pb2.Error(code=common_pb2.INVALID_UPDATE_VERSION, message="stale"),
+                error=common_pb2.Error(code=code, message="refused"),
             )
             for change in request.changes
         ]
@@ -266,8 +270,9 @@ def test_many_due_isr_changes_go_out_together(
 
 
 def test_each_answer_settles_its_own_partition(tmp_path: Path) -> None:
-    """Accepted changes take the committed ISR, refused and unanswered ones are due
-    again, whatever order the results come in."""
+    """Accepted changes take the committed ISR; one refused as not applicable goes
+    back to the committed ISR and is due again; one left out of the answer is sent
+    again as it was; whatever order the results come in."""
     parts = {t: joinable_partition(tmp_path, t) for t in ("a", "b", "c")}
     m = Manager(list(parts.values()))
 
@@ -278,7 +283,7 @@ def test_each_answer_settles_its_own_partition(tmp_path: Path) -> None:
                 controller_pb2.IsrChangeResult(
                     topic="b",
                     partition=0,
-                    error=common_pb2.Error(code=common_pb2.FENCED_LEADER_EPOCH),
+                    error=common_pb2.Error(code=common_pb2.INELIGIBLE_REPLICA),
                 ),
                 controller_pb2.IsrChangeResult(
                     topic="a",
@@ -294,38 +299,55 @@ def test_each_answer_settles_its_own_partition(tmp_path: Path) -> None:
     m.answer = answer
     m.rm._send_isr_changes(full=True)
     assert sorted(m.sent) == ["a", "b", "c"]
-    assert (parts["a"].isr, parts["a"].partition_epoch, parts["a"].pending_isr) == (
-        (1, 2),
-        1,
-        None,
-    )
-    for t in ("b", "c"):
-        assert (parts[t].isr, parts[t].pending_isr) == ((1,), None)
+    a, b, c = parts["a"], parts["b"], parts["c"]
+    assert (a.isr, a.partition_epoch, a.pending_isr) == ((1, 2), 1, None)
+    assert (b.isr, b.pending_isr) == ((1,), None)
+    assert (c.isr, c.pending_isr) == ((1,), (1, 2))  # still counted in the high watermark
     m.requests.clear()
     m.answer = refuse_each
     m.rm._send_isr_changes(full=True)
-    assert sorted(m.sent) == ["b", "c"]  # due again; "a" is done
+    assert sorted(m.sent) == ["b", "c"]  # "b" due again, "c" sent again; "a" is done
 
 
-def test_a_refused_request_refuses_every_change_in_it(tmp_path: Path) -> None:
+def test_a_request_refused_whole_is_sent_again(tmp_path: Path) -> None:
+    """A stale broker epoch (the broker registered again meanwhile), a fenced broker:
+    nothing in the request was applied, but an earlier send of it may have been."""
     parts = [joinable_partition(tmp_path, t) for t in ("a", "b")]
     m = Manager(parts)
     m.answer = lambda request: controller_pb2.AlterPartitionResponse(
         error=common_pb2.Error(code=common_pb2.STALE_BROKER_EPOCH, message="old epoch")
     )
     m.rm._send_isr_changes(full=True)
+    assert all(p.pending_isr == (1, 2) for p in parts)
+    m.requests.clear()
+    m.rm._broker_epoch = lambda: 8
+    m.answer = refuse_each
+    m.rm._send_isr_changes(full=False)
     assert sorted(m.sent) == ["a", "b"]
-    assert all(p.pending_isr is None and p.isr == (1,) for p in parts)
+    assert m.requests[0].broker_epoch == 8
+    assert all(p.pending_isr is None for p in parts)
 
 
-def test_changes_of_unknown_outcome_are_sent_again_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "lost",
+    [
+        UnknownOutcomeError("the controller died mid-request"),
+        RequestTimedOutError("no controller answered"),
+        controller_pb2.AlterPartitionResponse(
+            error=common_pb2.Error(code=common_pb2.UNKNOWN_OUTCOME, message="lost leadership")
+        ),
+    ],
+)
+def test_changes_of_unknown_outcome_are_sent_again_unchanged(tmp_path: Path, lost: Any) -> None:
     parts = [joinable_partition(tmp_path, t) for t in ("a", "b")]
     m = Manager(parts)
 
-    def lost(request: controller_pb2.AlterPartitionRequest) -> Any:
-        raise UnknownOutcomeError("the controller died mid-request")
+    def answer(request: controller_pb2.AlterPartitionRequest) -> Any:
+        if isinstance(lost, Exception):
+            raise lost
+        return lost
 
-    m.answer = lost
+    m.answer = answer
     m.rm._send_isr_changes(full=True)
     first = list(m.requests[0].changes)
     assert all(p.pending_isr == (1, 2) for p in parts)  # the ISR stays the maximal one
@@ -335,3 +357,70 @@ def test_changes_of_unknown_outcome_are_sent_again_unchanged(tmp_path: Path) -> 
     m.rm._send_isr_changes(full=False)
     assert list(m.requests[0].changes) == first
     assert m.rm._unsettled == {}
+
+
+def test_a_change_a_lost_answer_committed_stays_pending_until_the_metadata_says_so(
+    tmp_path: Path,
+) -> None:
+    """The first send committed but its answer was lost; the second is refused for
+    its now stale partition epoch. Going back to the old ISR then would let the high
+    watermark (and acks=all) pass a follower that the committed ISR holds."""
+    partition = joinable_partition(tmp_path, "a")
+    m = Manager([partition])
+
+    def lost(request: controller_pb2.AlterPartitionRequest) -> Any:
+        raise UnknownOutcomeError("the answer was lost; the controller committed it")
+
+    m.answer = lost
+    m.rm._send_isr_changes(full=True)
+    m.answer = lambda request: refuse_each(request, common_pb2.INVALID_UPDATE_VERSION)
+    m.rm._send_isr_changes(full=False)
+    assert len(m.requests) == 2
+    assert partition.pending_isr == (1, 2)
+    m.rm._send_isr_changes(full=True)
+    assert len(m.requests) == 2, "waits for the metadata, not sent again"
+    leo = partition.log.log_end_offset
+    partition.append_as_leader(encode_batch([Record(None, b"v", (), 1_000)]), acks=1)
+    assert partition.high_watermark == leo, "the follower counts while it may be in the ISR"
+    partition.become_leader(PartitionRegistration((1, 2), (1, 2), 1, 0, 1), partition.settings)
+    assert (partition.isr, partition.partition_epoch, partition.pending_isr) == ((1, 2), 1, None)
+
+
+def test_a_request_too_large_for_the_controller_goes_in_halves(tmp_path: Path) -> None:
+    parts = [joinable_partition(tmp_path, t) for t in ("a", "b", "c")]
+    m = Manager(parts)
+
+    def answer(request: controller_pb2.AlterPartitionRequest) -> Any:
+        if len(request.changes) > 1:
+            return controller_pb2.AlterPartitionResponse(
+                error=common_pb2.Error(code=common_pb2.POLICY_VIOLATION, message="too many")
+            )
+        return refuse_each(request)
+
+    m.answer = answer
+    m.rm._send_isr_changes(full=True)
+    assert [len(r.changes) for r in m.requests] == [3, 1, 2, 1, 1]
+    assert sorted(c.topic for r in m.requests[1:] if len(r.changes) == 1 for c in r.changes) == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert all(p.pending_isr is None for p in parts)
+
+
+def test_a_failing_request_does_not_strand_the_ones_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica_manager, "ISR_CHANGES_PER_REQUEST", 1)
+    parts = [joinable_partition(tmp_path, t) for t in ("a", "b")]
+    m = Manager(parts)
+
+    def answer(request: controller_pb2.AlterPartitionRequest) -> Any:
+        if len(m.requests) == 1:
+            raise RuntimeError("a bug")
+        return refuse_each(request)
+
+    m.answer = answer
+    m.rm._send_isr_changes(full=True)
+    assert len(m.requests) == 2
+    assert set(m.rm._unsettled) == {(m.requests[0].changes[0].topic, 0)}
