@@ -144,6 +144,14 @@ class _DialedNode(TCPNode):  # type: ignore[misc]
         return self._dialed[1]
 
 
+# How long a leader may keep its followers waiting to learn a new commit index.
+# Nothing waits on a follower's commit index: brokers fetch the metadata log from
+# the leader, and a new leader commits what it holds in its own term. A read a
+# follower answers from its image (DescribeTopics, DescribeCluster) may be that much
+# staler than before; it names the metadata offset it describes.
+COMMIT_NOTICE_DELAY_S = 0.005
+
+
 class _GatedSyncObj(SyncObj):  # type: ignore[misc]
     """A SyncObj whose tick starts an election only when ``election_gate()`` allows
     it (PreVote's ``allows_election``). pysyncobj's one election check is
@@ -157,6 +165,21 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
 
     def _SyncObj__connectedToAnyone(self) -> bool:  # noqa: N802
         return bool(SyncObj._SyncObj__connectedToAnyone(self) and self.election_gate())
+
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
+        """pysyncobj's apply, except that a leader does not send every follower an
+        AppendEntries right after it, only to tell them the new commit index: they
+        learn it with the next write's AppendEntries or at most
+        ``COMMIT_NOTICE_DELAY_S`` later. Those messages, their answers and their
+        handling were a quarter of the quorum's CPU per sequential write."""
+        applied = bool(SyncObj._SyncObj__applyLogEntries(self))
+        if applied and self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            soon = raft_monotonic() + COMMIT_NOTICE_DELAY_S
+            due: float = getattr(self, "_SyncObj__newAppendEntriesTime")  # noqa: B009
+            if due > soon:
+                self._SyncObj__newAppendEntriesTime = soon
+            return False
+        return applied
 
 
 def _always() -> bool:

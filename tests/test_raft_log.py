@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from cli.localcluster import free_ports
+from quorum import raft
 from quorum import records as r
 from quorum.config import Voter
-from quorum.raft import RaftMetadataLog
+from quorum.raft import RaftMetadataLog, RaftTimeouts
 from quorum.raft_journal import DurableJournal
 from quorum.state import BatchResult
 
@@ -210,5 +211,45 @@ def test_garbage_and_failing_listeners_never_stall_the_state_machine(voters, tmp
         for i in range(5):
             assert propose(leader, [r.topic(f"after-{i}", f"id-{i}")]).accepted
         wait_offsets(logs, 6)
+    finally:
+        stop_all(logs)
+
+
+def test_followers_learn_a_commit_with_the_next_write_not_a_message_of_its_own(
+    voters, tmp_path, monkeypatch
+):
+    """pysyncobj sent every follower an AppendEntries after each commit only to
+    carry the new commit index (and each follower answered it). Now the next write's
+    AppendEntries carries it, or one sent at most COMMIT_NOTICE_DELAY_S later."""
+    monkeypatch.setattr(raft, "COMMIT_NOTICE_DELAY_S", 0.2)
+    timeouts = RaftTimeouts(
+        election_min_s=2.0, election_max_s=3.0, heartbeat_s=0.2, leader_fallback_s=1.5
+    )
+    logs, listeners = start_voters(voters, tmp_path, timeouts=timeouts)
+    try:
+        leader = wait_leader(logs, listeners)
+        write_some(leader, 2)
+        wait_offsets(logs, 3)
+        transport = leader._so._SyncObj__transport
+        sent: list[str] = []
+        send = transport.send
+
+        def counting(node, message):
+            sent.append(message.get("type", "?") if isinstance(message, dict) else "?")
+            return send(node, message)
+
+        transport.send = counting
+        writes = 30
+        started = time.monotonic()
+        for i in range(writes):
+            assert propose(leader, [r.topic(f"u{i}", f"uid-{i}")]).accepted
+        elapsed = time.monotonic() - started
+        transport.send = send
+        wait_offsets(logs, 3 + writes)  # the last commit reaches them all the same
+        appends = sent.count("append_entries")
+        # One per write and follower, and at most a commit notice and a heartbeat per
+        # 200 ms each; a notice after every commit would be two per write and follower.
+        assert appends <= 2 * (writes + 2 * (elapsed / 0.2 + 1)), (appends, elapsed)
+        assert appends < 4 * writes, (appends, elapsed)
     finally:
         stop_all(logs)
