@@ -66,6 +66,11 @@ _ISR_CHANGE_AWAITS_METADATA = frozenset(
         common_pb2.UNKNOWN_TOPIC_ID,
     }
 )
+# Refusals of one change that a controller of this version never gives a whole
+# request (NOT_LEADER_OR_FOLLOWER it does: the broker is fenced).
+_ONE_CHANGE_REFUSALS = (_ISR_CHANGE_NOT_APPLIED | _ISR_CHANGE_AWAITS_METADATA) - {
+    common_pb2.NOT_LEADER_OR_FOLLOWER
+}
 
 
 def _error(code: str | int, message: str = "") -> common_pb2.Error:
@@ -829,20 +834,30 @@ class ReplicaManager:
                 self._send_again(items)
 
     def _alter_isrs(self, items: list[tuple[Partition, IsrChange]]) -> None:
+        changes = [
+            controller_pb2.IsrChange(
+                topic=change.topic,
+                topic_id=change.topic_id,
+                partition=change.partition,
+                leader_epoch=change.leader_epoch,
+                partition_epoch=change.partition_epoch,
+                new_isr=list(change.new_isr),
+            )
+            for _, change in items
+        ]
+        first = changes[0]
         request = controller_pb2.AlterPartitionRequest(
             broker_id=self.broker_id,
             broker_epoch=self._broker_epoch(),
-            changes=[
-                controller_pb2.IsrChange(
-                    topic=change.topic,
-                    topic_id=change.topic_id,
-                    partition=change.partition,
-                    leader_epoch=change.leader_epoch,
-                    partition_epoch=change.partition_epoch,
-                    new_isr=list(change.new_isr),
-                )
-                for _, change in items
-            ],
+            changes=changes,
+            # The first change in the one-change form too: a controller of the version
+            # before (during a rolling upgrade) reads only that, and answers it.
+            topic=first.topic,
+            topic_id=first.topic_id,
+            partition=first.partition,
+            leader_epoch=first.leader_epoch,
+            partition_epoch=first.partition_epoch,
+            new_isr=first.new_isr,
         )
         with self._isr_due_lock:
             self.isr_changes_sent += len(items)
@@ -872,6 +887,17 @@ class ReplicaManager:
             half = len(items) // 2
             self._alter_isrs(items[:half])
             self._alter_isrs(items[half:])
+            return
+        if not answer.results and (code == common_pb2.NONE or code in _ONE_CHANGE_REFUSALS):
+            # A controller of the version before answered the first change only, in
+            # the one-change form (this version's refuses a request whole only with
+            # other codes, and answers each change it looked at).
+            partition, change = items[0]
+            if code == common_pb2.NONE:
+                partition.isr_change_done(change, tuple(answer.isr), answer.partition_epoch)
+            else:
+                self._isr_change_refused(partition, change, answer.error)
+            self._send_again(items[1:])
             return
         if code != common_pb2.NONE:
             # Refused whole (a stale broker epoch, a fenced broker, ...): nothing in

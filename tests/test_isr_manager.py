@@ -424,3 +424,53 @@ def test_a_failing_request_does_not_strand_the_ones_after_it(
     m.rm._send_isr_changes(full=True)
     assert len(m.requests) == 2
     assert set(m.rm._unsettled) == {(m.requests[0].changes[0].topic, 0)}
+
+
+def test_the_first_change_goes_in_the_one_change_form_too(tmp_path: Path) -> None:
+    m = Manager([joinable_partition(tmp_path, t) for t in ("a", "b")])
+    m.rm._send_isr_changes(full=True)
+    (request,) = m.requests
+    first = request.changes[0]
+    assert (request.topic, request.partition, list(request.new_isr), request.topic_id) == (
+        first.topic,
+        first.partition,
+        list(first.new_isr),
+        first.topic_id,
+    )
+    assert (request.leader_epoch, request.partition_epoch) == (
+        first.leader_epoch,
+        first.partition_epoch,
+    )
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_a_controller_of_the_version_before_settles_the_first_change(
+    tmp_path: Path, accepted: bool
+) -> None:
+    """It reads only the one-change fields and answers in the one-change form: the
+    first change is settled by that answer, the others are sent again."""
+    parts = {t: joinable_partition(tmp_path, t) for t in ("a", "b", "c")}
+    m = Manager(list(parts.values()))
+
+    def older(request: controller_pb2.AlterPartitionRequest) -> Any:
+        if not accepted:
+            return controller_pb2.AlterPartitionResponse(
+                error=common_pb2.Error(code=common_pb2.INELIGIBLE_REPLICA, message="fenced")
+            )
+        return controller_pb2.AlterPartitionResponse(
+            leader=1,
+            leader_epoch=request.leader_epoch,
+            partition_epoch=request.partition_epoch + 1,
+            isr=request.new_isr,
+        )
+
+    m.answer = older
+    m.rm._send_isr_changes(full=True)
+    first = parts[m.requests[0].topic]
+    assert first.pending_isr is None
+    assert first.isr == ((1, 2) if accepted else (1,))
+    others = [p for p in parts.values() if p is not first]
+    assert all(p.pending_isr == (1, 2) for p in others)
+    m.rm._send_isr_changes(full=False)
+    assert [len(r.changes) for r in m.requests] == [3, 2]
+    assert sorted(c.topic for c in m.requests[1].changes) == sorted(p.topic for p in others)

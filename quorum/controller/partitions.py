@@ -41,13 +41,15 @@ def alter_partition(
                 f"broker {req.broker_id} is fenced; its leaderships are moving to other brokers",
             )
         )
-    if not req.changes:
+    one_change_form = not req.changes and bool(req.topic)
+    changes = [_the_one_change(req)] if one_change_form else list(req.changes)
+    if not changes:
         return _refused(error(ErrorCode.INVALID_REQUEST, "the request carries no ISR change"))
-    asked = Counter((change.topic, change.partition) for change in req.changes)
+    asked = Counter((change.topic, change.partition) for change in changes)
     active = active_ids(image)
     records: list[pb.MetadataRecord] = []
     results: list[cpb.IsrChangeResult] = []
-    for change in req.changes:
+    for change in changes:
         if asked[(change.topic, change.partition)] > 1:
             duplicate = error(
                 ErrorCode.INVALID_REQUEST,
@@ -59,7 +61,30 @@ def alter_partition(
         if record is not None:
             records.append(record)
         results.append(result)
+    if one_change_form:
+        (result,) = results
+        response = cpb.AlterPartitionResponse(
+            error=result.error,
+            results=results,
+            leader=result.leader,
+            leader_epoch=result.leader_epoch,
+            partition_epoch=result.partition_epoch,
+            isr=result.isr,
+        )
+        return ControllerResult(records, response)
     return ControllerResult(records, cpb.AlterPartitionResponse(error=ok(), results=results))
+
+
+def _the_one_change(req: cpb.AlterPartitionRequest) -> cpb.IsrChange:
+    """A request in the form brokers sent before requests carried several changes."""
+    return cpb.IsrChange(
+        topic=req.topic,
+        topic_id=req.topic_id,
+        partition=req.partition,
+        leader_epoch=req.leader_epoch,
+        partition_epoch=req.partition_epoch,
+        new_isr=req.new_isr,
+    )
 
 
 def _refused(why: common_pb2.Error) -> ControllerResult[cpb.AlterPartitionResponse]:
