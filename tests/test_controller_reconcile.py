@@ -131,6 +131,37 @@ def test_a_restarted_broker_is_not_unfenced_until_it_has_left_its_old_isrs():
     check_partitions(cluster.image)
 
 
+def test_a_shutting_down_broker_may_exit_only_once_it_has_left_its_isrs():
+    cluster = six_partitions(12)
+    reconciler = Reconciler(slice_records=2)
+
+    def beat() -> cpb.BrokerHeartbeatResponse:
+        ctx = cluster.ctx()
+        ctx.transition_slice, ctx.settling = 5, reconciler.settling
+        request = cpb.BrokerHeartbeatRequest(
+            broker_id=2,
+            broker_epoch=cluster.epoch(2),
+            metadata_offset=cluster.next_offset - 1,
+            want_shutdown=True,
+        )
+        outcome = brokers.heartbeat(cluster.image, request, ctx, cluster.heartbeats)
+        commit_raw(cluster, outcome.records)
+        for broker_id in outcome.leaving:
+            reconciler.leave(broker_id)
+        return outcome.response
+
+    assert not beat().should_shut_down  # the state record alone: it still leads
+    assert cluster.image.brokers[2].in_controlled_shutdown
+    while cluster.image.leads(2):
+        commit_raw(cluster, reconciler.step(cluster.image))
+    assert in_isr_beside_others(cluster.image, 2) != []
+    assert not beat().should_shut_down, "it leads nothing, but is still in ISRs"
+    finish(cluster, reconciler)
+    assert in_isr_beside_others(cluster.image, 2) == []
+    assert beat().should_shut_down
+    check_partitions(cluster.image)
+
+
 def test_unfencing_with_many_leaderless_partitions_elects_them_in_slices():
     """A whole cluster went down: the last broker fenced is the last ISR member of
     every partition, and its return elects it everywhere, two partitions a slice."""
@@ -395,3 +426,39 @@ def test_a_slice_that_fails_to_be_worked_out_does_not_stop_the_controller(sliced
     assert in_isr_beside_others(log.state.image, 1) == []
     assert not heartbeat(log, runtime, 1, epoch).is_fenced
     check_partitions(log.state.image)
+
+
+def test_a_shutting_down_broker_is_told_to_exit_only_once_out_of_its_isrs(sliced):
+    """Heartbeats asking to shut down, one after every commit while the broker's
+    leaderships and ISRs are left in slices: none is answered should_shut_down while
+    the broker is still in an ISR beside others (Kafka's broker waits for that too)."""
+    log, runtime, clock, epochs = sliced
+    assert create_topic(log, runtime, "wide", 30, 3).results[0].error.code == c.NONE
+    answers: list[tuple[bool, list]] = []
+    on_commit = log.listener.on_commit
+
+    def beat() -> None:
+        request = cpb.BrokerHeartbeatRequest(
+            broker_id=2,
+            broker_epoch=epochs[2],
+            metadata_offset=log.state.next_offset,
+            want_shutdown=True,
+        )
+        runtime.submit("heartbeat", request).add_done_callback(
+            lambda f: answers.append(
+                (f.result().should_shut_down, in_isr_beside_others(log.state.image, 2))
+            )
+        )
+
+    def beat_after_each(result, state) -> None:
+        on_commit(result, state)
+        if len(answers) < 40 and not any(told for told, _ in answers):
+            beat()
+
+    log.listener.on_commit = beat_after_each  # type: ignore[method-assign]
+    beat()
+    log.run_pending()
+    told = [still_in for should_shut_down, still_in in answers if should_shut_down]
+    assert told, answers
+    assert told[0] == [], "told to exit while still in ISRs beside others"
+    assert len(answers) > 2  # it did ask while the slices were under way

@@ -162,7 +162,13 @@ def heartbeat(
         error=ok(),
         is_caught_up=caught_up,
         is_fenced=after.fenced,
-        should_shut_down=req.want_shutdown and leaving and not after_image.leads(broker.broker_id),
+        # Kafka's broker exits once the controller has moved its leaderships and taken
+        # it out of every ISR: an ISR it stayed in would hold acks=all writes back
+        # until its session expired. Past a slice, the ISRs follow the state record.
+        should_shut_down=req.want_shutdown
+        and leaving
+        and not after_image.leads(broker.broker_id)
+        and broker.broker_id not in ctx.settling,
         # Zero when the context does not say, so the serving layer fills in
         # its own configured interval.
         heartbeat_interval_ms=ctx.defaults.get("broker.heartbeat.interval.ms", 0),
