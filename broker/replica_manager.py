@@ -897,13 +897,16 @@ class ReplicaManager:
                 partition.isr_change_done(change, tuple(answer.isr), answer.partition_epoch)
             else:
                 self._isr_change_refused(partition, change, answer.error)
-            self._send_again(items[1:])
+            for item in items[1:]:  # One a request, as that version's brokers sent them.
+                self._alter_isrs([item])
             return
         if code != common_pb2.NONE:
             # Refused whole (a stale broker epoch, a fenced broker, ...): nothing in
             # it was applied, but an earlier send of the same changes may have been.
+            # The first goes last: a controller of the version before refuses a whole
+            # request for its first change alone, which must not hold the others back.
             log.info("%d ISR changes refused: %s", len(items), answer.error.message)
-            self._send_again(items)
+            self._send_again(items[1:] + items[:1])
             return
         results = {(result.topic, result.partition): result for result in answer.results}
         for partition, change in items:

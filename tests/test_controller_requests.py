@@ -408,10 +408,11 @@ def test_one_request_changes_many_partitions_in_one_batch_and_answers_each(clust
     asked = [(x.topic, x.partition) for x in request.changes]
     assert [(x.topic, x.partition) for x in response.results] == asked
     codes = [x.error.code for x in response.results]
-    # led[0] and led[1] are asked twice: every occurrence is refused, nothing half-done.
+    # led[0] and led[1] are asked twice: every occurrence is refused, nothing half-done;
+    # the epochs are checked first (a duplicate refused as such had current ones).
     expected = [c.INVALID_REQUEST, c.INVALID_REQUEST]
     expected += [c.NONE] * (len(led) - 2) + [c.INVALID_REQUEST, c.UNKNOWN_TOPIC_OR_PARTITION]
-    expected += [c.INVALID_REQUEST]
+    expected += [c.INVALID_UPDATE_VERSION]
     assert codes == expected
     assert cluster.next_offset == offset + len(led) - 2  # a record per accepted change
     for i in led[2:]:

@@ -384,3 +384,17 @@ def test_a_stream_ended_at_its_time_fences_only_after_two_missed_heartbeats():
     advance(0.7, beating=(1, 2))
     assert log.state.image.brokers[2].fenced
     assert not log.state.image.brokers[1].fenced
+
+
+def test_a_controller_deposed_before_it_is_told_answers_not_controller(env):
+    """Raft moves leadership on its own thread; until the log thread tells the
+    runtime, a request must not be answered from the deposed controller's image,
+    not even with a refusal (a broker acts on those)."""
+    log, runtime, _ = env
+    become_active(log, runtime)
+    epoch = register(log, runtime, 1)
+    log._leader = 2  # Raft has a new leader; the runtime has not heard yet
+    stale = cpb.BrokerHeartbeatRequest(broker_id=1, broker_epoch=epoch + 5)
+    future = runtime.submit("heartbeat", stale)
+    log.run_pending()
+    assert future.result().error.code == common_pb2.NOT_CONTROLLER

@@ -9,7 +9,8 @@ A broker's states, as Kafka's BrokerHeartbeatManager has them:
   previous state had it leave, a heartbeat unfences it and it takes back
   leaderless partitions whose ISR it is in.
 - controlled shutdown: it asked to stop; it leaves every ISR and leadership,
-  and may exit when it leads nothing. Its next heartbeat fences it.
+  and may exit once it has (as Kafka's broker waits for both). Its next
+  heartbeat after its leaderships have moved fences it.
 - fenced: its session expired (or it asked to be fenced); it leaves every
   ISR and leadership, except that the last ISR member stays in the ISR.
 

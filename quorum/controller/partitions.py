@@ -21,7 +21,7 @@ from quorum import records as r
 from quorum.controller._common import ErrorCode, check_broker_epoch, error, ok
 from quorum.controller.leadership import active_ids, elect_leader
 from quorum.controller.result import ControllerContext, ControllerResult
-from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration
+from quorum.image import NO_LEADER, MetadataImage, PartitionRegistration, TopicImage
 
 
 def alter_partition(
@@ -50,14 +50,8 @@ def alter_partition(
     records: list[pb.MetadataRecord] = []
     results: list[cpb.IsrChangeResult] = []
     for change in changes:
-        if asked[(change.topic, change.partition)] > 1:
-            duplicate = error(
-                ErrorCode.INVALID_REQUEST,
-                f"{change.topic}-{change.partition} is asked more than once in the request",
-            )
-            results.append(_result(change, duplicate))
-            continue
-        record, result = _alter_one(image, req.broker_id, change, active)
+        duplicate = asked[(change.topic, change.partition)] > 1
+        record, result = _alter_one(image, req.broker_id, change, active, duplicate)
         if record is not None:
             records.append(record)
         results.append(result)
@@ -92,19 +86,27 @@ def _refused(why: common_pb2.Error) -> ControllerResult[cpb.AlterPartitionRespon
 
 
 def _alter_one(
-    image: MetadataImage, leader: int, change: cpb.IsrChange, active: frozenset[int]
+    image: MetadataImage,
+    leader: int,
+    change: cpb.IsrChange,
+    active: frozenset[int],
+    duplicate: bool = False,
 ) -> tuple[pb.MetadataRecord | None, cpb.IsrChangeResult]:
+    """One change's record (None when nothing is to commit) and result. The epochs
+    are checked first, so that every refusal after them (a change asked twice in
+    the request, an ISR that cannot be) tells the leader its epochs are current:
+    neither this change nor an earlier send of it was applied."""
     topic = image.topic_by_name(change.topic)
-    if topic is not None and change.topic_id and change.topic_id != topic.topic_id:
-        return None, _result(
-            change,
-            error(
-                ErrorCode.UNKNOWN_TOPIC_ID,
-                f"topic {change.topic!r} is now {topic.topic_id}, not {change.topic_id}",
-            ),
-        )
     part = None if topic is None else topic.partitions.get(change.partition)
-    refusal = _alter_refusal(leader, change, part, active)
+    refusal = _stale_refusal(topic, leader, change, part)
+    if refusal is None and duplicate:
+        refusal = error(
+            ErrorCode.INVALID_REQUEST,
+            f"{change.topic}-{change.partition} is asked more than once in the request",
+        )
+    if refusal is None:
+        assert part is not None
+        refusal = _isr_refusal(leader, change, part, active)
     if refusal is not None:
         return None, _result(change, refusal)
     assert topic is not None and part is not None
@@ -131,13 +133,19 @@ def _result(
     return result
 
 
-def _alter_refusal(
+def _stale_refusal(
+    topic: TopicImage | None,
     leader: int,
     change: cpb.IsrChange,
     part: PartitionRegistration | None,
-    active: frozenset[int],
 ) -> common_pb2.Error | None:
+    """The refusal of a change decided on a state that is no longer the current one."""
     name = f"{change.topic}-{change.partition}"
+    if topic is not None and change.topic_id and change.topic_id != topic.topic_id:
+        return error(
+            ErrorCode.UNKNOWN_TOPIC_ID,
+            f"topic {change.topic!r} is now {topic.topic_id}, not {change.topic_id}",
+        )
     if part is None:
         return error(ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown partition {name}")
     if part.leader != leader:
@@ -160,7 +168,7 @@ def _alter_refusal(
             ErrorCode.INVALID_UPDATE_VERSION,
             _epochs(name, "partition", change.partition_epoch, part.partition_epoch),
         )
-    return _isr_refusal(leader, change, part, active)
+    return None
 
 
 def _epochs(name: str, what: str, asked: int, current: int) -> str:

@@ -198,8 +198,12 @@ class ControllerRuntime:
 
     def _handle(self, kind: str, request: Any, future: Future[Any]) -> None:
         decide, response_type = self._handlers[kind]
-        if not self.active or self._resyncing:
-            why = "resynchronising" if self.active else "not the active controller"
+        # Raft may have moved on before the log thread tells us (requests are handled
+        # before its leadership check): a deposed controller must not answer from its
+        # image, not even a refusal, which a broker may act on.
+        deposed = not self.log.is_leader() or self.log.term() != self.epoch
+        if not self.active or self._resyncing or deposed:
+            why = "resynchronising" if self.active and not deposed else "not the active controller"
             future.set_result(error_response(response_type, common_pb2.NOT_CONTROLLER, why))
             return
         ctx = self._context()
