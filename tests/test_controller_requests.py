@@ -459,19 +459,25 @@ def test_a_refused_request_answers_no_result(t_on_three, broker_epoch, changes, 
     assert t_on_three.next_offset == offset
 
 
-def test_a_request_in_the_one_change_form_is_answered_in_it(t_on_three):
-    """As a broker of the version before sends it: no `changes`, the change in the
-    request's own fields, the answer in the response's."""
-    part = t_on_three.partition("t")
-    request = cpb.AlterPartitionRequest(
+def one_change_form(cluster: Cluster, new_isr: list[int], **more) -> cpb.AlterPartitionRequest:
+    """Broker 1's change of t-0's ISR in the request's one-change fields."""
+    part = cluster.partition("t")
+    return cpb.AlterPartitionRequest(
         broker_id=1,
-        broker_epoch=t_on_three.epoch(1),
+        broker_epoch=cluster.epoch(1),
         topic="t",
         partition=0,
         leader_epoch=part.leader_epoch,
         partition_epoch=part.partition_epoch,
-        new_isr=[1, 2],
+        new_isr=new_isr,
+        **more,
     )
+
+
+def test_a_request_in_the_one_change_form_is_answered_in_it(t_on_three):
+    """As a broker of the version before sends it: no `changes`, the change in the
+    request's own fields, the answer in the response's."""
+    request = one_change_form(t_on_three, [1, 2])
     response = t_on_three.run(partitions.alter_partition, request)
     assert response.error.code == c.NONE
     assert (list(response.isr), response.partition_epoch, response.leader) == ([1, 2], 1, 1)
@@ -483,24 +489,8 @@ def test_a_request_in_the_one_change_form_is_answered_in_it(t_on_three):
 
 def test_the_one_change_fields_are_not_read_beside_changes(t_on_three):
     """A broker of this version repeats its first change there for older controllers."""
-    part = t_on_three.partition("t")
-    change = cpb.IsrChange(
-        topic="t",
-        partition=0,
-        leader_epoch=part.leader_epoch,
-        partition_epoch=part.partition_epoch,
-        new_isr=[1, 3],
-    )
-    request = cpb.AlterPartitionRequest(
-        broker_id=1,
-        broker_epoch=t_on_three.epoch(1),
-        changes=[change],
-        topic="t",
-        partition=0,
-        leader_epoch=part.leader_epoch,
-        partition_epoch=part.partition_epoch,
-        new_isr=[1, 2],
-    )
+    change = change_for(t_on_three, "t", 0, [1, 3])
+    request = one_change_form(t_on_three, [1, 2], changes=[change])
     response = t_on_three.run(partitions.alter_partition, request)
     assert [(x.error.code, list(x.isr)) for x in response.results] == [(c.NONE, [1, 3])]
     assert t_on_three.partition("t").isr == (1, 3)
