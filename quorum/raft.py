@@ -150,6 +150,11 @@ class _DialedNode(TCPNode):  # type: ignore[misc]
 # follower answers from its image (DescribeTopics, DescribeCluster) may be that much
 # staler than before; it names the metadata offset it describes.
 COMMIT_NOTICE_DELAY_S = 0.005
+# The longest a Raft loop iteration spends applying committed entries, and the
+# longest it spends on controller requests, before it ticks Raft again: the
+# leader's heartbeats and its followers' answers must not wait behind either.
+APPLY_BUDGET_S = 0.05
+REQUESTS_BUDGET_S = 0.05
 
 
 class _GatedSyncObj(SyncObj):  # type: ignore[misc]
@@ -166,13 +171,48 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
     def _SyncObj__connectedToAnyone(self) -> bool:  # noqa: N802
         return bool(SyncObj._SyncObj__connectedToAnyone(self) and self.election_gate())
 
+    def discount_stall(self, seconds: float) -> None:
+        """Time this leader spent on its own work, not reading its followers'
+        answers, does not count against them in pysyncobj's leader fallback (a
+        leader stepped down after its own long loop iteration, and won the next
+        election: a new controller epoch for nothing)."""
+        times = self._SyncObj__lastResponseTime
+        for node in times:
+            times[node] += seconds
+
+    def applying(self) -> bool:
+        """Committed entries are waiting to be applied."""
+        return bool(self._SyncObj__raftCommitIndex > self._SyncObj__raftLastApplied)
+
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
-        """pysyncobj's apply, except that a leader does not send every follower an
-        AppendEntries right after it, only to tell them the new commit index: they
-        learn it with the next write's AppendEntries or at most
-        ``COMMIT_NOTICE_DELAY_S`` later. Those messages, their answers and their
-        handling were a quarter of the quorum's CPU per sequential write."""
-        applied = bool(SyncObj._SyncObj__applyLogEntries(self))
+        """pysyncobj's apply, with two differences.
+
+        It applies committed entries one at a time for at most ``APPLY_BUDGET_S``;
+        the rest wait for the next tick (``applying``). pysyncobj applied every
+        committed entry in one tick: a follower catching up on batches of 2,000
+        partition records sat there for 300-500 ms, past the election timeout,
+        and then stood for election before reading the leader's messages.
+
+        And a leader does not send every follower an AppendEntries right after it,
+        only to tell them the new commit index: they learn it with the next write's
+        AppendEntries or at most ``COMMIT_NOTICE_DELAY_S`` later. Those messages,
+        their answers and their handling were a quarter of the quorum's CPU per
+        sequential write."""
+        commit: int = getattr(self, "_SyncObj__raftCommitIndex")  # noqa: B009
+        deadline = raft_monotonic() + APPLY_BUDGET_S
+        applied = False
+        try:
+            while self._SyncObj__raftLastApplied < commit:
+                before = self._SyncObj__raftLastApplied
+                self._SyncObj__raftCommitIndex = before + 1
+                SyncObj._SyncObj__applyLogEntries(self)
+                if self._SyncObj__raftLastApplied == before:
+                    break  # pysyncobj logged why (an entry of an unknown code version)
+                applied = True
+                if raft_monotonic() >= deadline:
+                    break
+        finally:
+            self._SyncObj__raftCommitIndex = commit
         if applied and self._SyncObj__raftState == _RAFT_STATE.LEADER:
             soon = raft_monotonic() + COMMIT_NOTICE_DELAY_S
             due: float = getattr(self, "_SyncObj__newAppendEntriesTime")  # noqa: B009
@@ -407,16 +447,28 @@ class RaftMetadataLog:
 
     def _run(self) -> None:
         slow_s = max(0.05, self._timeouts.heartbeat_s * 2)
+        backlog = False
+        listened = time.monotonic()  # when pysyncobj last read its peers
         while not self._stop.is_set():
             try:
                 started = time.monotonic()
+                # After a long iteration pysyncobj's tick would judge the leader lost
+                # (a follower) or the followers gone (the leader's fallback) before it
+                # read what came meanwhile: a leader does not count its own work
+                # against its followers, and every node reads its messages first.
+                stall = started - listened
+                if stall > self._timeouts.heartbeat_s and self._so._isLeader():
+                    self._so.discount_stall(stall)
+                self._so._poller.poll(0)
                 self._prevote.before_tick()
-                self._so.doTick(self._tick_interval_s)
+                busy = backlog or self._so.applying()
+                self._so.doTick(0 if busy else self._tick_interval_s)
+                listened = time.monotonic()
                 # Before the next tick can count the leader towards a commit
                 # (followers' entries are synced before they acknowledge them).
                 self._journal.sync_pending()
                 ticked = time.monotonic()
-                self._drain_inbox()
+                backlog = self._drain_inbox(ticked + REQUESTS_BUDGET_S)
                 self._check_leadership()
                 drained = time.monotonic()
                 if self.listener is not None:
@@ -435,13 +487,17 @@ class RaftMetadataLog:
                 log.exception("raft loop iteration failed")
                 time.sleep(self._tick_interval_s)
 
-    def _drain_inbox(self) -> None:
-        for _ in range(10_000):
+    def _drain_inbox(self, deadline: float) -> bool:
+        """Run what was handed to the raft thread until ``deadline``; True when some
+        is left for the next iteration."""
+        while True:
             try:
                 fn = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return False
             fn()
+            if time.monotonic() >= deadline:
+                return not self._inbox.empty()
 
     # -- callbacks from pysyncobj, on the raft thread -----------------------
 

@@ -253,3 +253,65 @@ def test_followers_learn_a_commit_with_the_next_write_not_a_message_of_its_own(
         assert appends < 4 * writes, (appends, elapsed)
     finally:
         stop_all(logs)
+
+
+def test_a_leader_busy_with_its_own_work_does_not_step_down(voters, tmp_path, monkeypatch):
+    """pysyncobj's leader steps down when no follower has answered for its fallback
+    timeout (250 ms), checked before it reads what they sent: a leader whose loop
+    was busy for longer stepped down, and an election followed. The time it spent
+    on its own work no longer counts against its followers."""
+    discounted: list[float] = []
+    discount = raft._GatedSyncObj.discount_stall
+
+    def recording(self, seconds: float) -> None:
+        discounted.append(seconds)
+        discount(self, seconds)
+
+    monkeypatch.setattr(raft._GatedSyncObj, "discount_stall", recording)
+    timeouts = RaftTimeouts(
+        election_min_s=2.0, election_max_s=3.0, heartbeat_s=0.05, leader_fallback_s=0.25
+    )
+    logs, listeners = start_voters(voters, tmp_path, timeouts=timeouts)
+    try:
+        leader = wait_leader(logs, listeners)
+        write_some(leader, 1)
+        term = leader.term()
+        for _ in range(3):
+            done = threading.Event()
+            leader.call_soon(lambda done=done: (time.sleep(0.4), done.set()))
+            assert done.wait(5)
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:
+                assert leader.is_leader() and leader.term() == term, "stepped down"
+                time.sleep(0.01)
+        assert len([s for s in discounted if s >= 0.4]) == 3
+        assert propose(leader, [r.topic("after", "id-after")]).accepted
+    finally:
+        stop_all(logs)
+
+
+def test_entries_applied_a_few_a_tick_and_requests_a_few_an_iteration_all_run(
+    voters, tmp_path, monkeypatch
+):
+    """With no time budget at all, each tick applies one committed entry and each
+    loop iteration runs one request: nothing is left behind."""
+    monkeypatch.setattr(raft, "APPLY_BUDGET_S", 0.0)
+    monkeypatch.setattr(raft, "REQUESTS_BUDGET_S", 0.0)
+    logs, listeners = start_voters(voters, tmp_path)
+    try:
+        leader = wait_leader(logs, listeners)
+        write_some(leader, 20)
+        wait_offsets(logs, 21)
+        ran = threading.Event()
+        left = [50]
+
+        def one() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                ran.set()
+
+        for _ in range(50):
+            leader.call_soon(one)
+        assert ran.wait(5)
+    finally:
+        stop_all(logs)
