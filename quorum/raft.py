@@ -166,6 +166,10 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
         # Set before SyncObj.__init__ lists its own attributes: an attribute added
         # after that is pickled into every snapshot as replicated state.
         self.election_gate: Callable[[], bool] = _always
+        # discount_stall's last credit to each follower's answer time.
+        self.stall_credited: dict[Any, float] = {}
+        # The last applied index an entry could not be applied after (applying()).
+        self.apply_stuck_at = -1
         super().__init__(*args, **kwargs)
 
     def _SyncObj__connectedToAnyone(self) -> bool:  # noqa: N802
@@ -175,14 +179,20 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
         """Time this leader spent on its own work, not reading its followers'
         answers, does not count against them in pysyncobj's leader fallback (a
         leader stepped down after its own long loop iteration, and won the next
-        election: a new controller epoch for nothing)."""
+        election: a new controller epoch for nothing). A follower is credited only
+        if it answered since its last credit, so a cut-off leader still steps down
+        after about one fallback timeout and one stall."""
         times = self._SyncObj__lastResponseTime
-        for node in times:
-            times[node] += seconds
+        for node, last in list(times.items()):
+            if self.stall_credited.get(node) == last:
+                continue  # No answer since its last credit: a silent follower ages.
+            times[node] = self.stall_credited[node] = last + seconds
 
     def applying(self) -> bool:
-        """Committed entries are waiting to be applied."""
-        return bool(self._SyncObj__raftCommitIndex > self._SyncObj__raftLastApplied)
+        """Committed entries are waiting to be applied (and the next one can be: one
+        that cannot be is tried again each tick, as pysyncobj logs, not in a spin)."""
+        last = self._SyncObj__raftLastApplied
+        return bool(self._SyncObj__raftCommitIndex > last and last != self.apply_stuck_at)
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
         """pysyncobj's apply, with two differences.
@@ -201,18 +211,21 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
         commit: int = getattr(self, "_SyncObj__raftCommitIndex")  # noqa: B009
         deadline = raft_monotonic() + APPLY_BUDGET_S
         applied = False
+        lowered = None
         try:
             while self._SyncObj__raftLastApplied < commit:
                 before = self._SyncObj__raftLastApplied
-                self._SyncObj__raftCommitIndex = before + 1
+                lowered = self._SyncObj__raftCommitIndex = before + 1
                 SyncObj._SyncObj__applyLogEntries(self)
                 if self._SyncObj__raftLastApplied == before:
-                    break  # pysyncobj logged why (an entry of an unknown code version)
+                    self.apply_stuck_at = before  # pysyncobj logged why
+                    break
                 applied = True
                 if raft_monotonic() >= deadline:
                     break
         finally:
-            self._SyncObj__raftCommitIndex = commit
+            if lowered is None or self._SyncObj__raftCommitIndex == lowered:
+                self._SyncObj__raftCommitIndex = commit
         if applied and self._SyncObj__raftState == _RAFT_STATE.LEADER:
             soon = raft_monotonic() + COMMIT_NOTICE_DELAY_S
             due: float = getattr(self, "_SyncObj__newAppendEntriesTime")  # noqa: B009
