@@ -188,7 +188,6 @@ class ReplicaManager:
         self._threads: list[threading.Thread] = []
         # What the high-watermark checkpoint files hold, as last written.
         self._checkpointed_hws: dict[TopicPartition, int] | None = None
-        self.isr_changes_sent = 0
         self._unsettled: dict[TopicPartition, tuple[Partition, IsrChange]] = {}
         # Told (topic, partition) and the new role ("leader", "follower", "deleted")
         # after each change is applied, on the metadata thread: the group coordinator.
@@ -859,8 +858,6 @@ class ReplicaManager:
             partition_epoch=first.partition_epoch,
             new_isr=first.new_isr,
         )
-        with self._isr_due_lock:
-            self.isr_changes_sent += len(items)
         for partition, change in items:
             log.info(
                 "%s-%d: asking the controller for ISR %s (was %s)",
@@ -871,12 +868,8 @@ class ReplicaManager:
             )
         try:
             answer = self._alter_partition(request)
-        except RaftkaError as e:
+        except (RaftkaError, grpc.RpcError) as e:
             # Timed out, no controller, the outcome unknown: perhaps committed.
-            log.info("%d ISR changes not answered: %s", len(items), e)
-            self._send_again(items)
-            return
-        except grpc.RpcError as e:
             log.info("%d ISR changes not answered: %s", len(items), e)
             self._send_again(items)
             return

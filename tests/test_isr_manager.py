@@ -74,7 +74,6 @@ class Manager:
         rm._isr_due_lock = threading.Lock()
         rm._isr_eligible = None
         rm._unsettled = {}
-        rm.isr_changes_sent = 0
         self.brokers = {1: broker(1), 2: broker(2)}
         rm._image = lambda: SimpleNamespace(brokers=self.brokers)
         self.requests: list[controller_pb2.AlterPartitionRequest] = []
