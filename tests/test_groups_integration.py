@@ -612,7 +612,12 @@ def test_at_least_once_duplicates_stay_within_the_uncommitted_window(cluster, ad
                 lambda: sum(len(m.assignment()) for m in survivors) == 4,
                 timeout_s=60,
             )
-            for _ in range(40):  # about 2 s of records while all three consume
+            # About 2 s of records while all three consume, and on until the victim
+            # has processed some: a fixed 2 s was once too short, in CI, for the
+            # victim (a process started just before) to fetch anything.
+            started = time.monotonic()
+            while time.monotonic() - started < 2 or not _processed(victim_lines):
+                assert time.monotonic() - started < 30, "the victim processed nothing"
                 for p in range(6):
                     producer.send("alo", b"x", partition=p)
                     produced += 1
