@@ -6,10 +6,12 @@ the fetch offset (which is also how the leader learns what the follower has)
 and the epoch of its last batch, so the leader can answer a divergence
 (KIP-320): the follower then cuts its log and fetches again.
 
-The fetches go over one FetchStream (a session): a request, its answer, the
-next request. A message on an open stream costs about half what a unary call
-does here (no call set-up, no thread started for the call), and a follower's
-next fetch is on the path of every acks=all produce. When the set of
+The fetches go over one session: a request, its answer, the next request. The
+session is a replication link (plain TCP, broker/replication_link.py) when the
+leader advertises a replication listener, else a FetchStream (a message on an
+open stream costs about half what a unary call does here: no call set-up, no
+thread started for the call). A follower's next fetch is on the path of every
+acks=all produce. When the set of
 partitions changes, the session is cancelled and a new one opened at once, so
 a new follower starts replicating without waiting out a long poll. A session
 lasts at most ``_SESSION_S``: the bound on a fetch that never gets an answer
@@ -32,11 +34,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 from broker.partition import Partition, PartitionError
+from broker.replication_link import LinkSession, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +67,44 @@ _SESSION_S = 60.0
 _POSITION_SCAN_S = 5.0
 
 
-class _SessionEnded(Exception):
-    """The leader ended a fetch session without an error."""
-
-
-class _FetchSession:
-    """One FetchStream to the leader: a request goes out, then its answer comes back."""
+class _StreamExchange:
+    """A FetchStream to the leader: a request goes out, then its answer comes back."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerStub, lifetime_s: float):
         self._requests: queue.SimpleQueue[broker_pb2.FetchRequest | None] = queue.SimpleQueue()
         # The request iterator ends at None (put by close), which ends gRPC's thread
         # that feeds the stream from it.
         self._call = stub.FetchStream(iter(self._requests.get, None), timeout=lifetime_s)
+
+    def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
+        self._requests.put(request)
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise SessionError("the leader ended the fetch session") from None
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            raise SessionError(
+                str(code), expired=code == grpc.StatusCode.DEADLINE_EXCEEDED
+            ) from None
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._requests.put(None)
+
+
+class _Exchange(Protocol):
+    def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse: ...
+
+    def close(self) -> None: ...
+
+
+class _FetchSession:
+    """One fetch session with the leader, over a FetchStream or a replication link,
+    and what its requests told the leader."""
+
+    def __init__(self, transport: _Exchange):
+        self._transport = transport
         self.closed = False
         # What each partition's last request on this session said (leader epoch, fetch
         # offset, last fetched epoch, log start); None before the first, full, request.
@@ -85,19 +115,14 @@ class _FetchSession:
         self.next_scan = 0.0
 
     def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
-        """Send ``request`` and wait for its answer. Raises ``grpc.RpcError`` when the
-        session fails or is closed, ``_SessionEnded`` when the leader ended it."""
-        self._requests.put(request)
-        try:
-            return next(self._call)
-        except StopIteration:
-            raise _SessionEnded("the leader ended the fetch session") from None
+        """Send ``request`` and wait for its answer. Raises ``SessionError`` when the
+        session fails, is closed or ended by the leader."""
+        return self._transport.exchange(request)
 
     def close(self) -> None:
         """Cancel the session (an ``exchange`` waiting on it raises); any thread."""
         self.closed = True
-        self._call.cancel()
-        self._requests.put(None)
+        self._transport.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +150,11 @@ class ReplicaFetcher:
         source_id: int,
         address: str,
         settings: FetcherSettings,
+        *,
+        link: bool = False,
     ):
+        """``address`` is the leader's replication listener with ``link``, else its
+        gRPC listener."""
         self.broker_id = broker_id
         self.source_id = source_id
         self.address = address
@@ -139,13 +168,17 @@ class ReplicaFetcher:
         self._generation = 0
         self._stopped = threading.Event()
         self._session: _FetchSession | None = None  # Replaced when the generation changes.
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        self.link = link
+        self._channel: grpc.Channel | None = None
+        self._stub: broker_pb2_grpc.BrokerStub | None = None
+        if not link:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._thread = threading.Thread(
             target=self._run, name=f"fetcher-{broker_id}-from-{source_id}", daemon=True
         )
         self.fetches = 0
-        self._last_rpc_error: object = None
+        self._last_rpc_error: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -158,7 +191,8 @@ class ReplicaFetcher:
             session.close()
         self._wake.set()
         self._thread.join(timeout=10)
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def add(self, partition: Partition, leader_epoch: int, *, notify: bool = True) -> None:
         """Fetch ``partition`` too. With ``notify=False`` the fetch in flight is not
@@ -224,22 +258,21 @@ class ReplicaFetcher:
                 return
             session = self._session
             if session is None:
-                session = self._session = _FetchSession(self._stub, _SESSION_S)
+                session = self._session = self._open_session()
         request, sent = self._build_request(entries, session)
         try:
             response = session.exchange(request)
-        except (grpc.RpcError, _SessionEnded) as e:
+        except SessionError as e:
             with self._lock:
                 if self._session is session:
                     self._session = None
             closed_here = session.closed
             session.close()
-            code = e.code() if isinstance(e, grpc.Call) else e
-            if closed_here or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if closed_here or e.expired:
                 return  # A new partition set, a stop, or the session's lifetime.
-            if code != self._last_rpc_error:
-                log.info("fetch from broker %d failed: %s", self.source_id, code)
-            self._last_rpc_error = code
+            if str(e) != self._last_rpc_error:
+                log.info("fetch from broker %d failed: %s", self.source_id, e)
+            self._last_rpc_error = str(e)
             self._stopped.wait(self.settings.backoff_ms / 1000)
             return
         self._last_rpc_error = None
@@ -254,6 +287,11 @@ class ReplicaFetcher:
         except BaseException:
             session.sent = None  # The leader counts this answer as told: start afresh.
             raise
+
+    def _open_session(self) -> _FetchSession:
+        if self._stub is None:
+            return _FetchSession(LinkSession(self.address, _SESSION_S))
+        return _FetchSession(_StreamExchange(self._stub, _SESSION_S))
 
     def _build_request(
         self, entries: dict[tuple[str, int], _Entry], session: _FetchSession

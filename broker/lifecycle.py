@@ -34,6 +34,7 @@ from typing import Protocol
 
 from raftka.v1 import common_pb2, controller_pb2
 
+from broker.replication_link import REPLICATION_LISTENER
 from client._controller import ControllerClient
 from client.errors import RaftkaError, check
 from quorum.config import NodeConfig
@@ -84,11 +85,16 @@ class BrokerLifecycle:
         client: ControllerClient,
         *,
         listener: tuple[str, int] | None = None,
+        replication_listener: tuple[str, int] | None = None,
     ):
         self.broker_id = config.node_id
         self.cluster_id = config.cluster_id
         self.rack = str(config["broker.rack"])
         self.listener = listener if listener is not None else config.listener
+        # Registered in this order: clients take the first (the gRPC listener).
+        self.listeners = {"PLAINTEXT": self.listener}
+        if replication_listener is not None:
+            self.listeners[REPLICATION_LISTENER] = replication_listener
         self.heartbeat_interval_s = config["broker.heartbeat.interval.ms"] / 1000
         self.session_timeout_s = config["broker.session.timeout.ms"] / 1000
         # Long enough to ride out a controller election, short enough to leave
@@ -172,11 +178,13 @@ class BrokerLifecycle:
             self._set_state(STOPPED)
 
     def _register(self) -> bool:
-        host, port = self.listener
         request = controller_pb2.RegisterBrokerRequest(
             broker_id=self.broker_id,
             incarnation_id=self.incarnation_id,
-            listeners=[common_pb2.Endpoint(name="PLAINTEXT", host=host, port=port)],
+            listeners=[
+                common_pb2.Endpoint(name=name, host=host, port=port)
+                for name, (host, port) in self.listeners.items()
+            ],
             rack=self.rack,
             cluster_id=self.cluster_id,
         )

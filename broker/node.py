@@ -30,6 +30,7 @@ from broker.metadata_answer import metadata_response
 from broker.metadata_follower import MetadataFollower
 from broker.producer_ids import ProducerIdManager
 from broker.replica_manager import CONSUMER, BrokerSettings, ReplicaManager
+from broker.replication_link import LinkListener
 from broker.storage import checkpoint
 from client._controller import ControllerClient
 from client.errors import RaftkaError
@@ -136,6 +137,7 @@ class BrokerNode:
             "max.client.streams",
         )
         self._server: grpc.Server | None = None
+        self._link_listener: LinkListener | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self.port = 0
         self._stopped = threading.Event()
@@ -167,8 +169,26 @@ class BrokerNode:
         server.start()
         self._server = server
         log.info("broker %d listening on %s:%d", self.broker_id, host, bound)
+        replication = self.config.replication_listener
+        if replication is not None:
+            self._link_listener = LinkListener(
+                *replication, self.replicas, name=f"broker-{self.broker_id}"
+            )
+            try:
+                replication = (replication[0], self._link_listener.start())
+            except OSError as exc:
+                server.stop(None)
+                raise OSError(
+                    f"broker {self.broker_id} cannot listen on {replication[0]}:{replication[1]} "
+                    f"for replication: {exc}"
+                ) from exc
+            log.info("broker %d replicating on %s:%d", self.broker_id, *replication)
         self.lifecycle = BrokerLifecycle(
-            self.config, self.follower, self.client, listener=(host, bound)
+            self.config,
+            self.follower,
+            self.client,
+            listener=(host, bound),
+            replication_listener=replication,
         )
         # Logs are opened (and recovered) before the broker follows metadata,
         # which is what tells it which partitions to lead and follow.
@@ -192,6 +212,8 @@ class BrokerNode:
             self.coordinator.stop()
             if self._server is not None:
                 self._server.stop(grace=1.0).wait(5.0)
+            if self._link_listener is not None:
+                self._link_listener.stop()
             self.replicas.stop()
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)

@@ -34,6 +34,7 @@ from broker.partition import (
     Waiter,
     now_ms,
 )
+from broker.replication_link import REPLICATION_LISTENER
 from broker.storage.log import LogConfig
 from client.errors import RaftkaError
 from quorum.config import NodeConfig
@@ -352,7 +353,13 @@ class ReplicaManager:
         if reg.leader == NO_LEADER or reg.leader == self.broker_id:
             return
         broker = image.brokers.get(reg.leader)
-        endpoint = None if broker is None else broker.endpoint()
+        if broker is None:
+            log.warning("%s-%d: leader %d is not registered", *key, reg.leader)
+            return
+        # Its replication listener when it has one (broker/replication_link.py).
+        endpoint = broker.endpoint(REPLICATION_LISTENER)
+        link = endpoint is not None
+        endpoint = endpoint or broker.endpoint()
         if endpoint is None:
             log.warning("%s-%d: leader %d has no listener", *key, reg.leader)
             return
@@ -360,7 +367,12 @@ class ReplicaManager:
         fetcher = self._fetchers.get(source)
         if fetcher is None:
             fetcher = ReplicaFetcher(
-                self.broker_id, self._broker_epoch, source[0], source[1], self.settings.fetcher
+                self.broker_id,
+                self._broker_epoch,
+                source[0],
+                source[1],
+                self.settings.fetcher,
+                link=link,
             )
             fetcher.start()
             self._fetchers[source] = fetcher

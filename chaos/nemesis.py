@@ -45,12 +45,15 @@ class Network:
                 if dst.id == src.id:
                     continue
                 # Controllers dial each other's Raft port; brokers dial controllers' and
-                # other brokers' gRPC ports. Nobody dials a broker's Raft port (it has none).
+                # other brokers' gRPC ports, and other brokers' replication ports.
+                # Nobody dials a broker's Raft port (it has none).
                 targets = []
                 if src.role == "controller" and dst.raft_port is not None:
                     targets.append(dst.raft_port)
                 if src.role == "broker":
                     targets.append(dst.rpc_port)
+                    if dst.replication_port is not None:
+                        targets.append(dst.replication_port)
                 for port in targets:
                     local = self.proxy.add_link(src.id, dst.id, dst.host, port)
                     overrides[f"{dst.host}:{port}"] = f"127.0.0.1:{local}"

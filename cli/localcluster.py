@@ -73,6 +73,8 @@ class NodeSpec:
     log: str
     pid: int | None = None
     create_time: float | None = None
+    # A broker's replication listener (None in a cluster made before it existed).
+    replication_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ class NodeStatus:
     log: str
     # "running", "paused" (SIGSTOP) or "stopped".
     state: str
+    replication_port: int | None = None
 
     @property
     def rpc_address(self) -> str:
@@ -184,7 +187,7 @@ class LocalCluster:
         with self._locked():
             if self.exists():
                 raise LocalClusterError(f"a cluster already exists in {self.directory}")
-            ports = free_ports(2 * controllers + brokers, host)
+            ports = free_ports(2 * controllers + 2 * brokers, host)
             nodes = _plan_nodes(controllers, brokers, host, ports)
             cluster_id = uuid.uuid4().hex
             settings = {
@@ -257,6 +260,7 @@ class LocalCluster:
             host=node.host,
             rpc_port=node.rpc_port,
             raft_port=node.raft_port,
+            replication_port=node.replication_port,
             config=str(self.directory / node.config),
             log=str(self.directory / node.log),
             state=state,
@@ -507,7 +511,9 @@ def _plan_nodes(controllers: int, brokers: int, host: str, ports: list[int]) -> 
         raft_port, rpc_port = next(free), next(free)
         nodes.append(_spec(node_id, "controller", host, rpc_port, raft_port))
     for i in range(brokers):
-        nodes.append(_spec(FIRST_BROKER_ID + i, "broker", host, next(free), None))
+        rpc_port, replication_port = next(free), next(free)
+        broker = _spec(FIRST_BROKER_ID + i, "broker", host, rpc_port, None)
+        nodes.append(replace(broker, replication_port=replication_port))
     return nodes
 
 
@@ -552,6 +558,8 @@ def render_config(node: NodeSpec, node_dir: Path, settings: dict[str, Any]) -> s
                 "log.dirs": str(node_dir / "data"),
             }
         )
+        if node.replication_port is not None:
+            values["replication.listener"] = f"{node.host}:{node.replication_port}"
     values.update(
         {
             "broker.session.timeout.ms": 9000,

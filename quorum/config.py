@@ -38,6 +38,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "metadata.log.dir": ("", "a controller's directory for its Raft journal and snapshot"),
     "log.dirs": ("", "where a broker keeps partition data (comma-separated)"),
     "listeners": ("", "the broker's gRPC listener, 'host:port'"),
+    "replication.listener": (
+        "",
+        "the broker's replication listener, 'host:port' (port 0: any free one): followers "
+        "fetch from this broker over plain TCP there, which is faster than gRPC; empty: "
+        "they fetch over the gRPC listener (raftka's own, not Kafka's)",
+    ),
     "network.dial.overrides": (
         "",
         "addresses this node dials in place of other nodes' own, 'host:port=host:port,...': "
@@ -315,6 +321,7 @@ class NodeConfig:
         if "broker" in roles and not self["listeners"]:
             raise ConfigError("a broker needs listeners = 'host:port'")
         self.dial_overrides  # noqa: B018 -- fails early on a malformed value
+        self.replication_listener  # noqa: B018 -- fails early on a malformed value
         if self["broker.heartbeat.interval.ms"] >= self["broker.session.timeout.ms"]:
             raise ConfigError("broker.heartbeat.interval.ms must be below the session timeout")
         if self["max.client.streams"] < 0 or self["num.rpc.threads"] < 1:
@@ -361,6 +368,17 @@ class NodeConfig:
         """The address to dial to reach a node that calls itself ``address``."""
         overrides = self.dial_overrides
         return lambda address: overrides.get(address, address)
+
+    @property
+    def replication_listener(self) -> tuple[str, int] | None:
+        """The replication listener's host and port, None when there is none."""
+        text = str(self.values["replication.listener"]).strip()
+        if not text:
+            return None
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"replication.listener must be 'host:port', not {text!r}")
+        return host, int(port)
 
     @property
     def listener(self) -> tuple[str, int]:

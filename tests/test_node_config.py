@@ -72,3 +72,14 @@ def test_a_transition_slice_must_fit_in_one_request(value):
     with pytest.raises(ConfigError, match="controller.transition.slice.partitions"):
         _config(**{"controller.transition.slice.partitions": value})
     assert _config(**{"controller.transition.slice.partitions": 20_000})
+
+
+def test_the_replication_listener_is_optional_and_checked_at_load():
+    assert _config().replication_listener is None
+    assert _config(**{"replication.listener": "127.0.0.1:0"}).replication_listener == (
+        "127.0.0.1",
+        0,
+    )
+    for text in ["127.0.0.1", ":9000", "127.0.0.1:x", "127.0.0.1:70000"]:
+        with pytest.raises(ConfigError, match="replication.listener"):
+            _config(**{"replication.listener": text})

@@ -435,3 +435,63 @@ def test_a_fetch_session_answers_only_what_changed(cluster, admin):
         assert error_name(refused) == "INVALID_REQUEST"
     finally:
         fresh.close()
+
+
+def replication_listeners(admin: Admin) -> dict[int, bool]:
+    """Whether each unfenced broker advertises a replication listener."""
+    return {
+        b.broker_id: any(e.name == "REPLICATION" for e in b.listeners)
+        for b in admin.describe_cluster().brokers
+        if not b.fenced
+    }
+
+
+def test_a_broker_without_a_replication_link_replicates_over_grpc_both_ways(cluster, admin):
+    # A rolling upgrade's mixed cluster: broker 102 is as before the replication
+    # listener (broker/replication_link.py), the others have one. Every acks=all
+    # write below needs all three replicas, so each partition's followers, whichever
+    # broker leads it, must be fetching: over a link from 100 and 101, over the
+    # FetchStream from 102.
+    wait_until(
+        "every broker to be up with a replication listener",
+        lambda: replication_listeners(admin) == {100: True, 101: True, 102: True},
+    )
+    old = 102
+    port = next(n.replication_port for n in cluster.status() if n.id == old)
+    cluster.stop([old])
+    cluster.update_config(old, {"replication.listener": ""})
+    try:
+        cluster.start([old])
+        cluster.wait_ready(timeout_s=60)
+        wait_until(
+            "broker 102 to be back, without a replication listener",
+            lambda: replication_listeners(admin) == {100: True, 101: True, 102: False},
+        )
+        admin.create_topic("mixed", 6, 3, {"min.insync.replicas": "3"})
+        infos = wait_until(
+            "every partition of mixed to have a leader and a full ISR",
+            lambda: all_in_sync(partitions(admin)),
+        )
+        assert {p.leader for p in infos} == set(BROKERS)  # type: ignore[attr-defined]
+        for info in infos:  # type: ignore[attr-defined]
+            wait_until(
+                f"an acks=all write to mixed-{info.partition} with all three in sync",
+                lambda i=info: (
+                    error_name(produce(stub(cluster, i.leader), "mixed", i.partition, [b"v"]))
+                    == "NONE"
+                ),
+            )
+        assert all(len(p.isr) == 3 for p in partitions(admin))
+    finally:
+        cluster.stop([old])
+        cluster.update_config(old, {"replication.listener": f"127.0.0.1:{port}"})
+        cluster.start([old])
+        cluster.wait_ready(timeout_s=60)
+
+
+def partitions(admin: Admin):
+    return admin.describe_topic("mixed").partitions
+
+
+def all_in_sync(infos):
+    return all(p.leader > 0 and len(p.isr) == 3 for p in infos) and infos
