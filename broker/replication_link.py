@@ -26,8 +26,11 @@ only followers fetch here, never consumers.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
+import select
 import socket
 import struct
 import threading
@@ -52,6 +55,12 @@ MAX_FRAME_BYTES = 128 * 1024 * 1024
 # A frame this small goes out in one write (header and body together).
 _ONE_WRITE_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 5.0
+_CONNECT_POLL_S = 0.05
+_CONNECTING = {errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK}
+# A session's socket timeout ends at its deadline; this much early still counts.
+_CLOCK_SLACK_S = 0.01
+# The follower sends MAGIC right after connecting.
+HANDSHAKE_S = 10.0
 # A follower always has a fetch out (it waits at most max.wait.ms for each
 # answer), so a link silent for this long has lost its follower.
 IDLE_LINK_S = 120.0
@@ -64,6 +73,10 @@ class SessionError(Exception):
     def __init__(self, reason: str, *, expired: bool = False):
         super().__init__(reason)
         self.expired = expired
+
+
+class _HandlerFailed(Exception):
+    """The leader failed to answer a fetch (its cause is chained): logged in full."""
 
 
 def read_frame(reader: io.BufferedReader) -> bytes | None:
@@ -132,8 +145,12 @@ class LinkSession:
             if body is None:
                 raise SessionError("the leader closed the link")
             return broker_pb2.FetchResponse.FromString(body)
-        except TimeoutError:
-            raise SessionError("the session's lifetime ran out", expired=True) from None
+        except TimeoutError as e:
+            # The socket's timeout is the session's end; a kernel's ETIMEDOUT (a
+            # peer gone silent mid-stream) comes as TimeoutError too, and is a failure.
+            if time.monotonic() >= self._deadline - _CLOCK_SLACK_S:
+                raise SessionError("the session's lifetime ran out", expired=True) from None
+            raise SessionError(f"link to {self._address}: {e}") from e
         except (OSError, DecodeError) as e:
             raise SessionError(f"link to {self._address}: {e}") from e
         finally:
@@ -143,14 +160,34 @@ class LinkSession:
                     self._release()
 
     def _connect(self) -> tuple[socket.socket, io.BufferedReader]:
+        """Connect without blocking, looking at ``closed`` between short waits, so
+        that ``close()`` ends a connect to a leader that does not answer at once."""
         host, port = self._address.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM
+        )[0]
+        sock = socket.socket(family, kind, proto)
         reader = sock.makefile("rb")
         with self._lock:
             self._sock, self._reader = sock, reader
             if self.closed:
                 raise SessionError("the session is closed")
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code in _CONNECTING:
+            poller = select.poll()  # Not select(): a broker's descriptors go past 1024.
+            poller.register(sock, select.POLLOUT)
+            deadline = min(time.monotonic() + CONNECT_TIMEOUT_S, self._deadline)
+            while not poller.poll(_CONNECT_POLL_S * 1000):
+                if self.closed:
+                    raise SessionError("the session is closed")
+                if time.monotonic() >= deadline:
+                    raise SessionError(f"connecting to {self._address} timed out")
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            raise SessionError(f"cannot connect to {self._address}: {os.strerror(code)}")
+        sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(MAGIC)
         return sock, reader
 
@@ -236,12 +273,14 @@ class LinkListener:
         if self._sock is not None:
             self._sock.close()
         with self._lock:
+            # Under the lock: a link's thread closes its socket only after taking
+            # it out of _links under the same lock, so none is shut down once closed.
             links = dict(self._links)
-        for conn in links:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            for conn in links:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         deadline = time.monotonic() + timeout_s
         for thread in links.values():
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -275,26 +314,38 @@ class LinkListener:
                     daemon=True,
                 )
                 self._links[conn] = thread
-            thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # No thread to be had: refuse this link, keep accepting.
+                    log.exception("%s: cannot serve a link from %s", self._name, peer)
+                    del self._links[conn]
+                    conn.close()
 
     def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        session = self._replicas.new_fetch_session()
+        session: FetchSession | None = None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self._idle_link_s)
+            conn.settimeout(HANDSHAKE_S)
             with conn.makefile("rb") as reader:
-                if reader.read(len(MAGIC)) != MAGIC:
-                    log.warning("%s: %s:%d is not a follower's link; closed", self._name, *peer)
+                magic = reader.read(len(MAGIC))
+                if magic != MAGIC:
+                    if magic:  # Nothing at all is a follower that gave up at once.
+                        log.warning("%s: %s:%d is not a follower's link", self._name, *peer)
                     return
+                conn.settimeout(self._idle_link_s)
+                session = self._replicas.new_fetch_session()
                 self._answer_fetches(conn, reader, session)
         except (OSError, SessionError) as e:
             if not self._stopped.is_set():
                 log.info("%s: link from %s:%d ended: %s", self._name, *peer, e)
+        except Exception:
+            log.exception("%s: link from %s:%d failed", self._name, *peer)
         finally:
-            session.close()
+            if session is not None:
+                session.close()
             with self._lock:
                 self._links.pop(conn, None)
-            conn.close()
+                conn.close()
 
     def _answer_fetches(
         self,
@@ -319,5 +370,10 @@ class LinkListener:
                 )
                 write_frame(conn, refusal.SerializeToString())
                 return
-            response = self._replicas.fetch_in_session(session, request)
+            try:
+                response = self._replicas.fetch_in_session(session, request)
+            except Exception as e:
+                # Not the link's fault (a storage error, a bug): said as such, and
+                # the link ends, as a gRPC stream's does when its handler raises.
+                raise _HandlerFailed() from e
             write_frame(conn, response.SerializeToString())

@@ -46,7 +46,9 @@ from typing import Any
 import psutil
 
 MANIFEST = "cluster.json"
-MANIFEST_VERSION = 1
+# 2 added brokers' replication ports; a version-1 manifest reads as brokers without.
+MANIFEST_VERSION = 2
+_READABLE_VERSIONS = {1, 2}
 FIRST_CONTROLLER_ID = 1
 FIRST_BROKER_ID = 100
 # Creation times are read from /proc, in units of clock ticks since boot; the
@@ -132,7 +134,7 @@ class LocalCluster:
             ) from None
         except (OSError, ValueError) as exc:
             raise LocalClusterError(f"cannot read {self.manifest_path}: {exc}") from exc
-        if data.get("version") != MANIFEST_VERSION:
+        if data.get("version") not in _READABLE_VERSIONS:
             raise LocalClusterError(f"{self.manifest_path}: unsupported manifest version")
         return data
 
@@ -147,6 +149,7 @@ class LocalCluster:
     def _save_nodes(self, nodes: Iterable[NodeSpec]) -> None:
         data = self._read()
         data["nodes"] = [asdict(n) for n in sorted(nodes, key=lambda n: n.id)]
+        data["version"] = MANIFEST_VERSION  # The nodes are now written in its form.
         self._write(data)
 
     @property

@@ -42,7 +42,9 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "",
         "the broker's replication listener, 'host:port' (port 0: any free one): followers "
         "fetch from this broker over plain TCP there, which is faster than gRPC; empty: "
-        "they fetch over the gRPC listener (raftka's own, not Kafka's)",
+        "they fetch over the gRPC listener. The host is both bound and advertised, so it must "
+        "be an address other brokers can dial, not a wildcard "
+        "(raftka's own, not Kafka's)",
     ),
     "network.dial.overrides": (
         "",
@@ -378,6 +380,11 @@ class NodeConfig:
         host, sep, port = text.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"replication.listener must be 'host:port', not {text!r}")
+        if host in ("0.0.0.0", "::", "[::]"):
+            raise ConfigError(
+                f"replication.listener {text!r}: the host is advertised to other brokers, "
+                "so it must be one they can dial, not a wildcard"
+            )
         return host, int(port)
 
     @property

@@ -80,6 +80,6 @@ def test_the_replication_listener_is_optional_and_checked_at_load():
         "127.0.0.1",
         0,
     )
-    for text in ["127.0.0.1", ":9000", "127.0.0.1:x", "127.0.0.1:70000"]:
+    for text in ["127.0.0.1", ":9000", "127.0.0.1:x", "127.0.0.1:70000", "0.0.0.0:9000"]:
         with pytest.raises(ConfigError, match="replication.listener"):
             _config(**{"replication.listener": text})

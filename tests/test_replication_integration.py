@@ -7,8 +7,10 @@ session, 2 s replica lag) so failures are detected in seconds.
 
 from __future__ import annotations
 
+import os
 import queue
 import time
+from pathlib import Path
 
 import pytest
 from conftest import running_cluster
@@ -456,6 +458,15 @@ def test_a_broker_without_a_replication_link_replicates_over_grpc_both_ways(clus
         "every broker to be up with a replication listener",
         lambda: replication_listeners(admin) == {100: True, 101: True, 102: True},
     )
+    admin.create_topic("linked", 6, 3)
+    wait_until(
+        "every partition of linked in sync", lambda: all_in_sync(partitions(admin, "linked"))
+    )
+    # Each broker leads some of linked; both others fetch from it over a link.
+    wait_until(
+        "every follower on a link to every leader",
+        lambda: linked_followers(cluster) == {100: {101, 102}, 101: {100, 102}, 102: {100, 101}},
+    )
     old = 102
     port = next(n.replication_port for n in cluster.status() if n.id == old)
     cluster.stop([old])
@@ -467,10 +478,15 @@ def test_a_broker_without_a_replication_link_replicates_over_grpc_both_ways(clus
             "broker 102 to be back, without a replication listener",
             lambda: replication_listeners(admin) == {100: True, 101: True, 102: False},
         )
+        # 102 still fetches over links; nobody has one to 102.
+        wait_until(
+            "links to 100 and 101 only",
+            lambda: linked_followers(cluster) == {100: {101, 102}, 101: {100, 102}, 102: set()},
+        )
         admin.create_topic("mixed", 6, 3, {"min.insync.replicas": "3"})
         infos = wait_until(
             "every partition of mixed to have a leader and a full ISR",
-            lambda: all_in_sync(partitions(admin)),
+            lambda: all_in_sync(partitions(admin, "mixed")),
         )
         assert {p.leader for p in infos} == set(BROKERS)  # type: ignore[attr-defined]
         for info in infos:  # type: ignore[attr-defined]
@@ -481,7 +497,7 @@ def test_a_broker_without_a_replication_link_replicates_over_grpc_both_ways(clus
                     == "NONE"
                 ),
             )
-        assert all(len(p.isr) == 3 for p in partitions(admin))
+        assert all(len(p.isr) == 3 for p in partitions(admin, "mixed"))
     finally:
         cluster.stop([old])
         cluster.update_config(old, {"replication.listener": f"127.0.0.1:{port}"})
@@ -489,8 +505,41 @@ def test_a_broker_without_a_replication_link_replicates_over_grpc_both_ways(clus
         cluster.wait_ready(timeout_s=60)
 
 
-def partitions(admin: Admin):
-    return admin.describe_topic("mixed").partitions
+def partitions(admin: Admin, topic: str):
+    return admin.describe_topic(topic).partitions
+
+
+def linked_followers(cluster) -> dict[int, set[int]]:
+    """For each running broker, the brokers with a link open to its replication
+    listener (its old port, for a broker that has none now)."""
+    brokers = [n for n in cluster.status() if n.role == "broker" and n.running]
+    leader_at = {n.replication_port: n.id for n in brokers}
+    linked: dict[int, set[int]] = {n.id: set() for n in brokers}
+    for node in brokers:
+        for remote_port in established_remote_ports(node.pid):
+            if remote_port in leader_at:
+                linked[leader_at[remote_port]].add(node.id)
+    return linked
+
+
+def established_remote_ports(pid: int) -> list[int]:
+    """The remote ports of a process's established IPv4 TCP connections, from /proc
+    (psutil's own parsing breaks in a process where pysyncobj replaced inet_ntop)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # Closed meanwhile.
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and inode in inodes:  # 01: ESTABLISHED
+            ports.append(int(remote.split(":")[1], 16))
+    return ports
 
 
 def all_in_sync(infos):

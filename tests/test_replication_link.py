@@ -234,3 +234,82 @@ def test_a_large_answer_crosses_whole():
         with right.makefile("rb") as stream:
             assert read_frame(stream) == body
         sender.join(5)
+
+
+@pytest.fixture
+def unanswering():
+    """A port whose connects hang: its listener's backlog is full and never accepted."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(OSError):
+        probe.connect(listener.getsockname())  # The backlog is full: connects hang.
+    probe.close()
+    yield f"{HOST}:{listener.getsockname()[1]}"
+    for s in [*fillers, listener]:
+        s.close()
+
+
+def test_a_connect_that_times_out_is_a_failure_not_an_expiry(unanswering, monkeypatch):
+    monkeypatch.setattr("broker.replication_link.CONNECT_TIMEOUT_S", 0.3)
+    session = LinkSession(unanswering, lifetime_s=30)
+    with pytest.raises(SessionError, match="timed out") as failure:
+        session.exchange(fetch(1))
+    assert not failure.value.expired  # The fetcher logs it and backs off.
+    session.close()
+
+
+def test_close_ends_a_connect_that_hangs(unanswering):
+    session = LinkSession(unanswering, lifetime_s=30)
+    failed: list[SessionError] = []
+
+    def connecting() -> None:
+        try:
+            session.exchange(fetch(1))
+        except SessionError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=connecting)
+    thread.start()
+    time.sleep(0.2)  # Into the connect (nothing to wait on: it never completes).
+    started = time.monotonic()
+    session.close()
+    thread.join(5)
+    assert not thread.is_alive() and len(failed) == 1
+    assert time.monotonic() - started < 1.0  # Not the 5 s connect timeout.
+
+
+class _FailingReplicas(_Replicas):
+    def fetch_in_session(self, session, request):
+        if request.replica_id == 13:
+            raise RuntimeError("a bug")
+        return super().fetch_in_session(session, request)
+
+
+def test_a_fetch_the_leader_fails_to_answer_ends_the_link_and_is_logged(caplog):
+    replicas = _FailingReplicas()
+    listener = LinkListener(HOST, 0, replicas, name="test")  # type: ignore[arg-type]
+    listener.start()
+    try:
+        session = LinkSession(f"{HOST}:{listener.port}", lifetime_s=30)
+        with pytest.raises(SessionError):
+            session.exchange(fetch(13))
+        session.close()
+        wait_for("the link to be gone", lambda: listener.link_count() == 0)
+        assert any(
+            r.levelname == "ERROR" and r.exc_info and "a bug" in repr(r.exc_info[1].__cause__)
+            for r in caplog.records
+        )
+        again = LinkSession(f"{HOST}:{listener.port}", lifetime_s=30)
+        assert answered(again.exchange(fetch(2))) == 2
+        again.close()
+    finally:
+        listener.stop()
