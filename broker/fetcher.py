@@ -168,7 +168,6 @@ class ReplicaFetcher:
         self._generation = 0
         self._stopped = threading.Event()
         self._session: _FetchSession | None = None  # Replaced when the generation changes.
-        self.link = link
         self._channel: grpc.Channel | None = None
         self._stub: broker_pb2_grpc.BrokerStub | None = None
         if not link:
