@@ -16,7 +16,10 @@ something to say. What the leader keeps per session:
   life, which collects the partitions that changed (an append, a moved high
   watermark, a role change) between and during fetches.
 
-A fetch reads the partitions listed or changed. A partition that neither
+A fetch reads the partitions listed or changed, and those this broker did not
+host when last read (``unhosted``: a follower may ask about a new topic before
+its leader has applied it, and nothing can wake the session for a partition that
+does not exist yet). A partition that neither
 moved nor was asked about is not touched, except in a full pass every
 ``full_pass_s`` (a quarter of ``replica.lag.time.max.ms``, 7.5 s by default) that
 reads them all, so that an idle follower's caught-up time stays fresh and it
@@ -48,6 +51,11 @@ class FetchSession:
         self.partitions: dict[Key, Partition] = {}
         # Partitions a fetch left unread for lack of room: the next one reads them first.
         self.pending: set[Key] = set()
+        # Partitions asked about that this broker did not host (or under another topic
+        # id) at their last read. No waiter can be on them, so every fetch reads them
+        # again until they are hosted; else a follower that asked before this broker
+        # applied a new topic would not replicate it until the next full pass.
+        self.unhosted: set[Key] = set()
         # Woken by new data (or a role change); a moved high watermark is only
         # noted, and told with the next answer.
         self.waiter = Waiter(NEW_DATA | STATE, notes=HIGH_WATERMARK)
@@ -65,6 +73,7 @@ class FetchSession:
         self.told.clear()
         self.partitions.clear()
         self.pending.clear()
+        self.unhosted.clear()
         self.waiter.take()
         self._next_full_pass = 0.0
 
@@ -102,7 +111,12 @@ class FetchSession:
         return {key for key in keys if key in self.asked}
 
     def watch(self, key: Key, partition: Partition | None) -> None:
-        """Keep the waiter on the partition now hosted under ``key``."""
+        """Keep the waiter on the partition now hosted under ``key`` (None: not
+        hosted, so read again on every fetch)."""
+        if partition is None:
+            self.unhosted.add(key)
+        else:
+            self.unhosted.discard(key)
         old = self.partitions.get(key)
         if old is partition:
             return

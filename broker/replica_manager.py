@@ -589,7 +589,8 @@ class ReplicaManager:
             rest = set(pending)
             work = pending + [key for key in session.asked if key not in rest]
         else:
-            work = list(dict.fromkeys([*pending, *listed, *sorted(changed)]))
+            unhosted = sorted(key for key in session.unhosted if key in session.asked)
+            work = list(dict.fromkeys([*pending, *listed, *unhosted, *sorted(changed)]))
         answers: dict[Key, broker_pb2.FetchPartitionResponse] = {}
         total, stop = self._read_session(session, work, answers, max_bytes, first=True, used=0)
         while not stop and total < min_bytes:

@@ -122,6 +122,7 @@ def manager(partitions: list[Partition]) -> ReplicaManager:
     rm._isr_due_lock = threading.Lock()
     rm.settings = SimpleNamespace(replica_lag_time_max_ms=30_000)
     rm._check_replica = lambda *args: None
+    rm._image = lambda: SimpleNamespace(topic_by_name=lambda name: None)  # Knows no other.
     return rm
 
 
@@ -170,6 +171,35 @@ def test_a_partition_left_unread_for_lack_of_room_is_read_first_next_time(tmp_pa
     assert small.followers[2].log_end_offset == 0  # Its fetch was counted.
     session.close()
     assert not big._waiters and not small._waiters
+
+
+def test_a_partition_the_leader_did_not_host_yet_is_read_again_until_it_is(tmp_path):
+    """A follower may ask about a new topic before its leader has applied it. Its
+    incremental requests list only partitions whose position moved, and nothing can
+    wake the session for a partition that did not exist: the leader must read it
+    again on every fetch, or the follower replicates it only at the next full pass
+    (7.5 s; an acks=all write to a new topic waited that long)."""
+    early = leader_partition(tmp_path, "a")
+    rm = manager([early])
+    session = rm.new_fetch_session()
+    first = rm.fetch_in_session(session, fetch_request({"a": 0, "b": 0}, False))
+    errors = {t.topic: p.error.code for t in first.topics for p in t.partitions}
+    assert common_pb2.ErrorCode.Name(errors["b"]) == "UNKNOWN_TOPIC_OR_PARTITION"
+    # Still unknown: told again (the follower keeps backing off).
+    again = rm.fetch_in_session(session, fetch_request({}, True))
+    assert common_pb2.ErrorCode.Name(again.topics[0].partitions[0].error.code) == (
+        "UNKNOWN_TOPIC_OR_PARTITION"
+    )
+    late = leader_partition(tmp_path, "b")
+    rm._partitions[("b", 0)] = late
+    late.append_as_leader(encode_batch([Record(None, b"acked", (), 1000)]), acks=1)
+    session._next_full_pass = float("inf")  # A full pass is not what finds it.
+    found = rm.fetch_in_session(session, fetch_request({}, True))
+    assert told(found)["b"] > 0
+    assert late.followers[2].log_end_offset == 0  # Its fetch was counted.
+    assert session.waiter in late._waiters and not session.unhosted
+    session.close()
+    assert not early._waiters and not late._waiters
 
 
 def test_an_incremental_fetch_from_anyone_but_the_sessions_follower_is_refused(tmp_path):
