@@ -188,8 +188,9 @@ def run_consume_bench(
 
 
 def _latency_consumer(brokers: str, topic: str, partitions: int, count: int, out: Any) -> None:
-    """Child process: read ``count`` stamped records from the end and report latencies."""
-    latencies: list[float] = []
+    """Child process: read ``count`` stamped records from the end and report each one's
+    (send stamp in ns, latency in s)."""
+    samples: list[tuple[int, float]] = []
     with Consumer(brokers, auto_offset_reset="latest", fetch_max_wait_ms=100) as consumer:
         assigned = [TopicPartition(topic, p) for p in range(partitions)]
         consumer.assign(assigned)
@@ -198,15 +199,19 @@ def _latency_consumer(brokers: str, topic: str, partitions: int, count: int, out
             consumer.position(tp)
         out.put(("ready", None))
         deadline = time.monotonic() + 600
-        while len(latencies) < count and time.monotonic() < deadline:
-            now = time.time_ns()
+        while len(samples) < count and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=200).values():
                 now = time.time_ns()
                 for record in batch:
                     if record.value and len(record.value) >= 8:
                         sent = _STAMP.unpack_from(record.value)[0]
-                        latencies.append((now - sent) / 1e9)
-    out.put(("done", latencies))
+                        samples.append((sent, (now - sent) / 1e9))
+    out.put(("done", samples))
+
+
+def measured_latencies(samples: list[tuple[int, float]], start_ns: int) -> list[float]:
+    """The latencies of records sent at or after ``start_ns`` (the end of the warm-up)."""
+    return [latency for sent, latency in samples if sent >= start_ns]
 
 
 def run_latency_bench(
@@ -215,21 +220,28 @@ def run_latency_bench(
     *,
     rate: int = 10_000,
     seconds: float = 10.0,
+    warmup_s: float = 1.0,
     record_size: int = 100,
     partitions: int = 6,
     replication_factor: int = 3,
     acks: str | int = "all",
     linger_ms: float = 5,
 ) -> dict[str, Any]:
-    """Produce at ``rate`` records/s for ``seconds``; a consumer in another process
-    measures each record's produce-to-consume latency (both clocks are this host's)."""
+    """Produce at ``rate`` records/s for ``warmup_s`` and then ``seconds``; a consumer in
+    another process measures each record's produce-to-consume latency (both clocks are
+    this host's). Only records sent after the warm-up count, as in the OpenMessaging
+    Benchmark's warm-up phase: one-time costs (the clients opening their streams, the
+    first writes to a topic created just before) are not a latency at ``rate``."""
     topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
     ensure_topic(bootstrap, topic, partitions, replication_factor, {"min.insync.replicas": "2"})
+    warmup = int(rate * warmup_s)
     count = int(rate * seconds)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(
-        target=_latency_consumer, args=(brokers, topic, partitions, count, queue), daemon=True
+        target=_latency_consumer,
+        args=(brokers, topic, partitions, warmup + count, queue),
+        daemon=True,
     )
     child.start()
     try:
@@ -237,6 +249,7 @@ def run_latency_bench(
         assert kind == "ready"
         padding = bytes(max(record_size - _STAMP.size, 0))
         ack_latencies: list[float] = []
+        measure_from_ns = 0
 
         def acked(sent_ns: int) -> Callable[[Any, Any], None]:
             def done(_metadata: Any, exc: BaseException | None) -> None:
@@ -249,7 +262,8 @@ def run_latency_bench(
             producer.partitions_for(topic)
             interval = 1.0 / rate
             start = time.perf_counter()
-            for i in range(count):
+            measure_start = start
+            for i in range(warmup + count):
                 # Sleep only once ahead by _MIN_SLEEP_S, as Kafka's perf tools throttle:
                 # a sleep per record (10,000 a second) costs this process more CPU
                 # than the records do, on the cores the brokers need.
@@ -257,19 +271,27 @@ def run_latency_bench(
                 if delay >= _MIN_SLEEP_S:
                     time.sleep(delay)
                 now_ns = time.time_ns()
+                if i < warmup:  # Not measured: no acknowledgement is timed either.
+                    producer.send(topic, _STAMP.pack(now_ns) + padding)
+                    continue
+                if i == warmup:
+                    measure_from_ns = now_ns
+                    measure_start = time.perf_counter()
                 producer.send(topic, _STAMP.pack(now_ns) + padding, callback=acked(now_ns))
             producer.flush()
-            sent_for = time.perf_counter() - start
-        kind, latencies = queue.get(timeout=120)
+            sent_for = time.perf_counter() - measure_start
+        kind, samples = queue.get(timeout=120)
     finally:
         child.join(timeout=10)
         if child.is_alive():
             child.kill()
             child.join(timeout=5)
+    latencies = measured_latencies(samples, measure_from_ns) if count else []
     return {
         "topic": topic,
         "rate_target": rate,
-        "rate_achieved": round(count / sent_for),
+        "rate_achieved": round(count / sent_for) if count and sent_for > 0 else 0,
+        "warmup_records": warmup,
         "records": len(latencies),
         "acks": acks,
         "linger_ms": linger_ms,

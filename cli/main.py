@@ -840,7 +840,11 @@ def bench_consume(
 def bench_latency(
     ctx: typer.Context,
     rate: Annotated[int, typer.Option(min=1, help="Records per second.")] = 10_000,
-    seconds: Annotated[float, typer.Option(min=0.1)] = 10.0,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Measured seconds.")] = 10.0,
+    warmup_seconds: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds at the rate before measuring (not counted)."),
+    ] = 1.0,
     acks: Annotated[str, typer.Option(help="all, 1 or 0.")] = "all",
     linger_ms: Annotated[
         float, typer.Option(min=0, help="Producer linger (Kafka's default 5).")
@@ -859,6 +863,7 @@ def bench_latency(
         _brokers_of(address),
         rate=rate,
         seconds=seconds,
+        warmup_s=warmup_seconds,
         acks=acks if acks == "all" else int(acks),
         linger_ms=linger_ms,
     )

@@ -28,6 +28,7 @@ from dataplane import address, stub, wait_until
 from raftka.v1 import broker_pb2
 
 from broker.record_batch import Compression, iter_batches
+from cli import bench_data
 from client import (
     Admin,
     Consumer,
@@ -482,6 +483,28 @@ def test_acks_one_and_zero_deliver(cluster, admin, brokers):
         assert values == [f"one-{i}".encode() for i in range(p, 100, 2)] + [
             f"zero-{i}".encode() for i in range(p, 100, 2)
         ]
+
+
+def test_the_latency_bench_counts_only_the_records_after_its_warm_up(cluster, brokers):
+    """``raftka bench latency``: every record sent after the warm-up is consumed and
+    timed, the warm-up's are not; the figures are ordered. (No figure is asserted:
+    speed is the benchmark's business, not a test's.)"""
+    result = bench_data.run_latency_bench(
+        cluster.bootstrap, brokers, rate=400, seconds=0.5, warmup_s=0.25, partitions=2
+    )
+    assert result["warmup_records"] == 100
+    assert result["records"] == 200
+    assert result["rate_achieved"] > 0
+    figures = [result[k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")]
+    assert all(f is not None and f >= 0 for f in figures)
+    assert figures == sorted(figures)
+    assert result["ack_p50_ms"] is not None
+
+
+def test_measured_latencies_leave_out_records_sent_before_the_warm_up_ended():
+    samples = [(90, 0.5), (100, 0.002), (99, 0.4), (150, 0.003)]
+    assert bench_data.measured_latencies(samples, 100) == [0.002, 0.003]
+    assert bench_data.measured_latencies([], 100) == []
 
 
 def test_a_fetch_stream_answers_each_request_in_turn(cluster, admin, brokers):
