@@ -112,6 +112,10 @@ class _FetchSession:
         # The partitions whose position may have moved since the last request (those
         # the last answer held), and when every position is next read regardless.
         self.touched: set[tuple[str, int]] = set()
+        # Partitions whose last answer was an error or could not be appended: the next
+        # request lists them although their position did not move, so that the leader
+        # reads them again (it may hold no waiter that a change would wake).
+        self.relist: set[tuple[str, int]] = set()
         self.next_scan = 0.0
 
     def exchange(self, request: broker_pb2.FetchRequest) -> broker_pb2.FetchResponse:
@@ -326,6 +330,10 @@ class ReplicaFetcher:
                     positions[key] = position
                     moved.append(key)
         session.touched = set()
+        if session.relist:
+            listed = set(moved)
+            moved.extend(key for key in session.relist if key in entries and key not in listed)
+            session.relist = set()
         by_topic: dict[str, list[broker_pb2.FetchPartition]] = {}
         topic_ids: dict[str, str] = {}
         for key in sorted(moved):
@@ -426,3 +434,5 @@ class ReplicaFetcher:
         with self._lock:
             for entry in entries.values():
                 entry.delayed_until = until
+            if self._session is not None:
+                self._session.relist.update(entries)

@@ -228,6 +228,8 @@ class PositionedPartition:
     """A followed partition whose position the test moves; counts its reads."""
 
     def __init__(self, topic: str):
+        self.topic = topic
+        self.index = 0
         self.topic_id = f"id-{topic}"
         self.offset = 0
         self.reads = 0
@@ -237,6 +239,10 @@ class PositionedPartition:
         return self.offset, -1, 0
 
 
+def listed(request: broker_pb2.FetchRequest) -> dict[str, int]:
+    return {t.topic: p.fetch_offset for t in request.topics for p in t.partitions}
+
+
 def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touched():
     fetcher = object.__new__(ReplicaFetcher)
     fetcher.broker_id = 2
@@ -244,10 +250,7 @@ def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touch
     fetcher._broker_epoch = lambda: 7
     parts = {("a", 0): PositionedPartition("a"), ("b", 0): PositionedPartition("b")}
     entries = {key: _Entry(p, leader_epoch=0) for key, p in parts.items()}
-    session = SimpleNamespace(sent=None, touched=set(), next_scan=0.0)
-
-    def listed(request: broker_pb2.FetchRequest) -> dict[str, int]:
-        return {t.topic: p.fetch_offset for t in request.topics for p in t.partitions}
+    session = SimpleNamespace(sent=None, touched=set(), relist=set(), next_scan=0.0)
 
     first, _ = fetcher._build_request(entries, session)
     assert not first.incremental and listed(first) == {"a": 0, "b": 0}
@@ -270,6 +273,35 @@ def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touch
     scanned, _ = fetcher._build_request(entries, session)
     assert scanned.incremental and listed(scanned) == {"b": 5}
     assert [p.reads for p in parts.values()] == [4, 2]
+
+
+def test_a_partition_answered_with_an_error_is_listed_again_after_its_back_off():
+    """The follower's side of the same hole: a partition whose answer was an error
+    has not moved, so an incremental request would not list it and the leader,
+    which may hold no waiter on it, would not read it again until its full pass."""
+    fetcher = object.__new__(ReplicaFetcher)
+    fetcher.broker_id = 2
+    fetcher.source_id = 1
+    fetcher.settings = FetcherSettings()
+    fetcher._broker_epoch = lambda: 7
+    fetcher._lock = threading.Lock()
+    parts = {("a", 0): PositionedPartition("a"), ("b", 0): PositionedPartition("b")}
+    entries = {key: _Entry(p, leader_epoch=0) for key, p in parts.items()}
+    fetcher._entries = dict(entries)
+    session = SimpleNamespace(sent=None, touched=set(), relist=set(), next_scan=0.0)
+    fetcher._session = session
+    fetcher._build_request(entries, session)
+    unknown = broker_pb2.FetchPartitionResponse(partition=0)
+    unknown.error.code = common_pb2.UNKNOWN_TOPIC_OR_PARTITION
+    response = broker_pb2.FetchResponse(
+        in_session=True, topics=[broker_pb2.FetchTopicResponse(topic="b", partitions=[unknown])]
+    )
+    fetcher._handle(response, entries)
+    assert entries[("b", 0)].delayed_until > 0  # Backed off...
+    again, _ = fetcher._build_request(entries, session)
+    assert again.incremental and listed(again) == {"b": 0}  # ...then asked for again,
+    then, _ = fetcher._build_request(entries, session)
+    assert listed(then) == {}  # once.
 
 
 class _SignallingWaiter(Waiter):
