@@ -234,8 +234,8 @@ def run_latency_bench(
     first writes to a topic created just before) are not a latency at ``rate``."""
     topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
     ensure_topic(bootstrap, topic, partitions, replication_factor, {"min.insync.replicas": "2"})
-    warmup = int(rate * warmup_s)
-    count = int(rate * seconds)
+    warmup = round(rate * warmup_s)
+    count = round(rate * seconds)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(
@@ -299,6 +299,7 @@ def run_latency_bench(
         "p99_ms": _ms(_percentile(latencies, 99)),
         "p999_ms": _ms(_percentile(latencies, 99.9)),
         "max_ms": _ms(max(latencies) if latencies else None),
+        "acked_records": len(ack_latencies),
         "ack_p50_ms": _ms(_percentile(ack_latencies, 50)),
         "ack_p99_ms": _ms(_percentile(ack_latencies, 99)),
     }

@@ -11,7 +11,7 @@ import pytest
 from raftka.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from raftka.v1 import controller_pb2 as cpb
 
-from cli import bench
+from cli import bench, bench_data
 from cli.localcluster import NodeStatus
 from client.errors import RaftkaError
 
@@ -127,3 +127,9 @@ def test_the_scale_bench_waits_for_every_broker_to_act_on_the_last_record():
             stuck_server.stop(grace=None)
     finally:
         server.stop(grace=None)
+
+
+def test_measured_latencies_leave_out_records_sent_before_the_warm_up_ended():
+    samples = [(90, 0.5), (100, 0.002), (99, 0.4), (150, 0.003)]
+    assert bench_data.measured_latencies(samples, 100) == [0.002, 0.003]
+    assert bench_data.measured_latencies([], 100) == []

@@ -494,17 +494,10 @@ def test_the_latency_bench_counts_only_the_records_after_its_warm_up(cluster, br
     )
     assert result["warmup_records"] == 100
     assert result["records"] == 200
+    assert result["acked_records"] == 200  # The warm-up's acknowledgements are not timed.
     assert result["rate_achieved"] > 0
-    figures = [result[k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")]
-    assert all(f is not None and f >= 0 for f in figures)
-    assert figures == sorted(figures)
-    assert result["ack_p50_ms"] is not None
-
-
-def test_measured_latencies_leave_out_records_sent_before_the_warm_up_ended():
-    samples = [(90, 0.5), (100, 0.002), (99, 0.4), (150, 0.003)]
-    assert bench_data.measured_latencies(samples, 100) == [0.002, 0.003]
-    assert bench_data.measured_latencies([], 100) == []
+    figures = [result[k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms", "ack_p50_ms")]
+    assert all(f is not None and f > 0 for f in figures)
 
 
 def test_a_fetch_stream_answers_each_request_in_turn(cluster, admin, brokers):
