@@ -225,13 +225,16 @@ def run_latency_bench(
     partitions: int = 6,
     replication_factor: int = 3,
     acks: str | int = "all",
-    linger_ms: float = 5,
+    linger_ms: float = 0,
 ) -> dict[str, Any]:
     """Produce at ``rate`` records/s for ``warmup_s`` and then ``seconds``; a consumer in
     another process measures each record's produce-to-consume latency (both clocks are
     this host's). Only records sent after the warm-up count, as in the OpenMessaging
     Benchmark's warm-up phase: one-time costs (the clients opening their streams, the
-    first writes to a topic created just before) are not a latency at ``rate``."""
+    first writes to a topic created just before) are not a latency at ``rate``. The
+    producer does not linger unless told to, as in Kafka's end-to-end latency tool
+    (``kafka-e2e-latency.sh`` sets ``linger.ms=0``): a linger is a delay a
+    producer takes on for throughput, up to ``linger_ms`` on every record."""
     topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
     ensure_topic(bootstrap, topic, partitions, replication_factor, {"min.insync.replicas": "2"})
     warmup = round(rate * warmup_s)
