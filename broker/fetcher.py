@@ -29,6 +29,7 @@ leader refused the last one as a whole.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -250,6 +251,7 @@ class ReplicaFetcher:
             generation = self._generation
             entries = {k: e for k, e in self._entries.items() if e.delayed_until <= now}
             next_due = min((e.delayed_until for e in self._entries.values()), default=None)
+            backed_off = [e.delayed_until for e in self._entries.values() if e.delayed_until > now]
         if not entries:
             wait = 1.0 if next_due is None else max(0.0, next_due - now)
             self._wake.wait(min(wait, 1.0))
@@ -263,6 +265,12 @@ class ReplicaFetcher:
             if session is None:
                 session = self._session = self._open_session()
         request, sent = self._build_request(entries, session)
+        if backed_off:
+            # The leader holds this fetch until there is data or max_wait_ms: no longer
+            # than a backed-off partition's wait, which then goes in the next request
+            # (a new topic's partition the leader did not host yet, say).
+            until_due_ms = max(1, math.ceil((min(backed_off) - time.monotonic()) * 1000))
+            request.max_wait_ms = min(request.max_wait_ms, until_due_ms)
         try:
             response = session.exchange(request)
         except SessionError as e:

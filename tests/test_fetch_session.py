@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 from raftka.v1 import broker_pb2, common_pb2
@@ -302,6 +303,43 @@ def test_a_partition_answered_with_an_error_is_listed_again_after_its_back_off()
     assert again.incremental and listed(again) == {"b": 0}  # ...then asked for again,
     then, _ = fetcher._build_request(entries, session)
     assert listed(then) == {}  # once.
+
+
+def test_a_fetch_is_held_no_longer_than_a_backed_off_partition_waits():
+    """While a partition backs off (a new topic its leader did not host yet), the
+    others' fetch is held by the leader until there is data or max_wait_ms (500 ms):
+    the backed-off one would wait that long to be asked for again. The request's
+    max_wait_ms is cut to when it is due (a new topic's first acks=all writes took
+    400-520 ms in 7 of 20 tries on a warm cluster, and at most 38 ms in 40 after)."""
+    fetcher = object.__new__(ReplicaFetcher)
+    fetcher.broker_id = 2
+    fetcher.source_id = 1
+    fetcher.settings = FetcherSettings()
+    fetcher._broker_epoch = lambda: 7
+    fetcher._lock = threading.Lock()
+    fetcher._wake = threading.Event()
+    fetcher._stopped = threading.Event()
+    fetcher._generation = 0
+    fetcher._last_rpc_error = None
+    fetcher.fetches = 0
+    sent: list[broker_pb2.FetchRequest] = []
+    session = SimpleNamespace(
+        sent=None,
+        touched=set(),
+        relist=set(),
+        next_scan=0.0,
+        closed=False,
+        exchange=lambda request: sent.append(request) or broker_pb2.FetchResponse(in_session=True),
+    )
+    fetcher._session = session
+    parts = {("a", 0): PositionedPartition("a"), ("b", 0): PositionedPartition("b")}
+    fetcher._entries = {key: _Entry(p, leader_epoch=0) for key, p in parts.items()}
+    fetcher._fetch_once()
+    assert sent[-1].max_wait_ms == 500 and listed(sent[-1]) == {"a": 0, "b": 0}
+    fetcher._entries[("b", 0)].delayed_until = time.monotonic() + 0.2
+    fetcher._fetch_once()
+    assert listed(sent[-1]) == {"a": 0}
+    assert 1 <= sent[-1].max_wait_ms <= 200
 
 
 class _SignallingWaiter(Waiter):
