@@ -51,6 +51,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
 ]
 
+# The longest back-off of a partition that keeps failing (Kafka's replica.fetch.backoff.ms).
+_MAX_BACKOFF_MS = 1000
+
 _BACKOFF_CODES = {
     common_pb2.NOT_LEADER_OR_FOLLOWER,
     common_pb2.FENCED_LEADER_EPOCH,
@@ -143,6 +146,7 @@ class _Entry:
     partition: Partition
     leader_epoch: int
     delayed_until: float = 0.0
+    failures: int = 0  # Error answers in a row: each doubles the back-off.
 
 
 class ReplicaFetcher:
@@ -413,6 +417,7 @@ class ReplicaFetcher:
             partition.append_as_follower(
                 part.records, entry.leader_epoch, part.high_watermark, part.log_start_offset
             )
+            entry.failures = 0
         elif code == common_pb2.OFFSET_OUT_OF_RANGE:
             partition.reset_to_leader_range(
                 entry.leader_epoch, part.log_start_offset, part.log_end_offset
@@ -438,9 +443,15 @@ class ReplicaFetcher:
             self._delay({(partition.topic, partition.index): entry}, self.settings.backoff_ms)
 
     def _delay(self, entries: dict[tuple[str, int], _Entry], ms: int) -> None:
-        until = time.monotonic() + ms / 1000
+        """Back these partitions off: ``ms`` after a first error, doubling with each
+        error in a row up to ``_MAX_BACKOFF_MS``, so that a partition that keeps
+        failing does not make every other request a full one (its request without it
+        and the next with it differ in their partition sets)."""
+        now = time.monotonic()
         with self._lock:
             for entry in entries.values():
-                entry.delayed_until = until
+                entry.failures += 1
+                backoff_ms = min(ms * 2 ** min(entry.failures - 1, 16), _MAX_BACKOFF_MS)
+                entry.delayed_until = now + max(ms, backoff_ms) / 1000
             if self._session is not None:
                 self._session.relist.update(entries)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from raftka.v1 import broker_pb2, common_pb2
 
+from broker import fetcher as fetcher_module
 from broker.fetch_session import FetchSession
 from broker.fetcher import FetcherSettings, ReplicaFetcher, _Entry
 from broker.partition import Partition, PartitionSettings, Waiter
@@ -340,6 +341,29 @@ def test_a_fetch_is_held_no_longer_than_a_backed_off_partition_waits():
     fetcher._fetch_once()
     assert listed(sent[-1]) == {"a": 0}
     assert 1 <= sent[-1].max_wait_ms <= 200
+
+
+def test_a_partition_that_keeps_failing_backs_off_longer_each_time(monkeypatch):
+    """100 ms after a first error (a new topic is soon hosted), doubling up to 1 s
+    while errors go on, and back to 100 ms once an answer is appended: a partition
+    that keeps failing must not turn every other request into a full one."""
+    monkeypatch.setattr(fetcher_module, "time", SimpleNamespace(monotonic=lambda: 100.0))
+    fetcher = object.__new__(ReplicaFetcher)
+    fetcher.source_id = 1
+    fetcher.settings = FetcherSettings()
+    fetcher._lock = threading.Lock()
+    fetcher._session = None
+    partition = PositionedPartition("a")
+    partition.append_as_follower = lambda *args: None
+    entry = _Entry(partition, leader_epoch=0)
+    waits = []
+    for _ in range(6):
+        fetcher._delay({("a", 0): entry}, 100)
+        waits.append(round(entry.delayed_until - 100.0, 3))
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    fetcher._handle_partition(entry, broker_pb2.FetchPartitionResponse(partition=0))
+    fetcher._delay({("a", 0): entry}, 100)
+    assert round(entry.delayed_until - 100.0, 3) == 0.1
 
 
 class _SignallingWaiter(Waiter):
