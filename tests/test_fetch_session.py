@@ -277,16 +277,22 @@ def test_between_scans_a_follower_reads_only_the_positions_its_last_answer_touch
     assert [p.reads for p in parts.values()] == [4, 2]
 
 
-def test_a_partition_answered_with_an_error_is_listed_again_after_its_back_off():
-    """The follower's side of the same hole: a partition whose answer was an error
-    has not moved, so an incremental request would not list it and the leader,
-    which may hold no waiter on it, would not read it again until its full pass."""
+def bare_fetcher() -> ReplicaFetcher:
+    """A fetcher of broker 2 from broker 1 without a thread, a channel or entries."""
     fetcher = object.__new__(ReplicaFetcher)
     fetcher.broker_id = 2
     fetcher.source_id = 1
     fetcher.settings = FetcherSettings()
     fetcher._broker_epoch = lambda: 7
     fetcher._lock = threading.Lock()
+    return fetcher
+
+
+def test_a_partition_answered_with_an_error_is_listed_again_after_its_back_off():
+    """The follower's side of the same hole: a partition whose answer was an error
+    has not moved, so an incremental request would not list it and the leader,
+    which may hold no waiter on it, would not read it again until its full pass."""
+    fetcher = bare_fetcher()
     parts = {("a", 0): PositionedPartition("a"), ("b", 0): PositionedPartition("b")}
     entries = {key: _Entry(p, leader_epoch=0) for key, p in parts.items()}
     fetcher._entries = dict(entries)
@@ -312,12 +318,7 @@ def test_a_fetch_is_held_no_longer_than_a_backed_off_partition_waits():
     the backed-off one would wait that long to be asked for again. The request's
     max_wait_ms is cut to when it is due (a new topic's first acks=all writes took
     400-520 ms in 7 of 20 tries on a warm cluster, and at most 38 ms in 40 after)."""
-    fetcher = object.__new__(ReplicaFetcher)
-    fetcher.broker_id = 2
-    fetcher.source_id = 1
-    fetcher.settings = FetcherSettings()
-    fetcher._broker_epoch = lambda: 7
-    fetcher._lock = threading.Lock()
+    fetcher = bare_fetcher()
     fetcher._wake = threading.Event()
     fetcher._stopped = threading.Event()
     fetcher._generation = 0
@@ -348,10 +349,7 @@ def test_a_partition_that_keeps_failing_backs_off_longer_each_time(monkeypatch):
     while errors go on, and back to 100 ms once an answer is appended: a partition
     that keeps failing must not turn every other request into a full one."""
     monkeypatch.setattr(fetcher_module, "time", SimpleNamespace(monotonic=lambda: 100.0))
-    fetcher = object.__new__(ReplicaFetcher)
-    fetcher.source_id = 1
-    fetcher.settings = FetcherSettings()
-    fetcher._lock = threading.Lock()
+    fetcher = bare_fetcher()
     fetcher._session = None
     partition = PositionedPartition("a")
     partition.append_as_follower = lambda *args: None
