@@ -253,9 +253,15 @@ class ReplicaFetcher:
         now = time.monotonic()
         with self._lock:
             generation = self._generation
-            entries = {k: e for k, e in self._entries.items() if e.delayed_until <= now}
-            next_due = min((e.delayed_until for e in self._entries.values()), default=None)
-            backed_off = [e.delayed_until for e in self._entries.values() if e.delayed_until > now]
+            # One pass (a fetcher may follow tens of thousands of partitions): those
+            # to fetch now, and when the first backed-off one is due.
+            entries: dict[tuple[str, int], _Entry] = {}
+            next_due: float | None = None
+            for key, entry in self._entries.items():
+                if entry.delayed_until <= now:
+                    entries[key] = entry
+                elif next_due is None or entry.delayed_until < next_due:
+                    next_due = entry.delayed_until
         if not entries:
             wait = 1.0 if next_due is None else max(0.0, next_due - now)
             self._wake.wait(min(wait, 1.0))
@@ -269,11 +275,11 @@ class ReplicaFetcher:
             if session is None:
                 session = self._session = self._open_session()
         request, sent = self._build_request(entries, session)
-        if backed_off:
+        if next_due is not None:
             # The leader holds this fetch until there is data or max_wait_ms: no longer
             # than a backed-off partition's wait, which then goes in the next request
             # (a new topic's partition the leader did not host yet, say).
-            until_due_ms = max(1, math.ceil((min(backed_off) - time.monotonic()) * 1000))
+            until_due_ms = max(1, math.ceil((next_due - time.monotonic()) * 1000))
             request.max_wait_ms = min(request.max_wait_ms, until_due_ms)
         try:
             response = session.exchange(request)
